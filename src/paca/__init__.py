@@ -1,0 +1,11 @@
+"""paca: Partial Connection Adaptation (ICLR 2025) for HuggingFace PEFT.
+
+``import paca`` registers the method with PEFT, so ``peft.get_peft_model(model, paca.PacaConfig(...))``
+and ``PeftModel.from_pretrained(model, dir)`` work as for PEFT's own methods.
+"""
+
+from .tuner import PacaConfig, PacaLayer, PacaModel
+from .tuner.model import paca_layers
+
+__version__ = "0.1.0"
+__all__ = ["PacaConfig", "PacaLayer", "PacaModel", "paca_layers", "__version__"]

@@ -1,0 +1,69 @@
+"""PacaConfig: the dataclass a user passes to ``peft.get_peft_model``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import PACA_PEFT_TYPE
+
+
+@dataclass
+class PacaConfig(PeftConfig):
+    """Configuration of a Partial Connection Adaptation (PaCA) adapter.
+
+    Each targeted layer tunes ``r`` of its input columns: ``W[:, idx] = W0[:, idx] + (paca_alpha / r) * D``
+    with ``D`` (``d_out x r``) zero at start and ``idx`` chosen per layer by ``selection``.
+
+    Example::
+
+        cfg = PacaConfig(r=8, paca_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        model = get_peft_model(base_model, cfg)
+    """
+
+    r: int = field(default=8, metadata={"help": "Number of input columns tuned in each targeted layer (1 <= r <= d_in)."})
+    paca_alpha: float = field(default=16.0, metadata={"help": "Scale numerator: the delta is applied as (paca_alpha / r) * D."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (suffix match), a regex (full match), or 'all-linear' (every linear layer "
+                          "but the output head). Supported: nn.Linear, transformers Conv1D, nn.Conv2d."})
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules not to tune, even when targeted."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Indices of the transformer blocks to tune (all when unset)."})
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the module list holding the blocks, used with layers_to_transform."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random column choice; with the layer's name it fixes each layer's columns."})
+    selection: Literal["random", "weight_norm", "gradient", "structured"] = field(
+        default="random",
+        metadata={"help": "How columns are chosen: 'random' (seeded), 'weight_norm' (largest column L2 norms of W0), "
+                          "'gradient' (set by paca.select_by_gradient before training), 'structured' (whole heads / "
+                          "channels, S2FT-style)."})
+    bias: Literal["none", "all", "paca_only"] = field(
+        default="none", metadata={"help": "Biases to train and save: 'none', 'all', or 'paca_only' (those of tuned layers)."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter (e.g. a classifier head)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PACA_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"PacaConfig.r must be a positive integer, got {self.r!r}.")
+        if self.bias not in ("none", "all", "paca_only"):
+            raise ValueError(f"PacaConfig.bias must be 'none', 'all' or 'paca_only', got {self.bias!r}.")
+        if self.selection not in ("random", "weight_norm", "gradient", "structured"):
+            raise ValueError(f"PacaConfig.selection must be one of random, weight_norm, gradient, structured; "
+                             f"got {self.selection!r}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("PacaConfig.layers_pattern is only used with layers_to_transform; set both or neither.")
+
+    @property
+    def scaling(self) -> float:
+        """The factor s = paca_alpha / r applied to the delta."""
+        return self.paca_alpha / self.r

@@ -1,0 +1,247 @@
+"""The tuned layer: nn.Linear, transformers' Conv1D and nn.Conv2d with r tuned input columns.
+
+    W[:, idx] = W0[:, idx] + (paca_alpha / r) * D        y = x W^T + b     (one matmul)
+
+State per adapter name: ``paca_delta`` (D, ``d_out x r``, or ``C_out x r x kh x kw`` for Conv2d) and
+``paca_indices`` (sorted int64 ``idx``). The frozen base weight is only changed by ``merge`` (and
+restored bit for bit by ``unmerge``); the forward writes the tuned columns transiently, see
+:mod:`paca.ops`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import Tensor, nn
+
+from .. import selection
+from ..ops import partial_conv2d, partial_linear
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2-style transformers Conv1D: a linear layer whose weight is stored (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+class PacaLayer(BaseTunerLayer):
+    """Adapter state and the operations every PaCA layer type shares.
+
+    Subclasses set ``in_dim`` (the weight dimension indexed by ``idx``) and implement ``forward``.
+    """
+
+    adapter_layer_names = ("paca_delta",)
+    other_param_names = ("paca_indices", "r", "paca_alpha", "scaling")
+    in_dim: int = 1
+
+    def __init__(self, base_layer: nn.Module, layer_name: str, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.layer_name = layer_name
+        self.paca_delta = nn.ParameterDict({})
+        self.paca_indices = BufferDict({}, persistent=True)
+        self.r: dict[str, int] = {}
+        self.paca_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self._premerge_columns: dict[str, Tensor] = {}  # exact originals, for a bit-exact unmerge
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+    # -- shapes -------------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.get_base_layer().weight.shape[self.in_dim]
+
+    def delta_shape(self, r: int) -> tuple[int, ...]:
+        """Shape of D for this layer: the weight's, with r in place of d_in, d_out first."""
+        shape = list(self.get_base_layer().weight.shape)
+        shape[self.in_dim] = r
+        return tuple(shape) if self.in_dim == 1 else (shape[1], r)
+
+    def _delta_in_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta if self.in_dim == 1 else delta.t()
+
+    # -- adapters -----------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: int = 0,
+                     selection_strategy: str = "random", indices: Optional[Tensor] = None,
+                     inference_mode: bool = False, **kwargs) -> None:
+        """Add adapter ``adapter_name``: choose its columns and create a zero delta.
+
+        Raises:
+            ValueError: if ``r`` is not in ``[1, d_in]`` or ``indices`` are not valid for this layer.
+        """
+        d_in = self.in_features
+        where = f"module '{self.layer_name}'"
+        if not isinstance(r, int) or r <= 0 or r > d_in:
+            raise ValueError(f"{where}: r={r} must be between 1 and the layer's input dimension {d_in}.")
+        weight = self.get_base_layer().weight
+        if indices is None:
+            indices = self.select_columns(r, seed, selection_strategy)
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        selection.check_indices(indices, d_in, r, where)
+        self.r[adapter_name] = r
+        self.paca_alpha[adapter_name] = paca_alpha
+        self.scaling[adapter_name] = paca_alpha / r
+        self.paca_indices[adapter_name] = indices.to(weight.device)
+        self.paca_delta[adapter_name] = nn.Parameter(
+            torch.zeros(self.delta_shape(r), dtype=torch.float32, device=weight.device))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def select_columns(self, r: int, seed: int, strategy: str) -> Tensor:
+        """The ``r`` input columns this layer tunes, by ``strategy`` (see :mod:`paca.selection`)."""
+        if strategy == "random":
+            return selection.random_columns(self.in_features, r, seed, self.layer_name)
+        if strategy == "weight_norm":
+            return selection.weight_norm_columns(self.get_base_layer().weight, r, self.in_dim)
+        if strategy == "gradient":
+            # Placeholder until paca.select_by_gradient overwrites them from a calibration pass.
+            return selection.random_columns(self.in_features, r, seed, self.layer_name)
+        raise ValueError(f"module '{self.layer_name}': column selection '{strategy}' is not available for "
+                         f"{type(self.get_base_layer()).__name__}.")
+
+    def set_indices(self, adapter_name: str, indices: Tensor) -> None:
+        """Replace the tuned columns of ``adapter_name`` (its delta is reset to zero)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        selection.check_indices(indices, self.in_features, self.r[adapter_name], f"module '{self.layer_name}'")
+        self.paca_indices[adapter_name] = indices.to(self.paca_indices[adapter_name].device)
+        with torch.no_grad():
+            self.paca_delta[adapter_name].zero_()
+
+    def _active_delta(self) -> Optional[tuple[Tensor, Tensor, float]]:
+        """(delta, idx, scale) of the active adapters, combined into one column set; None if none is active.
+
+        Several active adapters add up: their columns are merged (sorted union) and overlapping
+        columns receive the sum of the scaled deltas, differentiably.
+        """
+        active = [a for a in self.active_adapters if a in self.paca_delta]
+        if not active:
+            return None
+        if len(active) == 1:
+            a = active[0]
+            return self.paca_delta[a], self.paca_indices[a], self.scaling[a]
+        union = torch.unique(torch.cat([self.paca_indices[a] for a in active]))  # sorted
+        first = self.paca_delta[active[0]]
+        shape = list(first.shape)
+        shape[1] = union.numel()
+        combined = first.new_zeros(shape)
+        for a in active:
+            position = torch.searchsorted(union, self.paca_indices[a])
+            combined = combined.index_add(1, position, self.paca_delta[a] * self.scaling[a])
+        return combined, union, 1.0
+
+    # -- merge --------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        """Dense ``W - W0`` of one adapter: zero but for the tuned columns, which hold ``scale * D``."""
+        weight = self.get_base_layer().weight
+        delta = self._delta_in_weight_layout(self.paca_delta[adapter_name].detach())
+        dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
+        return dense.index_copy_(self.in_dim, self.paca_indices[adapter_name], delta * self.scaling[adapter_name])
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the tuned columns into the base weight; the originals are kept for :meth:`unmerge`."""
+        storage = self.get_base_layer().weight.data
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.paca_delta:
+                continue
+            idx = self.paca_indices[name]
+            original = storage.index_select(self.in_dim, idx)
+            delta = self._delta_in_weight_layout(self.paca_delta[name].detach())
+            merged = torch.add(original, delta, alpha=self.scaling[name]).to(storage.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"module '{self.layer_name}': adapter '{name}' has non-finite values; not merged.")
+            self._premerge_columns[name] = original
+            storage.index_copy_(self.in_dim, idx, merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight bit for bit, undoing merges in reverse order."""
+        storage = self.get_base_layer().weight.data
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            storage.index_copy_(self.in_dim, self.paca_indices[name], self._premerge_columns.pop(name))
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def _base_forward(self, x: Tensor, *args, **kwargs) -> Optional[Tensor]:
+        """The base layer's output when no adapter applies (disabled, merged or none active), else None."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged or self._active_delta() is None:
+            return self.base_layer(x, *args, **kwargs)
+        return None
+
+    @staticmethod
+    def _autocast_input(x: Tensor) -> Tensor:
+        # The operators compute in x's dtype; under autocast that is the autocast dtype, as for nn.Linear.
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return x.to(torch.get_autocast_dtype(device_type))
+        return x
+
+
+class Linear(nn.Module, PacaLayer):
+    """PaCA on nn.Linear (``W`` is ``d_out x d_in``) or GPT-2 Conv1D (``W`` stored ``d_in x d_out``).
+
+    ``x -> x W^T + b`` with ``W[:, idx] = W0[:, idx] + (alpha / r) D``; inputs of any leading shape.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
+                 **kwargs) -> None:
+        super().__init__()
+        PacaLayer.__init__(self, base_layer, layer_name)
+        self.is_transposed = _is_conv1d(self.get_base_layer())
+        self.in_dim = 0 if self.is_transposed else 1
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, paca_alpha, **kwargs)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self._base_forward(x, *args, **kwargs)
+        if result is not None:
+            return result
+        delta, idx, scale = self._active_delta()
+        base = self.get_base_layer()
+        return partial_linear(self._autocast_input(x), base.weight, base.bias, delta, idx, scale,
+                              self.is_transposed)
+
+
+class Conv2d(nn.Module, PacaLayer):
+    """PaCA on nn.Conv2d: tunes ``r`` input channels (all kernel taps of each), as in the paper's appendix B."""
+
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
+                 **kwargs) -> None:
+        super().__init__()
+        PacaLayer.__init__(self, base_layer, layer_name)
+        conv = self.get_base_layer()
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"module '{layer_name}': PaCA supports Conv2d with groups=1 and zero padding, got "
+                             f"groups={conv.groups}, padding_mode='{conv.padding_mode}'.")
+        self.padding = self._explicit_padding(conv, layer_name)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, paca_alpha, **kwargs)
+
+    @staticmethod
+    def _explicit_padding(conv: nn.Conv2d, layer_name: str) -> tuple[int, int]:
+        if conv.padding == "valid":
+            return (0, 0)
+        if conv.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            if any(t % 2 for t in totals):
+                raise ValueError(f"module '{layer_name}': padding='same' with an even kernel is asymmetric; "
+                                 "PaCA supports symmetric padding only.")
+            return tuple(t // 2 for t in totals)
+        return tuple(conv.padding)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self._base_forward(x, *args, **kwargs)
+        if result is not None:
+            return result
+        delta, idx, scale = self._active_delta()
+        conv = self.get_base_layer()
+        return partial_conv2d(self._autocast_input(x), conv.weight, conv.bias, delta, idx, scale, conv.stride,
+                              self.padding, conv.dilation)

@@ -1,0 +1,125 @@
+"""PacaModel: finds the targeted layers of a model and replaces them with PaCA layers (PEFT's BaseTuner)."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import _get_submodules
+from torch import nn
+
+from .. import selection
+from .config import PacaConfig
+from .layer import Conv2d, Linear, PacaLayer, _is_conv1d
+
+SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d"
+
+
+def _layer_class(base: nn.Module):
+    if isinstance(base, nn.Linear) or _is_conv1d(base):
+        return Linear
+    if isinstance(base, nn.Conv2d):
+        return Conv2d
+    return None
+
+
+class PacaModel(BaseTuner):
+    """Partial Connection Adaptation of a pretrained model.
+
+    Each targeted layer trains ``r`` of its input columns (see :class:`paca.PacaConfig`). Created by
+    ``peft.get_peft_model(model, PacaConfig(...))``; loaded by ``PeftModel.from_pretrained``.
+    """
+
+    prefix: str = "paca_"
+    tuner_layer_cls = PacaLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(self, config: PacaConfig, adapter_name, target, target_name, parent, current_key,
+                            **optional_kwargs) -> None:
+        kwargs = dict(r=config.r, paca_alpha=config.paca_alpha, seed=config.seed,
+                      selection_strategy=config.selection, inference_mode=config.inference_mode)
+        layer_name = current_key.removeprefix("base_model.model.")
+        if isinstance(target, PacaLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        layer_cls = _layer_class(target)
+        if layer_cls is None:
+            raise TypeError(f"PaCA cannot tune module '{layer_name}' of type {type(target).__module__}."
+                            f"{type(target).__qualname__}; supported types: {SUPPORTED_TYPES}. Remove it from "
+                            "target_modules or add it to exclude_modules.")
+        new_module = layer_cls(target, adapter_name, layer_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Inject ``adapter_name``; on any error, undo what was injected so the model is left as it was."""
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            remove_adapter_layers(model, adapter_name)
+            raise
+
+    def unload(self) -> nn.Module:
+        """The base model with every PaCA layer removed and the base weights exactly as they were."""
+        for module in self.model.modules():
+            if isinstance(module, PacaLayer) and module.merged:
+                module.unmerge()
+        return self._unload_and_optionally_merge(merge=False)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            check_state_dict_fits(model, adapter_name, remapped)
+        except ValueError:
+            remove_adapter_layers(model, adapter_name)
+            raise
+        return remapped
+
+
+def check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+    """Raise ValueError, naming the module, if a PaCA entry of ``state_dict`` does not fit ``model``."""
+    for name, module in model.named_modules():
+        if not isinstance(module, PacaLayer) or adapter_name not in module.paca_delta:
+            continue
+        layer = module.layer_name
+        delta = state_dict.get(f"{name}.paca_delta.{adapter_name}")
+        idx = state_dict.get(f"{name}.paca_indices.{adapter_name}")
+        if delta is None and idx is None:
+            continue
+        if delta is None or idx is None:
+            missing = "paca_delta" if delta is None else "paca_indices"
+            raise ValueError(f"module '{layer}': the adapter has no {missing} for this layer.")
+        expected = module.delta_shape(module.r[adapter_name])
+        if tuple(delta.shape) != expected:
+            raise ValueError(f"module '{layer}': paca_delta has shape {tuple(delta.shape)} but this model needs "
+                             f"{expected} (r={module.r[adapter_name]}); was the adapter trained on another model?")
+        if not delta.dtype.is_floating_point:
+            raise ValueError(f"module '{layer}': paca_delta has dtype {delta.dtype}, expected a float dtype.")
+        selection.check_indices(idx, module.in_features, module.r[adapter_name], f"module '{layer}'")
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"module '{layer}': paca_delta holds NaN or Inf values.")
+
+
+def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from every PaCA layer; a layer left without adapters gives back its base layer."""
+    for key, module in list(model.named_modules()):
+        if not isinstance(module, PacaLayer) or adapter_name not in module.paca_delta:
+            continue
+        if len(module.paca_delta) > 1:
+            module.delete_adapter(adapter_name)
+            continue
+        if module.merged:
+            module.unmerge()
+        parent, _, target_name = _get_submodules(model, key)
+        setattr(parent, target_name, module.get_base_layer())
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(adapter_name, None)
+
+
+def paca_layers(model: nn.Module) -> dict[str, PacaLayer]:
+    """The PaCA layers of ``model`` by their name in the base model."""
+    return {m.layer_name: m for m in model.modules() if isinstance(m, PacaLayer)}
+
