@@ -107,9 +107,11 @@ def partial_linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: 
     else:
         grad_input = grad.new_empty(0)
     if x_selected is not None:
-        g2 = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
-        grad_delta = (g2.t() @ x_selected.reshape(-1, x_selected.shape[-1]).to(g2.dtype))  # (d_out, r)
-        grad_delta = grad_delta.to(delta.dtype).mul_(scale)
+        # (r, N) @ (N, d_out) with a contiguous (r, N) operand runs several times faster on CPU than
+        # g^T @ x_sel, whose output has only r columns; the transposed copy is N * r elements.
+        x_channel_major = x_selected.reshape(-1, x_selected.shape[-1]).t().contiguous().to(grad.dtype)  # (r, N)
+        grad_delta = (x_channel_major @ grad.reshape(-1, grad.shape[-1])).t()  # (d_out, r)
+        grad_delta = grad_delta.to(delta.dtype).mul_(scale).contiguous()
     else:
         grad_delta = delta.new_empty(0)
     return grad_input, grad_delta

@@ -31,14 +31,14 @@ def weight_norm_columns(weight: Tensor, r: int, in_dim: int) -> Tensor:
     return norms.topk(r).indices.sort().values.cpu()
 
 
-def check_indices(idx: Tensor, d_in: int, r: int, where: str) -> None:
-    """Raise ValueError unless ``idx`` holds ``r`` sorted, unique integers in ``[0, d_in)``."""
+def check_indices(idx: Tensor, d_in: int | None, r: int, where: str) -> None:
+    """Raise ValueError unless ``idx`` holds ``r`` sorted, unique integers in ``[0, d_in)`` (``d_in`` None: unknown)."""
     if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1:
         raise ValueError(f"{where}: paca_indices must be a 1-D integer tensor, got {idx.dtype} of shape "
                          f"{tuple(idx.shape)}.")
     if idx.numel() != r:
         raise ValueError(f"{where}: {idx.numel()} paca_indices for r={r}.")
-    if r and (int(idx.min()) < 0 or int(idx.max()) >= d_in):
+    if r and (int(idx.min()) < 0 or (d_in is not None and int(idx.max()) >= d_in)):
         raise ValueError(f"{where}: paca_indices out of range for an input dimension of {d_in} "
                          f"(min {int(idx.min())}, max {int(idx.max())}).")
     if r > 1 and not bool((idx[1:] > idx[:-1]).all()):

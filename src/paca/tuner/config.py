@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..adapter_file import load_adapter_tensors
 from .registration import PACA_PEFT_TYPE
 
 
@@ -62,6 +64,19 @@ class PacaConfig(PeftConfig):
                              f"got {self.selection!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("PacaConfig.layers_pattern is only used with layers_to_transform; set both or neither.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder=None, **kwargs):
+        """Load the config; for a local directory, first check the adapter file beside it.
+
+        A missing, truncated or corrupted ``adapter_model.safetensors`` is reported here, naming the file,
+        before ``PeftModel.from_pretrained`` touches the base model.
+        """
+        path = pretrained_model_name_or_path if subfolder is None else os.path.join(pretrained_model_name_or_path,
+                                                                                     subfolder)
+        if os.path.isdir(path):
+            load_adapter_tensors(path)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     @property
     def scaling(self) -> float:

@@ -1,0 +1,86 @@
+"""Reading a saved PaCA adapter directory, with errors that name the file and the tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .selection import check_indices
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class AdapterFileError(ValueError):
+    """A PaCA adapter directory or file is missing, truncated, corrupted or inconsistent."""
+
+
+def _check_safetensors_header(path: str) -> None:
+    """Catch truncation before safetensors does, so the error names the file and what is missing."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFileError(f"{path}: truncated adapter file ({size} bytes, no safetensors header).")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise AdapterFileError(f"{path}: truncated or corrupted adapter file (header says {header_len} bytes, "
+                                   f"file has {size}).")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise AdapterFileError(f"{path}: corrupted adapter file (unreadable header: {err}).") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise AdapterFileError(f"{path}: truncated adapter file: tensors need {8 + header_len + end} bytes, the "
+                               f"file has {size}. Save it again.")
+
+
+def load_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory/adapter_model.safetensors``, checked for consistency.
+
+    Raises:
+        AdapterFileError: missing or unreadable file, truncation, or PaCA entries whose delta and
+            indices disagree (count, order, duplicates).
+    """
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"{path}: adapter weights not found (expected {WEIGHTS_NAME} in {directory}).")
+    _check_safetensors_header(path)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{path}: cannot read adapter weights: {err}") from None
+    for key, delta in tensors.items():
+        if not key.endswith(".paca_delta"):
+            continue
+        module = key.removesuffix(".paca_delta")
+        idx = tensors.get(module + ".paca_indices")
+        if idx is None:
+            raise AdapterFileError(f"{path}: '{key}' has no matching '{module}.paca_indices'.")
+        if delta.dim() < 2:
+            raise AdapterFileError(f"{path}: '{key}' must have at least 2 dimensions, got {tuple(delta.shape)}.")
+        try:
+            check_indices(idx, d_in=None, r=delta.shape[1], where=f"{path}: '{module}'")
+        except ValueError as err:
+            raise AdapterFileError(str(err)) from None
+        if not torch.isfinite(delta).all():
+            raise AdapterFileError(f"{path}: '{key}' holds NaN or Inf values.")
+    return tensors
+
+
+def read_adapter_config(directory: str) -> dict:
+    """``adapter_config.json`` of ``directory`` as a dict; AdapterFileError if missing or malformed."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"{path}: not found; is '{directory}' a saved adapter directory?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}.") from None

@@ -1,0 +1,37 @@
+"""One entry point for `paca` and `python -m paca`: train, bench, export."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+COMMANDS = {
+    "train": ("paca.train.cli", "fine-tune a model from a YAML config (no arguments: the built-in demo)"),
+    "bench": ("paca.bench.cli", "measure step time and memory of PaCA vs LoRA, DoRA, full FT, side by side"),
+    "export": ("paca.export", "write an adapter as a merged model or as a PEFT LoRA adapter"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: paca <command> [args]", "", "commands:"]
+    lines += [f"  {name:<8}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`paca <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"paca: unknown command '{command}'.\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return module.main(rest) or 0
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"paca {command}: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,173 @@
+"""`paca export`: a PaCA adapter as a merged transformers model or as an exact PEFT LoRA adapter.
+
+A column delta is a rank-r product. With ``s = paca_alpha / r`` and ``e_j`` the j-th unit vector,
+
+    W - W0 = s * D E^T,   E = [e_idx_1 ... e_idx_r]   (d_in x r)
+
+so the LoRA adapter ``B = s * D`` (d_out x r), ``A = E^T`` (one-hot rows), ``lora_alpha = r``
+(LoRA scaling 1) reproduces it exactly. For Conv2d the delta spans ``r * kh * kw`` (channel, tap)
+pairs, so the LoRA rank there is ``r * kh * kw``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter_file import WEIGHTS_NAME, load_adapter_tensors, read_adapter_config
+from .modeling import load_model
+
+
+def lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float, in_features: int,
+                 kernel_size: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA ``(A, B)`` with ``B @ A`` equal to the dense PaCA delta.
+
+    Args:
+        delta: ``(d_out, r)``, or ``(C_out, r, kh, kw)`` for Conv2d.
+        idx: the ``r`` tuned input columns.
+        scale: ``paca_alpha / r``.
+        in_features: ``d_in`` (or ``C_in``).
+        kernel_size: ``(kh, kw)`` for Conv2d, empty for linear layers.
+
+    Returns:
+        ``A`` of shape ``(R, d_in)`` (``(R, C_in, kh, kw)``) and ``B`` of shape ``(d_out, R)`` (``(C_out, R, 1, 1)``),
+        with ``R = r`` (``r * kh * kw``).
+    """
+    delta = delta.float()
+    r = idx.numel()
+    if not kernel_size:
+        a = torch.zeros(r, in_features)
+        a[torch.arange(r), idx] = 1.0
+        return a, delta * scale
+    taps = int(torch.tensor(kernel_size).prod())
+    rank = r * taps
+    a = torch.zeros(rank, in_features, taps)
+    rows = torch.arange(rank)
+    a[rows, idx.repeat_interleave(taps), torch.arange(taps).repeat(r)] = 1.0
+    b = delta.reshape(delta.shape[0], rank) * scale
+    return a.reshape(rank, in_features, *kernel_size), b.reshape(*b.shape, 1, 1)
+
+
+def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> str:
+    """Write an exact PEFT LoRA adapter equivalent to the PaCA adapter in ``adapter_dir``."""
+    config = read_adapter_config(adapter_dir)
+    tensors = load_adapter_tensors(adapter_dir)
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}: adapter_config.json names no base model; pass --base.")
+    model = load_model(base, config.get("task_type"), empty=True)  # shapes only, no weights read
+    modules = dict(model.named_modules())
+    scale = float(config["paca_alpha"]) / int(config["r"])
+    lora_tensors, targets, rank_pattern, alpha_pattern, fan_in_fan_out = {}, [], {}, {}, False
+    for key, delta in tensors.items():
+        if not key.endswith(".paca_delta"):
+            if not key.endswith(".paca_indices"):
+                lora_tensors[key] = delta  # biases and modules_to_save travel unchanged
+            continue
+        prefix = key.removesuffix(".paca_delta")
+        name = prefix.removeprefix("base_model.model.")
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"{adapter_dir}: module '{name}' of the adapter is not in base model '{base}'.")
+        idx = tensors[prefix + ".paca_indices"]
+        is_conv2d = isinstance(module, torch.nn.Conv2d)
+        is_conv1d = type(module).__name__ == "Conv1D"
+        fan_in_fan_out |= is_conv1d
+        in_features = module.weight.shape[0] if is_conv1d else module.weight.shape[1]
+        a, b = lora_factors(delta, idx, scale, in_features, tuple(module.kernel_size) if is_conv2d else ())
+        lora_tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
+        lora_tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
+        targets.append(name)
+        rank_pattern[f"^{name}$"] = a.shape[0]
+        alpha_pattern[f"^{name}$"] = a.shape[0]
+    from peft import LoraConfig
+
+    ranks = sorted(set(rank_pattern.values()))
+    lora_config = LoraConfig(
+        r=ranks[0], lora_alpha=ranks[0], target_modules=targets, lora_dropout=0.0, bias=config.get("bias", "none"),
+        fan_in_fan_out=fan_in_fan_out, task_type=config.get("task_type"), base_model_name_or_path=base,
+        modules_to_save=config.get("modules_to_save"),
+        rank_pattern={k: v for k, v in rank_pattern.items() if v != ranks[0]},
+        alpha_pattern={k: v for k, v in alpha_pattern.items() if v != ranks[0]})
+    with _atomic_dir(out_dir) as tmp:
+        lora_config.save_pretrained(tmp)
+        save_file(lora_tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+    return out_dir
+
+
+def export_merged(adapter_dir: str, out_dir: str, base: Optional[str] = None,
+                  dtype: Optional[torch.dtype] = None) -> str:
+    """Write the base model with the tuned columns merged in, as a plain transformers model directory."""
+    import paca  # noqa: F401  (registers PaCA with PEFT)
+    from peft import PeftModel
+
+    config = read_adapter_config(adapter_dir)
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}: adapter_config.json names no base model; pass --base.")
+    model = load_model(base, config.get("task_type"), dtype=dtype)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    with _atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        _copy_tokenizer(base, tmp)
+    return out_dir
+
+
+def _copy_tokenizer(base: str, out_dir: str) -> None:
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(base).save_pretrained(out_dir)
+    except (OSError, ValueError, TypeError):
+        pass  # a model directory without a tokenizer (e.g. built from a config) exports weights only
+
+
+class _atomic_dir:
+    """Write into a sibling temporary directory; rename it to ``path`` only when complete."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def __enter__(self) -> str:
+        if os.path.exists(self.path) and os.listdir(self.path):
+            raise FileExistsError(f"{self.path}: output directory exists and is not empty; choose another.")
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=".paca-export-", dir=parent)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if os.path.isdir(self.path):
+            os.rmdir(self.path)  # empty, checked on entry
+        os.replace(self.tmp, self.path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="paca export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", required=True, help="directory of a saved PaCA adapter")
+    parser.add_argument("--to", required=True, choices=["merged", "lora"], help="output format")
+    parser.add_argument("out", help="output directory (must not exist or be empty)")
+    parser.add_argument("--base", help="base model (default: base_model_name_or_path of the adapter)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merged weights dtype")
+    args = parser.parse_args(argv)
+    if args.to == "lora":
+        export_lora(args.adapter, args.out, args.base)
+    else:
+        export_merged(args.adapter, args.out, args.base, getattr(torch, args.dtype) if args.dtype else None)
+    print(json.dumps({"exported": args.to, "adapter": args.adapter, "out": args.out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Loading base models by hub id or local directory, with one clear error when that fails."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+_AUTO_CLASS_BY_TASK = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def auto_class(task_type: Optional[str]):
+    """The transformers Auto class for a PEFT task type (AutoModel when unknown)."""
+    import transformers
+
+    return getattr(transformers, _AUTO_CLASS_BY_TASK.get(str(task_type or "").upper(), "AutoModel"))
+
+
+def load_model(name_or_path: str, task_type: Optional[str] = "CAUSAL_LM", dtype: Optional[torch.dtype] = None,
+               empty: bool = False, **kwargs) -> nn.Module:
+    """Load a pretrained model from a local directory or the hub cache.
+
+    Args:
+        name_or_path: local directory or hub id.
+        task_type: PEFT task type choosing the Auto class (``CAUSAL_LM`` -> AutoModelForCausalLM).
+        dtype: weights dtype (default: as stored).
+        empty: build the architecture on the meta device from the config only (no weights read).
+
+    Raises:
+        FileNotFoundError: the model is neither a local directory nor a reachable hub id.
+    """
+    from transformers import AutoConfig
+
+    cls = auto_class(task_type)
+    try:
+        if empty:
+            from accelerate import init_empty_weights
+
+            config = AutoConfig.from_pretrained(name_or_path)
+            with init_empty_weights():
+                return cls.from_config(config)
+        return cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    except OSError as err:
+        where = "local directory" if os.path.isdir(name_or_path) else "hub id (no local directory of that name)"
+        raise FileNotFoundError(f"cannot load model '{name_or_path}' as a {where}: {err}") from None
