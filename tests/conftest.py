@@ -1,0 +1,48 @@
+"""Shared fixtures: small models built from configs (no download), seeded."""
+
+import warnings
+
+import pytest
+import torch
+
+# peft and transformers emit deprecation noise on import; real warnings from our code still show.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(peft|transformers|torch)\b")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(peft|transformers)\b")
+
+import paca  # noqa: E402,F401  (registers PaCA with PEFT)
+
+torch.set_num_threads(2)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2):
+    """A Llama-shaped causal LM: hidden 32, 2 layers, GQA (4 heads, 2 kv heads), vocab 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A GPT-2 causal LM (transformers Conv1D layers: weight stored d_in x d_out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def token_ids():
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
