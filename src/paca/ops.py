@@ -15,8 +15,8 @@ before returning, all inside one opaque operator. Outside the operators the froz
 bit-for-bit the pretrained one, and every forward and backward reads the *current* ``D``, however it
 was changed. Each write costs ``O(d_out * r)``, next to the ``O(N * d_out * d_in)`` matmul.
 
-The linear operators are ``torch.library`` custom ops so ``torch.compile`` sees one node per layer
-(no graph break); the Conv2d operator is a ``torch.autograd.Function``.
+The linear operator runs as a ``torch.autograd.Function`` in eager mode and as ``torch.library`` custom
+ops under ``torch.compile`` (one node per layer, no graph break); Conv2d is an autograd Function.
 """
 
 from __future__ import annotations
@@ -63,11 +63,69 @@ def _delta_in_weight_layout(delta: Tensor, transposed: bool) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------
 # Linear and GPT-2 Conv1D: y = x W^T + b with W (d_out, d_in), or y = x W + b with W (d_in, d_out).
+# The maths lives in two functions; it is registered twice: as a torch.autograd.Function for eager
+# mode (a few microseconds of Python per call) and as torch.library custom ops that torch.compile
+# keeps as one opaque node per layer (the custom-op dispatcher costs ~0.3 ms more per call in eager,
+# which would starve a GPU at 200+ layers per step).
 # ----------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("paca::partial_linear", mutates_args=())
+def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
+                    transposed: bool) -> Tensor:
+    in_dim = 0 if transposed else 1
+    with tuned_weight(weight, _delta_in_weight_layout(delta, transposed), idx, scale, in_dim, x.dtype) as w:
+        return F.linear(x, w.t() if transposed else w, None if bias is None else bias.to(x.dtype))
+
+
+def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor, idx: Tensor,
+                     scale: float, transposed: bool, needs_input_grad: bool
+                     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(g W, scale * g^T x[..., idx])``; None for a gradient not asked for (``x_selected`` None: no delta grad)."""
+    grad_input = grad_delta = None
+    if needs_input_grad:
+        in_dim = 0 if transposed else 1
+        with tuned_weight(weight, _delta_in_weight_layout(delta, transposed), idx, scale, in_dim,
+                          grad.dtype) as w:
+            grad_input = grad @ (w.t() if transposed else w)  # (..., d_in)
+    if x_selected is not None:
+        g = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
+        xs = x_selected.reshape(-1, x_selected.shape[-1]).to(grad.dtype)  # (N, r)
+        if grad.is_cuda:
+            grad_delta = g.t() @ xs  # (d_out, r): cuBLAS takes the transposed operand as is
+        else:
+            # On CPU, (r, N) @ (N, d_out) with a contiguous (r, N) operand runs several times faster than
+            # g^T @ x_sel, whose output has only r columns; the transposed copy is N * r elements.
+            grad_delta = (xs.t().contiguous() @ g).t().contiguous()
+        grad_delta = grad_delta.to(delta.dtype).mul_(scale)
+    return grad_input, grad_delta
+
+
+def _bias_grad(grad: Tensor) -> Tensor:
+    return grad.reshape(-1, grad.shape[-1]).sum(0)
+
+
+class PartialLinearFunction(torch.autograd.Function):
+    """Eager-mode autograd of :func:`partial_linear`; keeps only ``x[..., idx]`` (and references to parameters)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, idx, scale, transposed):
+        y = _linear_forward(x, weight, bias, delta, idx, scale, transposed)
+        # The only activation kept: the r selected input channels (never the full input).
+        x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r)
+        ctx.save_for_backward(x_selected, weight, delta, idx)
+        ctx.scale, ctx.transposed = scale, transposed
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_selected, weight, delta, idx = ctx.saved_tensors
+        grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, ctx.scale, ctx.transposed,
+                                                  ctx.needs_input_grad[0])
+        grad_bias = _bias_grad(grad) if ctx.needs_input_grad[2] else None
+        return grad_input, None, grad_bias, grad_delta, None, None, None
+
+
 def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                   scale: float, transposed: bool) -> Tensor:
+                   scale: float, transposed: bool = False) -> Tensor:
     """``y = x W^T + b`` with ``W`` the frozen ``weight`` whose input columns ``idx`` hold ``+ scale * delta``.
 
     Args:
@@ -79,45 +137,36 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
         scale: ``paca_alpha / r``.
         transposed: whether ``weight`` is stored ``(d_in, d_out)``.
     """
-    in_dim = 0 if transposed else 1
-    with tuned_weight(weight, _delta_in_weight_layout(delta, transposed), idx, scale, in_dim, x.dtype) as w:
-        return F.linear(x, w.t() if transposed else w, None if bias is None else bias.to(x.dtype))
+    if torch.compiler.is_compiling():
+        return partial_linear_op(x, weight, bias, delta, idx, scale, transposed)
+    return PartialLinearFunction.apply(x, weight, bias, delta, idx, scale, transposed)
 
 
-@partial_linear.register_fake
+@torch.library.custom_op("paca::partial_linear", mutates_args=())
+def partial_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
+                      scale: float, transposed: bool) -> Tensor:
+    """:func:`partial_linear` as one opaque node for torch.compile."""
+    return _linear_forward(x, weight, bias, delta, idx, scale, transposed)
+
+
+@partial_linear_op.register_fake
 def _(x, weight, bias, delta, idx, scale, transposed):
     d_out = weight.shape[1] if transposed else weight.shape[0]
     return x.new_empty(*x.shape[:-1], d_out)
 
 
 @torch.library.custom_op("paca::partial_linear_backward", mutates_args=())
-def partial_linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
-                            idx: Tensor, scale: float, transposed: bool,
-                            needs_input_grad: bool) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`partial_linear`: ``(g W, scale * g^T x[..., idx])``.
-
-    An empty tensor stands for a gradient that was not asked for (``needs_input_grad`` false, or
-    ``x_selected`` None because ``delta`` does not require grad).
-    """
-    if needs_input_grad:
-        in_dim = 0 if transposed else 1
-        with tuned_weight(weight, _delta_in_weight_layout(delta, transposed), idx, scale, in_dim,
-                          grad.dtype) as w:
-            grad_input = grad @ (w.t() if transposed else w)  # (..., d_in)
-    else:
-        grad_input = grad.new_empty(0)
-    if x_selected is not None:
-        # (r, N) @ (N, d_out) with a contiguous (r, N) operand runs several times faster on CPU than
-        # g^T @ x_sel, whose output has only r columns; the transposed copy is N * r elements.
-        x_channel_major = x_selected.reshape(-1, x_selected.shape[-1]).t().contiguous().to(grad.dtype)  # (r, N)
-        grad_delta = (x_channel_major @ grad.reshape(-1, grad.shape[-1])).t()  # (d_out, r)
-        grad_delta = grad_delta.to(delta.dtype).mul_(scale).contiguous()
-    else:
-        grad_delta = delta.new_empty(0)
-    return grad_input, grad_delta
+def partial_linear_backward_op(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
+                               idx: Tensor, scale: float, transposed: bool,
+                               needs_input_grad: bool) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`partial_linear_op`; an empty tensor stands for a gradient not asked for."""
+    grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, scale, transposed,
+                                              needs_input_grad)
+    return (grad.new_empty(0) if grad_input is None else grad_input,
+            delta.new_empty(0) if grad_delta is None else grad_delta)
 
 
-@partial_linear_backward.register_fake
+@partial_linear_backward_op.register_fake
 def _(grad, x_selected, weight, delta, idx, scale, transposed, needs_input_grad):
     d_in = weight.shape[0] if transposed else weight.shape[1]
     grad_input = grad.new_empty(*grad.shape[:-1], d_in) if needs_input_grad else grad.new_empty(0)
@@ -125,28 +174,24 @@ def _(grad, x_selected, weight, delta, idx, scale, transposed, needs_input_grad)
     return grad_input, grad_delta
 
 
-def _partial_linear_setup_context(ctx, inputs, output):
+def _op_setup_context(ctx, inputs, output):
     x, weight, bias, delta, idx, scale, transposed = inputs
-    # The only activation kept: the r selected input channels (never the full input).
-    x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r)
+    x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r): the only activation kept
     ctx.save_for_backward(x_selected, weight, delta, idx)
-    ctx.scale, ctx.transposed = scale, transposed
-    ctx.has_bias = bias is not None
+    ctx.scale, ctx.transposed, ctx.has_bias = scale, transposed, bias is not None
 
 
-def _partial_linear_backward(ctx, grad):
+def _op_backward(ctx, grad):
     x_selected, weight, delta, idx = ctx.saved_tensors
     needs_input_grad = ctx.needs_input_grad[0]
-    grad_input, grad_delta = partial_linear_backward(grad, x_selected, weight, delta, idx, ctx.scale,
-                                                     ctx.transposed, needs_input_grad)
-    grad_bias = None
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    grad_input, grad_delta = partial_linear_backward_op(grad, x_selected, weight, delta, idx, ctx.scale,
+                                                        ctx.transposed, needs_input_grad)
+    grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return (grad_input if needs_input_grad else None, None, grad_bias,
             grad_delta if x_selected is not None else None, None, None, None)
 
 
-partial_linear.register_autograd(_partial_linear_backward, setup_context=_partial_linear_setup_context)
+partial_linear_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------
