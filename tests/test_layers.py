@@ -1,0 +1,378 @@
+"""The PaCA layers (paca.tuner.Linear on nn.Linear / GPT-2 Conv1D, paca.tuner.Conv2d).
+
+Pinned: gradcheck through the layer modules; the output always reflects the *current* delta (after an
+optimizer step, load_state_dict, in-place edits, in train and eval mode, under gradient accumulation
+and gradient checkpointing); bit-exact merge/unmerge; bf16 base weights with an fp32 delta; autocast.
+Reference: a dense float64 layer whose weight has the tuned columns shifted by ``s * D``.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+from peft import get_peft_model
+from torch.autograd import gradcheck
+from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
+
+from paca import PacaConfig
+from paca.tuner import Conv2d as PacaConv2d
+from paca.tuner import Linear as PacaLinear
+
+LAYER_KINDS = ["linear", "gpt2_conv1d", "conv2d"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids spin-waiting on a shared 2-core machine (50x faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_layer(kind, dtype=torch.float32, bias=True, r=3, alpha=6.0, seed=0, d_in=16, d_out=8):
+    """A PaCA layer of ``kind`` around a fresh base layer (d_in 16, d_out 8), and an input for it."""
+    torch.manual_seed(seed)
+    if kind == "conv2d":
+        base = torch.nn.Conv2d(d_in, d_out, 3, stride=(2, 1), padding=1, dilation=(1, 2), bias=bias)
+        x = torch.randn(2, d_in, 6, 7)
+    elif kind == "gpt2_conv1d":
+        base = Conv1D(d_out, d_in)
+        if not bias:
+            base.bias = None
+        torch.nn.init.normal_(base.weight, std=0.2)
+        x = torch.randn(2, 5, d_in)
+    else:
+        base = torch.nn.Linear(d_in, d_out, bias=bias)
+        x = torch.randn(2, 5, d_in)
+    base = base.to(dtype).requires_grad_(False)
+    layer_cls = PacaConv2d if kind == "conv2d" else PacaLinear
+    layer = layer_cls(base, "default", "layer", r=r, paca_alpha=alpha)
+    return layer, x.to(dtype)
+
+
+def randomize_delta(layer, adapter="default", seed=1, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    delta = layer.paca_delta[adapter]
+    with torch.no_grad():
+        delta.copy_(torch.randn(delta.shape, generator=g) * std)
+
+
+def dense_reference(layer, x, adapters=("default",)):
+    """float64 output of the base layer with the listed adapters' columns applied densely."""
+    base = layer.get_base_layer()
+    w = base.weight.detach().double()
+    for a in adapters:
+        delta = layer.paca_delta[a].detach().double() * layer.scaling[a]
+        delta = delta.t() if layer.in_dim == 0 else delta
+        w = w.index_add(layer.in_dim, layer.paca_indices[a], delta)
+    b = None if base.bias is None else base.bias.detach().double()
+    x = x.detach().double()
+    if isinstance(base, torch.nn.Conv2d):
+        return F.conv2d(x, w, b, base.stride, base.padding, base.dilation)
+    if isinstance(base, Conv1D):
+        return x @ w + (0 if b is None else b)
+    return F.linear(x, w, b)
+
+
+def assert_matches_reference(layer, x, adapters=("default",), tol=1e-5):
+    out = layer(x)
+    torch.testing.assert_close(out.double(), dense_reference(layer, x, adapters), rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradcheck through the layer modules
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("kind,input_shape", [("linear", (2, 3, 6)), ("linear", (4, 6)),
+                                              ("gpt2_conv1d", (2, 3, 6)), ("gpt2_conv1d", (4, 6)),
+                                              ("conv2d", (1, 6, 5, 4))],
+                         ids=["linear_3d", "linear_2d", "conv1d_3d", "conv1d_2d", "conv2d"])
+def test_layer_passes_float64_gradcheck(kind, input_shape, bias):
+    """float64 gradcheck of a PaCA layer w.r.t. input, delta and a trainable bias."""
+    layer, _ = make_layer(kind, dtype=torch.float64, bias=bias, r=2, d_in=6, d_out=3)
+    randomize_delta(layer)
+    x = torch.randn(input_shape, dtype=torch.float64, requires_grad=True)
+    delta = layer.paca_delta["default"].detach().double().requires_grad_(True)
+    names = ["paca_delta.default"] + (["base_layer.bias"] if bias else [])
+    tensors = [delta] + ([layer.get_base_layer().bias.detach().clone().requires_grad_(True)] if bias else [])
+
+    def run(x, *params):
+        return functional_call(layer, dict(zip(names, params)), (x,))
+
+    assert gradcheck(run, (x, *tensors), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_layer_gradients_match_dense_reference_and_base_gets_none(kind):
+    """Through the module: dL/dD = s * dL/dW[:, idx] of the dense reference; base weight gets no grad."""
+    layer, x = make_layer(kind, dtype=torch.float64)
+    randomize_delta(layer)
+    base = layer.get_base_layer()
+    base.bias.requires_grad_(True)
+    x.requires_grad_(True)
+    layer(x).square().sum().backward()
+
+    w = base.weight.detach().clone()
+    idx, s = layer.paca_indices["default"], layer.scaling["default"]
+    delta = layer.paca_delta["default"].detach()
+    w_eff = w.index_copy(layer.in_dim, idx, w.index_select(layer.in_dim, idx)
+                         + s * (delta.t() if layer.in_dim == 0 else delta)).requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    if kind == "conv2d":
+        yr = F.conv2d(xr, w_eff, base.bias.detach(), base.stride, base.padding, base.dilation)
+    elif kind == "gpt2_conv1d":
+        yr = xr @ w_eff + base.bias.detach()
+    else:
+        yr = F.linear(xr, w_eff, base.bias.detach())
+    yr.square().sum().backward()
+    grad_cols = w_eff.grad.index_select(layer.in_dim, idx)
+    expected = s * (grad_cols.t() if layer.in_dim == 0 else grad_cols)
+    torch.testing.assert_close(layer.paca_delta["default"].grad, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
+    assert base.weight.grad is None
+    assert torch.equal(base.weight, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# outputs reflect the current delta
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_output_reflects_delta_after_optimizer_step(kind, mode):
+    """After an optimizer step the very next forward (train or eval mode) uses the updated delta."""
+    layer, x = make_layer(kind)
+    layer.train(mode == "train")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    before = layer(x).detach()
+    for _ in range(2):  # the second step also checks the forward after the first one saw the new D
+        layer(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        assert layer.paca_delta["default"].abs().sum() > 0
+        assert_matches_reference(layer, x)
+    assert not torch.allclose(layer(x), before)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_output_reflects_delta_after_load_state_dict(kind, mode):
+    """load_state_dict of a trained layer's state gives the trained layer's outputs, in train and eval mode."""
+    trained, x = make_layer(kind)
+    randomize_delta(trained)
+    layer, _ = make_layer(kind)
+    layer.train(mode == "train")
+    layer(x)  # a forward before the load must not pin the old columns
+    layer.load_state_dict(trained.state_dict())
+    assert_matches_reference(layer, x)
+    assert torch.equal(layer(x), trained(x))
+
+
+@pytest.mark.parametrize("edit", ["no_grad_add_", "data_copy_"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_output_reflects_manual_in_place_edit_of_delta(kind, mode, edit):
+    """Editing D in place (torch.no_grad() add_, or .data.copy_) changes the next output accordingly."""
+    layer, x = make_layer(kind)
+    layer.train(mode == "train")
+    delta = layer.paca_delta["default"]
+    layer(x)
+    if edit == "no_grad_add_":
+        with torch.no_grad():
+            delta.add_(torch.full_like(delta, 0.25))
+    else:
+        delta.data.copy_(torch.linspace(-1, 1, delta.numel()).reshape(delta.shape))
+    assert_matches_reference(layer, x)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_base_weight_is_bit_exact_after_forward_and_backward(kind):
+    """The transient column write leaves the frozen base weight exactly as it was."""
+    layer, x = make_layer(kind)
+    randomize_delta(layer)
+    w = layer.get_base_layer().weight.detach().clone()
+    layer(x.requires_grad_(True)).sum().backward()
+    assert torch.equal(layer.get_base_layer().weight, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# merge / unmerge / disable / several adapters
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_merge_gives_same_output_and_unmerge_restores_base_bit_for_bit(kind):
+    """merge() writes s*D into W (output unchanged up to rounding); unmerge() restores W exactly."""
+    layer, x = make_layer(kind)
+    randomize_delta(layer)
+    w = layer.get_base_layer().weight.detach().clone()
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged and not torch.equal(layer.get_base_layer().weight, w)
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-6, atol=1e-6)
+    layer.unmerge()
+    assert not layer.merged
+    assert torch.equal(layer.get_base_layer().weight, w)
+    assert torch.equal(layer(x), unmerged)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_disabled_adapter_gives_base_output_exactly(kind):
+    """With adapters disabled the layer's output is the base layer's, bit for bit."""
+    layer, x = make_layer(kind)
+    randomize_delta(layer)
+    layer.enable_adapters(False)
+    assert torch.equal(layer(x), layer.get_base_layer()(x))
+    layer.enable_adapters(True)
+    assert not torch.equal(layer(x), layer.get_base_layer()(x))
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_two_active_adapters_add_up(kind):
+    """Two adapters active at once apply both column shifts (overlapping columns add)."""
+    layer, x = make_layer(kind, r=4)
+    layer.update_layer("other", r=5, paca_alpha=2.0, seed=7)
+    randomize_delta(layer, "default", seed=1)
+    randomize_delta(layer, "other", seed=2)
+    layer.set_adapter(["default", "other"])
+    assert_matches_reference(layer, x, adapters=("default", "other"))
+    layer.set_adapter("other")
+    assert_matches_reference(layer, x, adapters=("other",))
+
+
+# ----------------------------------------------------------------------------------------------------
+# precision
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_bf16_base_with_fp32_delta_is_close_to_reference_and_grad_is_fp32(kind):
+    """bf16 base layer, fp32 delta (as get_peft_model's autocast_adapter_dtype leaves it): bf16 output close
+    to the float64 reference, fp32 delta gradient, base weight untouched."""
+    layer, x = make_layer(kind, dtype=torch.bfloat16)
+    layer.paca_delta["default"] = torch.nn.Parameter(layer.paca_delta["default"].float())
+    randomize_delta(layer)
+    w = layer.get_base_layer().weight.detach().clone()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), dense_reference(layer, x), rtol=3e-2, atol=5e-2)
+    out.float().square().mean().backward()
+    assert layer.paca_delta["default"].grad.dtype == torch.float32
+    assert torch.equal(layer.get_base_layer().weight, w)
+
+
+def test_bf16_model_through_get_peft_model_keeps_fp32_delta_and_matches_fp32_model(token_ids):
+    """get_peft_model on a bf16 Llama: fp32 deltas; logits close to an fp32 model with the same weights."""
+    model16 = get_peft_model(tiny_llama(dtype=torch.bfloat16), PacaConfig(r=4, target_modules="all-linear"))
+    model32 = get_peft_model(tiny_llama(dtype=torch.bfloat16).float(), PacaConfig(r=4, target_modules="all-linear"))
+    deltas = [p for n, p in model16.named_parameters() if "paca_delta" in n]
+    assert deltas and all(p.dtype == torch.float32 and p.requires_grad for p in deltas)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for (n16, p16), (n32, p32) in zip(model16.named_parameters(), model32.named_parameters()):
+            if "paca_delta" in n16:
+                p16.copy_(torch.randn(p16.shape, generator=g) * 0.05)
+                p32.copy_(p16)
+    out16 = model16(token_ids, labels=token_ids)
+    out32 = model32(token_ids, labels=token_ids)
+    torch.testing.assert_close(out16.logits.float(), out32.logits, rtol=0.05, atol=0.05)
+    out16.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in deltas)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_autocast_bf16_matches_base_layer_dtypes_and_reference(kind):
+    """Under torch.autocast(cpu, bf16) the output has the base layer's autocast dtype; backward gives fp32 grads."""
+    layer, x = make_layer(kind)
+    randomize_delta(layer)
+    layer.get_base_layer().bias.requires_grad_(True)
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected_dtype = layer.get_base_layer()(x).dtype
+    assert out.dtype == expected_dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), dense_reference(layer, x), rtol=3e-2, atol=5e-2)
+    out.float().square().mean().backward()
+    assert x.grad.dtype == torch.float32
+    assert layer.paca_delta["default"].grad.dtype == torch.float32
+    assert layer.get_base_layer().bias.grad.dtype == torch.float32
+    assert layer.get_base_layer().weight.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# training dynamics on a tiny Llama
+# ----------------------------------------------------------------------------------------------------
+
+def _paca_llama(seed_delta=5):
+    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(seed_delta)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "paca_delta" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # nonzero: every forward depends on D
+    return model.train()
+
+
+def _delta_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "paca_delta" in n}
+
+
+def _deltas(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "paca_delta" in n}
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+def test_gradient_accumulation_equals_big_batch_update(micro_batches):
+    """Accumulating over 1, 2 or 3 micro-batches gives the big-batch gradient and the same updated delta."""
+    batch = torch.randint(0, 64, (6, 10), generator=torch.Generator().manual_seed(2))
+    big, acc = _paca_llama(), _paca_llama()
+    opt_big = torch.optim.SGD([p for p in big.parameters() if p.requires_grad], lr=1.0)
+    opt_acc = torch.optim.SGD([p for p in acc.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):  # two optimizer steps: the second accumulation must see the first update
+        big(batch, labels=batch).loss.backward()
+        for chunk in batch.chunk(micro_batches):
+            (acc(chunk, labels=chunk).loss / micro_batches).backward()
+        for (n, g_big), g_acc in zip(_delta_grads(big).items(), _delta_grads(acc).values()):
+            torch.testing.assert_close(g_acc, g_big, rtol=1e-4, atol=1e-6, msg=n)
+        opt_big.step(), opt_acc.step()
+        opt_big.zero_grad(), opt_acc.zero_grad()
+    for n, d in _deltas(big).items():
+        torch.testing.assert_close(_deltas(acc)[n], d, rtol=1e-4, atol=1e-6, msg=n)
+    acc.eval(), big.eval()
+    torch.testing.assert_close(acc(batch).logits, big(batch).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_same_gradients(use_reentrant, token_ids):
+    """gradient_checkpointing_enable (reentrant or not): same loss and delta gradients as without it."""
+    plain, ckpt = _paca_llama(), _paca_llama()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert ckpt.base_model.model.model.layers[0].gradient_checkpointing
+    loss_plain = plain(token_ids, labels=token_ids).loss
+    loss_plain.backward()
+    loss_ckpt = ckpt(token_ids, labels=token_ids).loss
+    loss_ckpt.backward()
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    expected = _delta_grads(plain)
+    got = {n: p.grad for n, p in ckpt.named_parameters() if "paca_delta" in n}
+    assert all(g is not None for g in got.values()), "checkpointing cut the gradient to some deltas"
+    for n, g in expected.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if "paca_delta" not in n:
+            assert p.grad is None and q.grad is None, f"{n} is frozen but got a gradient"
+
+
+def test_copy_of_layer_is_independent():
+    """deepcopy of a PaCA layer (as Trainer/EMA code does) gives an independent layer with equal outputs."""
+    layer, x = make_layer("linear")
+    randomize_delta(layer)
+    clone = copy.deepcopy(layer)
+    assert torch.equal(clone(x), layer(x))
+    with torch.no_grad():
+        clone.paca_delta["default"].add_(1.0)
+    assert_matches_reference(layer, x)
+    assert_matches_reference(clone, x)
