@@ -1,0 +1,281 @@
+"""PaCA behaves as a PEFT method: every PeftModel / transformers / Trainer entry point a user reaches for.
+
+Reference for outputs: the plain base model (bit-exact where PEFT promises it: disabled adapter, unmerge,
+unload) or a dense float64 re-computation of the tuned columns.
+"""
+
+import contextlib
+import io
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from peft import PeftModel, get_peft_model
+
+from paca import PacaConfig, PacaLayer, paca_layers
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def randomize_deltas(model, seed=0, std=0.1, adapter=None):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "paca_delta" in n and (adapter is None or n.endswith(f".{adapter}")):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def base_state(model):
+    """Every tensor of a plain (or unloaded) model, cloned."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(state, model):
+    now = model.state_dict()
+    assert state.keys() == now.keys()
+    for k, v in state.items():
+        assert torch.equal(v, now[k]), f"{k} changed"
+
+
+def linear_out_features(module):
+    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# targeting and trainable parameters
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("r", [1, 4])
+def test_trainable_parameters_are_sum_of_d_out_times_r(arch, r):
+    """get_nb_trainable_parameters / print_trainable_parameters count exactly sum(d_out * r) over tuned layers."""
+    base = tiny_llama() if arch == "llama" else tiny_gpt2()
+    expected = sum(linear_out_features(m) * r for n, m in base.named_modules()
+                   if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and "lm_head" not in n)
+    model = get_peft_model(base, PacaConfig(r=r, target_modules="all-linear"))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        model.print_trainable_parameters()
+    assert f"trainable params: {expected:,}" in printed.getvalue()
+    assert all("paca_delta" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_target_modules_list_wraps_only_named_layers():
+    """A list of names wraps exactly those layers (suffix match) in every block, nothing else."""
+    model = get_peft_model(tiny_llama(), PacaConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    names = set(paca_layers(model))
+    assert names == {f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.down_proj")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_all_linear_wraps_every_linear_but_lm_head(arch):
+    """'all-linear' wraps every nn.Linear / GPT-2 Conv1D except the output head."""
+    base = tiny_llama() if arch == "llama" else tiny_gpt2()
+    expected = {n for n, m in base.named_modules()
+                if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"}
+    model = get_peft_model(base, PacaConfig(r=2, target_modules="all-linear"))
+    assert set(paca_layers(model)) == expected
+    assert not isinstance(model.base_model.model.lm_head, PacaLayer)
+
+
+def test_exclude_modules_are_left_alone():
+    """exclude_modules removes matching layers from the targets."""
+    model = get_peft_model(tiny_llama(), PacaConfig(r=2, target_modules="all-linear",
+                                                    exclude_modules=["down_proj", "k_proj"]))
+    names = set(paca_layers(model))
+    assert names and not any(n.endswith(("down_proj", "k_proj")) for n in names)
+    assert len(names) == 2 * (len(LLAMA_LINEAR) - 2)
+
+
+def test_layers_to_transform_limits_tuning_to_given_blocks():
+    """layers_to_transform=[1] (layers_pattern 'layers') tunes only block 1."""
+    model = get_peft_model(tiny_llama(), PacaConfig(r=2, target_modules=LLAMA_LINEAR, layers_to_transform=[1],
+                                                    layers_pattern="layers"))
+    names = set(paca_layers(model))
+    assert len(names) == len(LLAMA_LINEAR) and all(n.startswith("model.layers.1.") for n in names)
+
+
+def test_fresh_adapter_leaves_outputs_unchanged(token_ids):
+    """D starts at zero: a new PaCA model gives exactly the base model's logits."""
+    expected = tiny_llama()(token_ids).logits
+    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear"))
+    assert torch.equal(model(token_ids).logits, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# several adapters
+# ----------------------------------------------------------------------------------------------------
+
+def _single_adapter_logits(config, source, adapter, token_ids):
+    """Logits of a fresh model carrying only ``adapter``'s deltas copied from ``source``."""
+    single = get_peft_model(tiny_llama(), config)
+    wanted = {n.replace(f".{adapter}", ".default"): p for n, p in source.named_parameters()
+              if n.endswith(f"paca_delta.{adapter}")}
+    with torch.no_grad():
+        for n, p in single.named_parameters():
+            if "paca_delta" in n:
+                p.copy_(wanted.pop(n))
+    assert not wanted
+    return single(token_ids).logits
+
+
+def test_named_adapters_each_give_their_own_outputs(token_ids):
+    """add_adapter + set_adapter: each adapter gives the outputs of a model carrying only that adapter."""
+    cfg_a = PacaConfig(r=4, target_modules=["q_proj", "v_proj"], seed=1)
+    cfg_b = PacaConfig(r=2, paca_alpha=4.0, target_modules=["v_proj", "down_proj"], seed=2)
+    model = get_peft_model(tiny_llama(), cfg_a)
+    model.add_adapter("b", cfg_b)
+    randomize_deltas(model, seed=5, std=0.3)
+    assert model.active_adapter == "default"
+    logits_a = model(token_ids).logits
+    torch.testing.assert_close(logits_a, _single_adapter_logits(cfg_a, model, "default", token_ids))
+    model.set_adapter("b")
+    logits_b = model(token_ids).logits
+    torch.testing.assert_close(logits_b, _single_adapter_logits(cfg_b, model, "b", token_ids))
+    assert not torch.allclose(logits_a, logits_b)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("paca_delta.b") for n in trainable)
+
+
+def test_delete_adapter_removes_its_state_and_keeps_the_other(token_ids):
+    """delete_adapter drops every tensor of that adapter; the remaining adapter's outputs are unchanged."""
+    cfg = PacaConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(tiny_llama(), cfg)
+    model.add_adapter("b", PacaConfig(r=2, target_modules=["q_proj", "o_proj"], seed=3))
+    randomize_deltas(model, seed=5, std=0.3)
+    expected = model(token_ids).logits
+    model.set_adapter("b")
+    with pytest.warns(UserWarning, match="Setting active adapter to default"):
+        model.delete_adapter("b")
+    assert "b" not in model.peft_config
+    assert not any(k.endswith(".b") for k in model.state_dict())
+    model.set_adapter("default")
+    torch.testing.assert_close(model(token_ids).logits, expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# disable / merge / unmerge / unload
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_disable_adapter_gives_base_outputs_exactly(arch, merged, token_ids):
+    """Inside disable_adapter() logits equal the base model's bit for bit (merged or not); outside they don't."""
+    make = tiny_llama if arch == "llama" else tiny_gpt2
+    expected = make()(token_ids).logits
+    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear")).eval()
+    randomize_deltas(model)
+    tuned = model(token_ids).logits
+    if merged:
+        model.merge_adapter()
+    with model.disable_adapter():
+        assert torch.equal(model(token_ids).logits, expected)
+    torch.testing.assert_close(model(token_ids).logits, tuned, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(tuned, expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_then_unmerge_restores_every_base_tensor_bit_for_bit(arch, token_ids):
+    """merge_adapter changes the weights (outputs close to unmerged); unmerge_adapter restores them exactly."""
+    make = tiny_llama if arch == "llama" else tiny_gpt2
+    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear")).eval()
+    randomize_deltas(model)
+    before = base_state(model)
+    unmerged = model(token_ids).logits
+    model.merge_adapter()
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    torch.testing.assert_close(model(token_ids).logits, unmerged, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    assert_state_equal(before, model)
+    assert torch.equal(model(token_ids).logits, unmerged)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_and_unload_gives_plain_model_with_same_outputs(arch, token_ids):
+    """merge_and_unload returns the plain architecture (no PaCA layers) with outputs close to the PaCA model."""
+    make = tiny_llama if arch == "llama" else tiny_gpt2
+    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear")).eval()
+    randomize_deltas(model)
+    expected = model(token_ids).logits
+    merged = model.merge_and_unload()
+    assert type(merged) is type(make())
+    assert not any(isinstance(m, PacaLayer) for m in merged.modules())
+    assert set(merged.state_dict()) == set(make().state_dict())
+    torch.testing.assert_close(merged(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("merge_first", [False, True], ids=["unmerged", "merged"])
+def test_unload_restores_base_model_bit_for_bit(merge_first, token_ids):
+    """unload() gives the base model back with every tensor exactly as before, even after merge_adapter."""
+    reference = tiny_llama()
+    before = base_state(reference)
+    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear"))
+    randomize_deltas(model)
+    if merge_first:
+        model.merge_adapter()
+    plain = model.unload()
+    assert not any(isinstance(m, PacaLayer) for m in plain.modules())
+    assert_state_equal(before, plain)
+    assert torch.equal(plain(token_ids).logits, reference(token_ids).logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers integration
+# ----------------------------------------------------------------------------------------------------
+
+def test_transformers_load_adapter_on_plain_model_matches_peft_model(tmp_path, token_ids):
+    """transformers' model.load_adapter(dir) on a plain model gives the PeftModel's outputs."""
+    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    randomize_deltas(model)
+    model.eval()
+    expected = model(token_ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+
+    plain = tiny_llama()
+    plain.load_adapter(str(tmp_path / "adapter"))
+    assert len(paca_layers(plain)) == 14
+    plain.eval()
+    torch.testing.assert_close(plain(token_ids).logits, expected, rtol=0, atol=0)
+
+
+def _trainer(model, out_dir, max_steps):
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 8), generator=g)]
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=2,
+                             learning_rate=5e-2, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
+                             logging_steps=1, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                             lr_scheduler_type="linear", weight_decay=0.01)
+    return Trainer(model=model, args=args, train_dataset=data)
+
+
+def test_trainer_resume_from_checkpoint_gives_same_delta_as_uninterrupted_run(tmp_path):
+    """HF Trainer: save at step 2, resume_from_checkpoint to step 4 == an uninterrupted 4-step run."""
+    cfg = PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    full = get_peft_model(tiny_llama(), cfg)
+    _trainer(full, tmp_path / "full", max_steps=4).train()
+    expected = {n: p.detach().clone() for n, p in full.named_parameters() if "paca_delta" in n}
+    assert any(p.abs().sum() > 0 for p in expected.values())
+
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    resumed = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    _trainer(resumed, tmp_path / "resumed", max_steps=4).train(resume_from_checkpoint=str(checkpoint))
+    got = {n: p.detach() for n, p in resumed.named_parameters() if "paca_delta" in n}
+    assert got.keys() == expected.keys()
+    for n, d in expected.items():
+        torch.testing.assert_close(got[n], d, rtol=1e-5, atol=1e-7, msg=n)
