@@ -4,8 +4,11 @@
 and ``PeftModel.from_pretrained(model, dir)`` work as for PEFT's own methods.
 """
 
+from .selection import select_by_gradient
+from .switching import add_weighted_adapter, switch_adapter
 from .tuner import PacaConfig, PacaLayer, PacaModel
 from .tuner.model import paca_layers
 
 __version__ = "0.1.0"
-__all__ = ["PacaConfig", "PacaLayer", "PacaModel", "paca_layers", "__version__"]
+__all__ = ["PacaConfig", "PacaLayer", "PacaModel", "add_weighted_adapter", "paca_layers", "select_by_gradient",
+           "switch_adapter", "__version__"]

@@ -1,15 +1,26 @@
-"""Which input columns each layer tunes.
+"""Which input columns each layer tunes (paper section 5; S²FT's structured selection).
 
 Every strategy returns sorted, unique int64 indices into the layer's input dimension. The chosen
 indices are stored in the adapter (``paca_indices``), so loading never selects again.
+
+    random        r columns drawn uniformly, seeded by (config seed, layer name)
+    weight_norm   argtop_r_j ||W0[:, j]||_2
+    gradient      argtop_r_j sum_steps sum_i (dL/dW_ij)^2        (select_by_gradient, no weight update)
+    structured    attention output: whole heads, columns [h*hd, (h+1)*hd);  FFN down: whole channels
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Optional
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def layer_seed(seed: int, layer_name: str) -> int:
@@ -43,3 +54,219 @@ def check_indices(idx: Tensor, d_in: int | None, r: int, where: str) -> None:
                          f"(min {int(idx.min())}, max {int(idx.max())}).")
     if r > 1 and not bool((idx[1:] > idx[:-1]).all()):
         raise ValueError(f"{where}: paca_indices must be sorted and unique (found duplicates or disorder).")
+
+
+# ----------------------------------------------------------------------------------------------------
+# structured (S²FT): whole attention heads of the output projection, whole FFN channels of down projections
+# ----------------------------------------------------------------------------------------------------
+
+# Output projections read the concatenated heads; down projections read the FFN's intermediate channels.
+# c_proj, dense and wo name both kinds in some families: the parent module's class tells them apart.
+ATTENTION_OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "c_proj", "dense", "wo", "o_lin", "proj"})
+FFN_DOWN_NAMES = frozenset({"down_proj", "c_proj", "fc2", "w2", "dense_4h_to_h", "wo", "fc_out", "lin2"})
+
+
+def structured_columns(d_in: int, r: int, block: int, seed: int, layer_name: str) -> Tensor:
+    """``r // block`` whole blocks of ``block`` consecutive columns, drawn at random (seeded like random_columns).
+
+    With ``block = head_dim`` on an attention output projection, block ``h`` is head ``h``'s columns
+    ``[h * head_dim, (h + 1) * head_dim)``; with ``block = 1`` every column is its own channel.
+    """
+    if block <= 0 or d_in % block or r % block:
+        raise ValueError(f"module '{layer_name}': structured selection needs r={r} and d_in={d_in} to be multiples "
+                         f"of the block size {block}.")
+    blocks = random_columns(d_in // block, r // block, seed, layer_name)  # (r / block,) chosen heads
+    return (blocks[:, None] * block + torch.arange(block)).reshape(-1)  # sorted: blocks sorted, offsets ascending
+
+
+def attention_layout(model_config, where: str) -> tuple[int, int, int]:
+    """``(num_attention_heads, num_key_value_heads, head_dim)`` from a transformers config.
+
+    ``head_dim`` is the config's own when it has one (Gemma, Qwen3 and others set it apart from
+    ``hidden_size / num_attention_heads``). The output projection reads ``num_attention_heads * head_dim``
+    columns whatever the number of key/value heads (GQA shares K/V, not output columns).
+
+    Raises:
+        ValueError: if the config has no attention layout.
+    """
+    if model_config is None:
+        raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the model has no "
+                         "config (num_attention_heads, head_dim). Use selection='random' or 'weight_norm'.")
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the model config "
+                         f"({type(config).__name__}) has no num_attention_heads. Use selection='random' or "
+                         "'weight_norm' for this model.")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        hidden = getattr(config, "hidden_size", None)
+        if not isinstance(hidden, int) or hidden % heads:
+            raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the model config "
+                             f"({type(config).__name__}) has no head_dim and hidden_size={hidden} is not a multiple "
+                             f"of num_attention_heads={heads}.")
+        head_dim = hidden // heads
+    return heads, kv_heads, head_dim
+
+
+def _role(parent: nn.Module, target_name: str) -> str:
+    """'attention_output', 'ffn_down' or 'hidden_input' from the module's name and its parent's class."""
+    parent_kind = type(parent).__name__.lower()
+    is_attention = "attention" in parent_kind or "attn" in parent_kind
+    is_ffn = any(k in parent_kind for k in ("mlp", "feedforward", "ffn", "expert"))
+    if is_attention and target_name in ATTENTION_OUTPUT_NAMES:
+        return "attention_output"
+    if is_ffn and target_name in FFN_DOWN_NAMES:
+        return "ffn_down"
+    return "hidden_input"
+
+
+def _input_width(module: nn.Module) -> int:
+    if hasattr(module, "in_features"):  # nn.Linear, bitsandbytes Linear4bit, a PaCA layer
+        return module.in_features
+    if hasattr(module, "nx"):  # transformers Conv1D
+        return module.nx
+    return getattr(module, "in_channels", 0)
+
+
+def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name: str, target_name: str,
+                            parent: nn.Module, target: nn.Module) -> dict:
+    """``update_layer`` keyword arguments of one layer under ``selection='structured'``.
+
+    - attention output projection (o_proj, GPT-2 attn.c_proj, ...): whole heads. ``r`` counts columns and is
+      rounded to the nearest whole number of heads (at least one, at most all), with a warning when it changes;
+    - FFN down projection (down_proj, mlp.c_proj, fc2, ...): whole intermediate channels, i.e. any ``r`` columns,
+      drawn at random (seeded);
+    - any other layer (q/k/v/gate/up: their input is the hidden state, which has no head structure): random
+      columns, with a warning naming the layer kind once.
+
+    The scale stays ``paca_alpha / r`` of the config for every layer, so a rounded layer keeps the same
+    per-column scale (and ``paca export --to lora`` stays exact); ``paca_alpha`` is adjusted for that.
+
+    Raises:
+        ValueError: an attention output projection whose width is not ``num_attention_heads * head_dim``,
+            or a config with no attention layout.
+    """
+    where = f"module '{layer_name}'"
+    role = _role(parent, target_name)
+    d_in = _input_width(target)
+    if role == "ffn_down":
+        return dict(selection_strategy="structured", column_block=1)
+    if role == "hidden_input":
+        warnings.warn(f"selection='structured': '{target_name}' layers (such as {where}) read the hidden state, which "
+                      "has no head or channel structure; their columns are chosen at random. Structured selection "
+                      "applies to attention output (o_proj) and FFN down (down_proj) projections.", stacklevel=2)
+        return dict(selection_strategy="random")
+    heads, _, head_dim = attention_layout(model_config, where)
+    if d_in != heads * head_dim:
+        raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the layer reads {d_in} "
+                         f"columns but the config gives num_attention_heads * head_dim = {heads} * {head_dim} = "
+                         f"{heads * head_dim}. Use selection='random' for this model.")
+    n_heads = min(heads, max(1, math.floor(r / head_dim + 0.5)))
+    r_layer = n_heads * head_dim
+    if r_layer != r:
+        warnings.warn(f"selection='structured': {where} tunes whole heads of {head_dim} columns; r={r} is rounded to "
+                      f"{n_heads} head(s) = {r_layer} columns.", stacklevel=2)
+    return dict(r=r_layer, paca_alpha=paca_alpha * r_layer / r, selection_strategy="structured",
+                column_block=head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradient: accumulated squared gradient of the loss w.r.t. each input column, over a calibration pass
+# ----------------------------------------------------------------------------------------------------
+
+def _weight_grad_column_scores(layer, x: Tensor, grad: Tensor) -> Tensor:
+    """``sum_i (dL/dW_ij)^2`` for every input column ``j`` of one layer call: ``(d_in,)`` in float32."""
+    if isinstance(layer.get_base_layer(), nn.Conv2d):
+        conv = layer.get_base_layer()
+        shape = (conv.out_channels, conv.in_channels, *conv.kernel_size)
+        grad_w = torch.nn.grad.conv2d_weight(x.float(), shape, grad.float(), conv.stride, layer.padding,
+                                             conv.dilation)  # (C_out, C_in, kh, kw)
+        return grad_w.pow(2).sum((0, 2, 3))
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d_in)
+    g2 = grad.reshape(-1, grad.shape[-1]).float()  # (N, d_out)
+    return (g2.t() @ x2).pow(2).sum(0)  # (d_out, d_in) -> (d_in,)
+
+
+def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], steps: int = 100,
+                       adapter_name: Optional[str] = None) -> dict[str, Tensor]:
+    """Set each PaCA layer's columns to the ``r`` with the largest accumulated squared gradient.
+
+        score_j = sum_{steps} sum_i (dL/dW_ij)^2,    idx = sorted(argtop_r score)
+
+    over up to ``steps`` calibration batches (paper section 5: the first 100 steps), with ``W`` the
+    layer's current weight. Nothing is updated: only the forward and backward passes run, and
+    gradients of the model's parameters are left as they were. Call it after ``get_peft_model`` and
+    before training; the new indices replace the placeholder ones of ``selection='gradient'`` (any
+    strategy's, in fact), each layer's delta is reset to zero, and the indices are saved with the
+    adapter like any others. Disable gradient checkpointing during the pass.
+
+    Args:
+        model: a ``PeftModel`` (or any module) holding PaCA layers.
+        batches: iterable of dicts the model accepts as keyword arguments, with ``labels`` (e.g.
+            ``input_ids``, ``attention_mask``, ``labels``); tensors are moved to the model's device.
+        steps: maximum number of batches to use (fewer if ``batches`` ends first).
+        adapter_name: adapter whose columns are chosen (default: the active one).
+
+    Returns:
+        The new indices by layer name.
+
+    Raises:
+        ValueError: ``steps < 1``; no PaCA layer; ``batches`` empty; a batch without ``labels``; a model
+            output without a loss; a layer that no gradient reached.
+    """
+    from .tuner.layer import PacaLayer
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"select_by_gradient: steps must be a positive integer, got {steps!r}.")
+    if adapter_name is None:
+        active = getattr(model, "active_adapter", None)
+        adapter_name = active[0] if isinstance(active, (list, tuple)) else active
+    layers = [m for m in model.modules() if isinstance(m, PacaLayer) and adapter_name in m.paca_delta]
+    if not layers:
+        raise ValueError(f"select_by_gradient: the model has no PaCA layer with adapter '{adapter_name}'.")
+    scores = {layer: torch.zeros(layer.in_features, dtype=torch.float32) for layer in layers}
+    deltas = [layer.paca_delta[adapter_name] for layer in layers]
+    saved = [(d.requires_grad, d.grad) for d in deltas]
+    device = next(model.parameters()).device
+
+    def record(layer, args, output):
+        if isinstance(output, Tensor) and output.requires_grad:
+            x = args[0].detach()
+            output.register_hook(lambda g: scores[layer].add_(_weight_grad_column_scores(layer, x, g).cpu()))
+
+    hooks = [layer.register_forward_hook(record) for layer in layers]
+    used = 0
+    try:
+        for d in deltas:
+            d.requires_grad_(True)  # gradients must reach every layer output, even of a frozen adapter
+        with torch.enable_grad():
+            for used, batch in enumerate(itertools.islice(batches, steps), start=1):
+                if not isinstance(batch, Mapping) or batch.get("labels") is None:
+                    raise ValueError(f"select_by_gradient: calibration batch {used - 1} has no 'labels'; pass dicts "
+                                     "with input_ids and labels so the model returns a loss.")
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                loss = getattr(model(**batch), "loss", None)
+                if loss is None:
+                    raise ValueError(f"select_by_gradient: the model returned no loss for calibration batch "
+                                     f"{used - 1}; is it a model with a loss head (e.g. *ForCausalLM)?")
+                loss.backward(inputs=deltas)  # only the deltas accumulate: no other parameter's .grad changes
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for d, (requires_grad, grad) in zip(deltas, saved):
+            d.requires_grad_(requires_grad)
+            d.grad = grad
+    if used == 0:
+        raise ValueError("select_by_gradient: no calibration batches (the iterable was empty).")
+    chosen = {}
+    for layer in layers:
+        score = scores[layer]
+        if not bool((score > 0).any()):
+            raise ValueError(f"select_by_gradient: no gradient reached module '{layer.layer_name}' in {used} "
+                             "calibration batches; is the layer used by the model's forward?")
+        idx = score.topk(layer.r[adapter_name]).indices.sort().values
+        layer.set_indices(adapter_name, idx)
+        chosen[layer.layer_name] = idx
+    return chosen

@@ -66,7 +66,7 @@ class PacaLayer(BaseTunerLayer):
     # -- adapters -----------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: int = 0,
                      selection_strategy: str = "random", indices: Optional[Tensor] = None,
-                     inference_mode: bool = False, **kwargs) -> None:
+                     inference_mode: bool = False, column_block: int = 1, **kwargs) -> None:
         """Add adapter ``adapter_name``: choose its columns and create a zero delta.
 
         Raises:
@@ -78,7 +78,7 @@ class PacaLayer(BaseTunerLayer):
             raise ValueError(f"{where}: r={r} must be between 1 and the layer's input dimension {d_in}.")
         weight = self.get_base_layer().weight
         if indices is None:
-            indices = self.select_columns(r, seed, selection_strategy)
+            indices = self.select_columns(r, seed, selection_strategy, column_block)
         indices = torch.as_tensor(indices, dtype=torch.int64)
         selection.check_indices(indices, d_in, r, where)
         self.r[adapter_name] = r
@@ -90,8 +90,12 @@ class PacaLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def select_columns(self, r: int, seed: int, strategy: str) -> Tensor:
-        """The ``r`` input columns this layer tunes, by ``strategy`` (see :mod:`paca.selection`)."""
+    def select_columns(self, r: int, seed: int, strategy: str, column_block: int = 1) -> Tensor:
+        """The ``r`` input columns this layer tunes, by ``strategy`` (see :mod:`paca.selection`).
+
+        ``column_block`` is the block size of ``structured`` (head_dim for attention output projections,
+        1 for FFN down projections), set by the model from its config.
+        """
         if strategy == "random":
             return selection.random_columns(self.in_features, r, seed, self.layer_name)
         if strategy == "weight_norm":
@@ -99,6 +103,8 @@ class PacaLayer(BaseTunerLayer):
         if strategy == "gradient":
             # Placeholder until paca.select_by_gradient overwrites them from a calibration pass.
             return selection.random_columns(self.in_features, r, seed, self.layer_name)
+        if strategy == "structured":
+            return selection.structured_columns(self.in_features, r, column_block, seed, self.layer_name)
         raise ValueError(f"module '{self.layer_name}': column selection '{strategy}' is not available for "
                          f"{type(self.get_base_layer()).__name__}.")
 
@@ -116,7 +122,11 @@ class PacaLayer(BaseTunerLayer):
         Several active adapters add up: their columns are merged (sorted union) and overlapping
         columns receive the sum of the scaled deltas, differentiably.
         """
-        active = [a for a in self.active_adapters if a in self.paca_delta]
+        return self._combined_delta(self.active_adapters)
+
+    def _combined_delta(self, adapter_names: list[str]) -> Optional[tuple[Tensor, Tensor, float]]:
+        """(delta, idx, scale) of ``adapter_names`` added up, as for :meth:`_active_delta`; None if none is here."""
+        active = [a for a in adapter_names if a in self.paca_delta]
         if not active:
             return None
         if len(active) == 1:

@@ -9,13 +9,19 @@ from peft.utils.other import _get_submodules
 from torch import nn
 
 from .. import selection
+from ..quantized import check_quantization, is_bnb_4bit
 from .config import PacaConfig
 from .layer import Conv2d, Linear, PacaLayer, _is_conv1d
+from .quantized import Linear4bit
 
-SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d"
+SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d, bitsandbytes Linear4bit (NF4/FP4)"
 
 
 def _layer_class(base: nn.Module):
+    if is_bnb_4bit(base):  # before nn.Linear: bitsandbytes' linear layers subclass it
+        return Linear4bit
+    if type(base).__module__.startswith("bitsandbytes"):
+        return None  # 8-bit and other bitsandbytes layers: not supported
     if isinstance(base, nn.Linear) or _is_conv1d(base):
         return Linear
     if isinstance(base, nn.Conv2d):
@@ -39,6 +45,10 @@ class PacaModel(BaseTuner):
         kwargs = dict(r=config.r, paca_alpha=config.paca_alpha, seed=config.seed,
                       selection_strategy=config.selection, inference_mode=config.inference_mode)
         layer_name = current_key.removeprefix("base_model.model.")
+        if config.selection == "structured":  # whole heads / channels: the layout comes from the model config
+            kwargs.update(selection.structured_layer_kwargs(getattr(self.model, "config", None), config.r,
+                                                            config.paca_alpha, layer_name, target_name, parent,
+                                                            target))
         if isinstance(target, PacaLayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -54,11 +64,18 @@ class PacaModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject ``adapter_name``; on any error, undo what was injected so the model is left as it was."""
+        check_quantization(model)  # 8-bit, GPTQ, AWQ...: refused by name, before any layer is replaced
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             remove_adapter_layers(model, adapter_name)
             raise
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add ``adapter_name`` = sum of ``weights[i] * adapters[i]``, exact (see :func:`paca.switching.add_weighted_adapter`)."""
+        from ..switching import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name)
 
     def unload(self) -> nn.Module:
         """The base model with every PaCA layer removed and the base weights exactly as they were."""

@@ -1,0 +1,125 @@
+"""The QPaCA algorithm: a partial-connection linear layer over a 4-bit (NF4/FP4) bitsandbytes weight.
+
+The frozen weight is kept packed in 4 bits (``Q``, with its bitsandbytes quantization state); the
+tuned columns are never quantized: with ``deq(Q)`` the dequantized weight in the compute dtype,
+
+    W = deq(Q),  W[:, idx] = deq(Q)[:, idx] + s * D,   s = paca_alpha / r
+
+    forward:   y     = x W^T + b                  (one matmul on a transient dequantized copy)
+    backward:  dL/dx = g W                        (W dequantized again: no 16-bit copy is kept)
+               dL/dD = s * g^T x[..., idx]        (only x[..., idx] and the packed Q are kept)
+
+Both passes write the columns into the transient dense copy with :func:`paca.ops.tuned_weight`, as
+16-bit PaCA does into its weight. ``D`` (``d_out x r``, float32 like every trainable adapter weight) is the only tensor beside the
+4-bit weight; the base values of the tuned columns are reproduced bit for bit by each dequantization.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import tuned_weight
+
+INSTALL_HINT = "install it with `pip install 'paca[quant]'` (bitsandbytes>=0.45)"
+SUPPORTED_QUANTIZATION = "bitsandbytes 4-bit (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))"
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit linear layer (Linear4bit, LinearNF4, LinearFP4)."""
+    return (type(module).__module__.startswith("bitsandbytes")
+            and any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__))
+
+
+def import_bitsandbytes(where: str):
+    """``bitsandbytes``, or an ImportError naming ``where`` and how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError(f"{where} is quantized to 4 bits with bitsandbytes, but bitsandbytes is not installed; "
+                          f"{INSTALL_HINT}.") from None
+    return bitsandbytes
+
+
+def _quantization_config(model: nn.Module) -> Optional[dict]:
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def check_quantization(model: nn.Module) -> None:
+    """Raise unless ``model`` is unquantized or quantized as QPaCA supports (bitsandbytes 4-bit).
+
+    Raises:
+        ImportError: a bitsandbytes 4-bit model while bitsandbytes cannot be imported.
+        ValueError: any other quantization (8-bit, GPTQ, AWQ, HQQ, ...), named.
+    """
+    config = _quantization_config(model)
+    if config is None:
+        return
+    method = config.get("quant_method", "unknown")
+    method = str(getattr(method, "value", method)).lower()  # transformers' QuantizationMethod enum or a string
+    name = type(model).__name__
+    if method == "bitsandbytes" and config.get("load_in_4bit") and not config.get("load_in_8bit"):
+        import_bitsandbytes(f"model {name}")
+        return
+    what = "bitsandbytes 8-bit (LLM.int8)" if method == "bitsandbytes" else f"quant_method='{method}'"
+    raise ValueError(f"PaCA cannot tune model {name} quantized with {what}; supported: {SUPPORTED_QUANTIZATION} or "
+                     "an unquantized model (16/32-bit).")
+
+
+def dequantize(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The dense ``(d_out, d_in)`` weight of a bitsandbytes ``Params4bit`` in ``dtype`` (a new tensor)."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+
+
+class PartialLinear4bitFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W = deq(Q)``, ``W[:, idx] += scale * delta``; keeps only ``x[..., idx]`` and ``Q``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
+                scale: float) -> Tensor:
+        dense = dequantize(weight, x.dtype)  # (d_out, d_in), transient: freed on return
+        with tuned_weight(dense, delta, idx, scale, 1, x.dtype) as w:
+            y = F.linear(x, w, bias)  # (..., d_out)
+        x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r)
+        ctx.save_for_backward(x_selected, weight, delta, idx)  # weight: the packed 4-bit parameter itself
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_selected, weight, delta, idx = ctx.saved_tensors
+        grad_input = grad_delta = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            dense = dequantize(weight, grad.dtype)  # dequantized again, not kept from the forward
+            with tuned_weight(dense, delta, idx, ctx.scale, 1, grad.dtype) as w:
+                grad_input = grad @ w  # (..., d_in)
+        if x_selected is not None:
+            g = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
+            xs = x_selected.reshape(-1, x_selected.shape[-1]).to(grad.dtype)  # (N, r)
+            grad_delta = (xs.t() @ g).t().to(delta.dtype).mul_(ctx.scale)  # (d_out, r)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_input, None, grad_bias, grad_delta, None, None
+
+
+def partial_linear_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
+                        scale: float) -> Tensor:
+    """Linear layer over a packed 4-bit ``weight`` (bitsandbytes ``Params4bit``) with columns ``idx`` tuned.
+
+    Args:
+        x: input ``(..., d_in)``; its dtype is the compute dtype.
+        weight: bitsandbytes ``Params4bit`` of a ``(d_out, d_in)`` weight, with its ``quant_state``.
+        bias: optional ``(d_out,)``.
+        delta: tuned delta ``(d_out, r)``.
+        idx: sorted, unique int64 input-column indices ``(r,)``.
+        scale: ``paca_alpha / r``.
+    """
+    return PartialLinear4bitFunction.apply(x, weight, None if bias is None else bias.to(x.dtype), delta, idx, scale)

@@ -1,0 +1,134 @@
+"""QPaCA: the PaCA layer over a bitsandbytes 4-bit linear layer (paper section 4.3).
+
+    W = deq(Q),  W[:, idx] = deq(Q)[:, idx] + (paca_alpha / r) * D        y = x W^T + b   (one matmul)
+
+The unselected connections stay packed in 4 bits (NF4 or FP4); the tuned columns are computed in the
+compute dtype and never quantized. Merging never re-quantizes: ``merge`` keeps the 4-bit weight as it
+is and the merged columns are applied by the same one-matmul forward; a 16-bit merged model comes from
+``paca export --to merged``. See :mod:`paca.quantized` for the operator.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import Tensor, nn
+
+from .. import selection
+from ..quantized import dequantize, import_bitsandbytes, partial_linear_4bit
+from .layer import PacaLayer
+
+
+def _standard_packing(base: nn.Module) -> None:
+    """Give ``base.weight`` its quant_state and the standard packed layout, which dequantize_4bit reads.
+
+    bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel the first time the layer runs in
+    eval mode without gradients; that layout is undone here (bitsandbytes does the same before a move).
+    """
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(base)
+    state = base.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+
+
+class Linear4bit(nn.Module, PacaLayer):
+    """PaCA on a bitsandbytes ``Linear4bit`` (QPaCA): 4-bit frozen weight, tuned columns in 16+ bits.
+
+    ``x -> x W^T + b`` with ``W = deq(Q)``, ``W[:, idx] = deq(Q)[:, idx] + (alpha / r) D``, computed in the
+    layer's compute dtype (the autocast dtype under autocast) and returned in the input's dtype, as
+    bitsandbytes does. The backward keeps only ``x[..., idx]`` and the packed weight.
+
+    Raises:
+        ImportError: if bitsandbytes cannot be imported.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
+                 **kwargs) -> None:
+        super().__init__()
+        import_bitsandbytes(f"module '{layer_name}'")
+        PacaLayer.__init__(self, base_layer, layer_name)
+        self.is_transposed = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, paca_alpha, **kwargs)
+
+    # -- shapes: the 4-bit weight parameter is packed, so they come from the layer ---------------------
+    @property
+    def in_features(self) -> int:
+        return self.get_base_layer().in_features
+
+    def delta_shape(self, r: int) -> tuple[int, ...]:
+        return (self.get_base_layer().out_features, r)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The base layer's dense ``(d_out, d_in)`` weight ``deq(Q)`` (a new tensor)."""
+        base = self.get_base_layer()
+        _standard_packing(base)
+        return dequantize(base.weight, dtype)
+
+    def select_columns(self, r: int, seed: int, strategy: str, column_block: int = 1) -> Tensor:
+        if strategy == "weight_norm":
+            return selection.weight_norm_columns(self.dequantized_weight(), r, 1)
+        return super().select_columns(r, seed, strategy, column_block)
+
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        delta = self.paca_delta[adapter_name].detach()
+        dense = delta.new_zeros(delta.shape[0], self.in_features)
+        return dense.index_copy_(1, self.paca_indices[adapter_name], delta * self.scaling[adapter_name])
+
+    # -- merge: bookkeeping only, the 4-bit weight is never re-quantized ------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Mark adapters merged: later forwards apply their (frozen) columns; the 4-bit weight is not touched.
+
+        Writing the columns into the packed weight would re-quantize them (lossy); the forward already
+        writes them into its transient dequantized copy, so a merged 4-bit layer costs what an unmerged
+        one does, without gradients.
+        """
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.paca_delta:
+                continue
+            if safe_merge and not torch.isfinite(self.paca_delta[name]).all():
+                raise ValueError(f"module '{self.layer_name}': adapter '{name}' has non-finite values; not merged.")
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        self.merged_adapters.clear()
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool = False,
+                                           adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """The 4-bit base layer (``unload``); ``merge_and_unload`` is refused rather than re-quantizing.
+
+        Raises:
+            ValueError: if ``merge`` is true.
+        """
+        if merge:
+            raise ValueError(f"module '{self.layer_name}' has a 4-bit base: merging into it would re-quantize the "
+                             "tuned columns (lossy). Save the adapter and run `paca export --adapter DIR --to merged "
+                             "OUT` (a 16-bit merged model), or load the base model in 16 bits and merge there.")
+        return self.get_base_layer()
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            applied = self._combined_delta(self.merged_adapters)
+            applied = (applied[0].detach(), *applied[1:])
+        else:
+            applied = self._active_delta()
+        if applied is None:
+            return self.base_layer(x, *args, **kwargs)
+        delta, idx, scale = applied
+        base = self.get_base_layer()
+        _standard_packing(base)
+        if torch.is_autocast_enabled(x.device.type):
+            compute_dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            compute_dtype = base.compute_dtype or x.dtype
+        return partial_linear_4bit(x.to(compute_dtype), base.weight, base.bias, delta, idx, scale).to(x.dtype)
