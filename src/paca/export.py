@@ -56,6 +56,10 @@ def lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float, in_featur
     return a.reshape(rank, in_features, *kernel_size), b.reshape(*b.shape, 1, 1)
 
 
+# PaCA's bias setting in LoRA's vocabulary: the biases of tuned layers are those of the LoRA-wrapped layers.
+_LORA_BIAS = {"none": "none", "all": "all", "paca_only": "lora_only"}
+
+
 def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> str:
     """Write an exact PEFT LoRA adapter equivalent to the PaCA adapter in ``adapter_dir``."""
     config = read_adapter_config(adapter_dir)
@@ -92,7 +96,8 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
 
     ranks = sorted(set(rank_pattern.values()))
     lora_config = LoraConfig(
-        r=ranks[0], lora_alpha=ranks[0], target_modules=targets, lora_dropout=0.0, bias=config.get("bias", "none"),
+        r=ranks[0], lora_alpha=ranks[0], target_modules=targets, lora_dropout=0.0,
+        bias=_LORA_BIAS[config.get("bias", "none")],
         fan_in_fan_out=fan_in_fan_out, task_type=config.get("task_type"), base_model_name_or_path=base,
         modules_to_save=config.get("modules_to_save"),
         rank_pattern={k: v for k, v in rank_pattern.items() if v != ranks[0]},

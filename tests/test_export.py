@@ -1,0 +1,139 @@
+"""`paca export`: a saved PaCA adapter as a plain merged transformers model, or as an exact PEFT LoRA adapter.
+
+Reference: the PaCA model's own logits (PeftModel.from_pretrained on the same base).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from paca import PacaConfig, paca_layers
+from paca.cli import main as paca_main
+from paca.export import lora_factors
+
+MAKE = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_adapter(tmp_path, arch, **config):
+    """Save a base model and a PaCA adapter (random nonzero deltas) for it; return (base_dir, adapter_dir, logits fn)."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    MAKE[arch]().save_pretrained(base_dir)
+    config = {"r": 4, "target_modules": "all-linear", "task_type": "CAUSAL_LM", **config}
+    model = get_peft_model(MAKE[arch](), PacaConfig(**config)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir, model
+
+
+def run_export(adapter_dir, to, out, base_dir):
+    assert paca_main(["export", "--adapter", str(adapter_dir), "--to", to, str(out), "--base", str(base_dir)]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_export_merged_loads_as_plain_model_with_equal_outputs(tmp_path, arch, token_ids):
+    """--to merged: AutoModelForCausalLM loads the directory (no PEFT); logits equal the PaCA model's."""
+    base_dir, adapter_dir, model = make_adapter(tmp_path, arch)
+    run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("paca" in k for k in merged.state_dict())
+    assert set(merged.state_dict()) == set(MAKE[arch]().state_dict())
+    torch.testing.assert_close(merged(token_ids).logits, model(token_ids).logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_export_lora_loads_as_plain_peft_lora_adapter_with_equal_outputs(tmp_path, arch, token_ids):
+    """--to lora: a LoraConfig adapter with lora_A / lora_B that PeftModel.from_pretrained loads on the base;
+    logits equal the PaCA model's within 1e-5."""
+    base_dir, adapter_dir, model = make_adapter(tmp_path, arch)
+    run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert tensors and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    assert len(tensors) == 2 * len(paca_layers(model))
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
+    assert isinstance(lora.peft_config["default"], LoraConfig)
+    torch.testing.assert_close(lora(token_ids).logits, model(token_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["all", "paca_only"])
+def test_export_lora_carries_trained_biases_and_modules_to_save(tmp_path, bias, token_ids):
+    """Biases (bias='all' / 'paca_only') and modules_to_save travel into the LoRA adapter; outputs still equal."""
+    base_dir, adapter_dir, model = make_adapter(tmp_path, "gpt2", target_modules=["c_attn", "c_fc"], bias=bias,
+                                                modules_to_save=["ln_f"])
+    run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["bias"] == {"all": "all", "paca_only": "lora_only"}[bias]  # a value LoRA readers know
+    assert config["modules_to_save"] == ["ln_f"]
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
+    torch.testing.assert_close(lora(token_ids).logits, model(token_ids).logits, rtol=1e-5, atol=1e-5)
+    run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(token_ids).logits, model(token_ids).logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 2)])
+def test_lora_factors_reproduce_the_dense_delta_of_a_conv2d_layer(kernel):
+    """For Conv2d, B (C_out, R, 1, 1) composed with A (R, C_in, kh, kw) equals the dense PaCA delta."""
+    from paca.tuner import Conv2d as PacaConv2d
+
+    torch.manual_seed(0)
+    layer = PacaConv2d(torch.nn.Conv2d(6, 4, kernel), "default", "conv", r=2, paca_alpha=5.0)
+    with torch.no_grad():
+        layer.paca_delta["default"].normal_()
+    a, b = lora_factors(layer.paca_delta["default"].detach(), layer.paca_indices["default"],
+                        layer.scaling["default"], 6, kernel)
+    assert a.shape == (2 * kernel[0] * kernel[1], 6, *kernel) and b.shape == (4, a.shape[0], 1, 1)
+    dense = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+    torch.testing.assert_close(dense, layer.get_delta_weight("default"), rtol=0, atol=1e-7)
+
+
+def test_python_dash_m_paca_is_the_same_entry_point_as_paca(tmp_path):
+    """`python -m paca export ...` (subprocess) writes the same LoRA tensors as `paca export ...` in-process."""
+    base_dir, adapter_dir, _ = make_adapter(tmp_path, "llama", target_modules=["q_proj", "down_proj"])
+    run_export(adapter_dir, "lora", tmp_path / "in_process", base_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "paca", "export", "--adapter", str(adapter_dir), "--to", "lora",
+                           str(tmp_path / "module"), "--base", str(base_dir)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["exported"] == "lora"
+    a = load_file(tmp_path / "in_process" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "module" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["scripts"]["paca"] == "paca.cli:main"
+
+
+def test_export_refuses_non_empty_output_directory(tmp_path, capsys):
+    """An existing, non-empty output directory is an error naming it; nothing in it is touched."""
+    base_dir, adapter_dir, _ = make_adapter(tmp_path, "llama", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert paca_main(["export", "--adapter", str(adapter_dir), "--to", "lora", str(out), "--base", str(base_dir)]) == 1
+    assert str(out) in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
