@@ -154,9 +154,10 @@ def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name:
     if role == "ffn_down":
         return dict(selection_strategy="structured", column_block=1)
     if role == "hidden_input":
-        warnings.warn(f"selection='structured': '{target_name}' layers (such as {where}) read the hidden state, which "
-                      "has no head or channel structure; their columns are chosen at random. Structured selection "
-                      "applies to attention output (o_proj) and FFN down (down_proj) projections.", stacklevel=2)
+        # One warning per layer kind (same text for every block), not per layer.
+        warnings.warn(f"selection='structured': '{target_name}' layers read the hidden state, which has no head or "
+                      "channel structure; their columns are chosen at random. Structured selection applies to "
+                      "attention output (o_proj) and FFN down (down_proj) projections.", stacklevel=2)
         return dict(selection_strategy="random")
     heads, _, head_dim = attention_layout(model_config, where)
     if d_in != heads * head_dim:
@@ -166,8 +167,8 @@ def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name:
     n_heads = min(heads, max(1, math.floor(r / head_dim + 0.5)))
     r_layer = n_heads * head_dim
     if r_layer != r:
-        warnings.warn(f"selection='structured': {where} tunes whole heads of {head_dim} columns; r={r} is rounded to "
-                      f"{n_heads} head(s) = {r_layer} columns.", stacklevel=2)
+        warnings.warn(f"selection='structured': '{target_name}' layers tune whole heads of {head_dim} columns; r={r} "
+                      f"is rounded to {n_heads} head(s) = {r_layer} columns.", stacklevel=2)
     return dict(r=r_layer, paca_alpha=paca_alpha * r_layer / r, selection_strategy="structured",
                 column_block=head_dim)
 
@@ -234,7 +235,11 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
     def record(layer, args, output):
         if isinstance(output, Tensor) and output.requires_grad:
             x = args[0].detach()
-            output.register_hook(lambda g: scores[layer].add_(_weight_grad_column_scores(layer, x, g).cpu()))
+
+            def accumulate(grad: Tensor) -> None:  # returns None: the gradient flows on unchanged
+                scores[layer].add_(_weight_grad_column_scores(layer, x, grad).cpu())
+
+            output.register_hook(accumulate)
 
     hooks = [layer.register_forward_hook(record) for layer in layers]
     used = 0
