@@ -65,10 +65,13 @@ class PacaModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject ``adapter_name``; on any error, undo what was injected so the model is left as it was."""
         check_quantization(model)  # 8-bit, GPTQ, AWQ...: refused by name, before any layer is replaced
+        # Injection freezes the base model; if injecting or, later, loading the weights fails, these flags come back.
+        self._requires_grad_before_inject = {adapter_name: {p: p.requires_grad for p in model.parameters()}}
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             remove_adapter_layers(model, adapter_name)
+            _restore_requires_grad(self._requires_grad_before_inject.pop(adapter_name))
             raise
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
@@ -91,8 +94,16 @@ class PacaModel(BaseTuner):
             check_state_dict_fits(model, adapter_name, remapped)
         except ValueError:
             remove_adapter_layers(model, adapter_name)
+            for tuner in model.modules():
+                if isinstance(tuner, PacaModel):
+                    _restore_requires_grad(getattr(tuner, "_requires_grad_before_inject", {}).pop(adapter_name, {}))
             raise
         return remapped
+
+
+def _restore_requires_grad(flags: dict) -> None:
+    for param, requires_grad in flags.items():
+        param.requires_grad_(requires_grad)
 
 
 def check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
