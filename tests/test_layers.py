@@ -190,6 +190,36 @@ def test_output_reflects_manual_in_place_edit_of_delta(kind, mode, edit):
     assert_matches_reference(layer, x)
 
 
+@pytest.mark.parametrize("padding", ["same", "valid", (2, 0)])
+def test_conv2d_padding_modes_match_reference(padding):
+    """Conv2d with padding='same' / 'valid' / explicit pairs gives the dense reference's output."""
+    torch.manual_seed(0)
+    layer = PacaConv2d(torch.nn.Conv2d(6, 4, 3, padding=padding), "default", "conv", r=2, paca_alpha=3.0)
+    randomize_delta(layer)
+    x = torch.randn(2, 6, 5, 7)
+    assert_matches_reference(layer, x)
+
+
+@pytest.mark.parametrize("height", [5, 8], ids=["H<C_in", "H>C_in"])
+def test_conv2d_unbatched_input_matches_batched(height):
+    """An unbatched (C, H, W) input, which nn.Conv2d accepts, gives the batched output and gradients."""
+    torch.manual_seed(0)
+    layer = PacaConv2d(torch.nn.Conv2d(6, 4, 3, padding=1), "default", "conv", r=2, paca_alpha=3.0)
+    randomize_delta(layer)
+    x = torch.randn(6, height, 5, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (4, height, 5)
+    out.square().sum().backward()
+    grad_x, grad_delta = x.grad.clone(), layer.paca_delta["default"].grad.clone()
+    layer.zero_grad()
+    xb = x.detach().unsqueeze(0).requires_grad_(True)
+    batched = layer(xb)
+    batched.square().sum().backward()
+    torch.testing.assert_close(out, batched[0])
+    torch.testing.assert_close(grad_x, xb.grad[0])
+    torch.testing.assert_close(grad_delta, layer.paca_delta["default"].grad)
+
+
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_base_weight_is_bit_exact_after_forward_and_backward(kind):
     """The transient column write leaves the frozen base weight exactly as it was."""

@@ -233,3 +233,27 @@ def test_paca_layer_saves_only_selected_input_channels(layer_type):
     _assert_only_selected_input_saved(saved, allowed, x, layer.paca_indices["default"], channel_dim)
     out.sum().backward()  # the saved state suffices for backward
     assert layer.paca_delta["default"].grad is not None and x.grad is not None
+
+
+@pytest.mark.xfail(strict=True, reason="ops.py bug: PartialConv2dFunction takes an unbatched (C, H, W) input in "
+                   "forward (F.conv2d accepts it) but saves x.index_select(1, idx), i.e. rows of H instead of "
+                   "channels, and backward calls conv2d_input/conv2d_weight with 3-D tensors: backward raises "
+                   "'Expected 4-dimensional input', and forward itself raises an index error when max(idx) >= H. "
+                   "paca.tuner.Conv2d works around it by adding the batch dimension.")
+@pytest.mark.parametrize("height", [3, 8], ids=["H<=max_idx", "H>C_in"])
+def test_partial_conv2d_unbatched_input_matches_batched(height):
+    """partial_conv2d on an unbatched (C, H, W) input equals the batched call, output and gradients."""
+    x = _randn(5, height, 6, seed=0, requires_grad=True)
+    w0 = _randn(4, 5, 3, 3, seed=1)
+    delta = _randn(4, 2, 3, 3, seed=2, requires_grad=True)
+    idx = torch.tensor([1, 4])
+    args = (SCALE, (1, 1), (1, 1), (1, 1))
+    out = partial_conv2d(x, w0, None, delta, idx, *args)
+    out.sum().backward()
+    grad_x, grad_delta = x.grad.clone(), delta.grad.clone()
+    x.grad = delta.grad = None
+    batched = partial_conv2d(x.unsqueeze(0), w0, None, delta, idx, *args)
+    batched.sum().backward()
+    torch.testing.assert_close(out, batched[0])
+    torch.testing.assert_close(grad_x, x.grad)
+    torch.testing.assert_close(grad_delta, delta.grad)
