@@ -238,3 +238,11 @@ def test_inconsistent_adapter_is_rejected(adapter_dir, defect):
         rewrite_tensors(adapter_dir, edit)
         match = "NaN" if defect == "nan" else "paca_indices"
     _load_fails(adapter_dir, rf"q_proj.*{match}|{match}.*q_proj" if defect != "r_in_config" else match)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' deprecation noise during the load
+def test_adapter_file_missing_a_layer_warns_naming_its_keys(adapter_dir):
+    """A file lacking one targeted layer's entries loads (PEFT's contract) with a warning naming the keys."""
+    rewrite_tensors(adapter_dir, lambda t: [t.pop(f"{Q0}.paca_delta"), t.pop(f"{Q0}.paca_indices")])
+    with pytest.warns(UserWarning, match=r"missing adapter keys.*layers\.0\.self_attn\.q_proj\.paca_delta"):
+        PeftModel.from_pretrained(tiny_llama(), adapter_dir)

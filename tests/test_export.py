@@ -137,3 +137,19 @@ def test_export_refuses_non_empty_output_directory(tmp_path, capsys):
     assert paca_main(["export", "--adapter", str(adapter_dir), "--to", "lora", str(out), "--base", str(base_dir)]) == 1
     assert str(out) in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_export_errors_name_the_missing_file_or_the_missing_base(tmp_path, capsys):
+    """Exit code 1 and a message naming the missing adapter file, or asking for --base when none is known."""
+    base_dir, adapter_dir, _ = make_adapter(tmp_path, "llama", target_modules=["q_proj"])
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    for to in ("merged", "lora"):
+        assert paca_main(["export", "--adapter", str(adapter_dir), "--to", to, str(tmp_path / to)]) == 1
+        assert "--base" in capsys.readouterr().err
+        assert not (tmp_path / to).exists()
+    os.remove(adapter_dir / "adapter_model.safetensors")
+    assert paca_main(["export", "--adapter", str(adapter_dir), "--to", "lora", str(tmp_path / "x"),
+                      "--base", str(base_dir)]) == 1
+    assert str(adapter_dir / "adapter_model.safetensors") in capsys.readouterr().err

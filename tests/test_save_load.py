@@ -71,15 +71,19 @@ def test_saved_file_holds_only_deltas_and_indices_of_expected_size(tmp_path, arc
     assert config["peft_type"] == "PACA" and config["r"] == r
 
 
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True], ids=["", "low_cpu_mem_usage"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_loaded_adapter_gives_equal_outputs_right_after_from_pretrained(tmp_path, arch, mode, token_ids):
-    """PeftModel.from_pretrained on a fresh base: outputs equal the saved model's at once (no merge, no step)."""
+def test_loaded_adapter_gives_equal_outputs_right_after_from_pretrained(tmp_path, arch, mode, low_cpu_mem_usage,
+                                                                        token_ids):
+    """PeftModel.from_pretrained on a fresh base (also with low_cpu_mem_usage, adapters built on meta):
+    outputs equal the saved model's at once (no merge, no optimizer step)."""
     model = get_peft_model(MAKE[arch](), PacaConfig(r=4, target_modules="all-linear")).eval()
     randomize(model)
     expected = model(token_ids).logits
     path = saved(tmp_path, model)
-    loaded = PeftModel.from_pretrained(MAKE[arch](), path)
+    loaded = PeftModel.from_pretrained(MAKE[arch](), path, low_cpu_mem_usage=low_cpu_mem_usage)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     loaded.train(mode == "train")
     if mode == "train":  # GPT-2 has dropout; compare without it
         for m in loaded.modules():
