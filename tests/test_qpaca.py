@@ -263,3 +263,16 @@ def test_layer_output_ignores_base_weight_repacking(base_dir):
     base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu(base.weight.data,
                                                                                base.weight.quant_state)
     torch.testing.assert_close(layer(x), expected, atol=1e-2, rtol=1e-2)  # absmax goes through bf16 and back
+
+
+def test_selection_on_a_4bit_base_reads_the_dequantized_weight(base_dir):
+    from paca import select_by_gradient
+
+    model = get_peft_model(load_4bit(base_dir), PacaConfig(r=3, target_modules=["o_proj", "down_proj"],
+                                                           selection="weight_norm"))
+    for name, layer in paca_4bit_layers(model).items():
+        norms = layer.dequantized_weight().norm(dim=0)  # (d_in,)
+        assert torch.equal(layer.paca_indices["default"], norms.topk(3).indices.sort().values), name
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    chosen = select_by_gradient(model, [{"input_ids": ids, "labels": ids}], steps=1)
+    assert chosen.keys() == paca_4bit_layers(model).keys()
