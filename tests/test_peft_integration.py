@@ -91,6 +91,12 @@ def test_all_linear_wraps_every_linear_but_lm_head(arch):
     assert not isinstance(model.base_model.model.lm_head, PacaLayer)
 
 
+def test_default_targets_are_lora_defaults_for_the_architecture():
+    """target_modules unset: the architecture's usual LoRA targets (q_proj and v_proj for Llama)."""
+    model = get_peft_model(tiny_llama(), PacaConfig(r=2))
+    assert set(paca_layers(model)) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+
+
 def test_exclude_modules_are_left_alone():
     """exclude_modules removes matching layers from the targets."""
     model = get_peft_model(tiny_llama(), PacaConfig(r=2, target_modules="all-linear",

@@ -138,6 +138,18 @@ def test_indices_are_reproducible_from_seed_and_layer_name():
         assert torch.equal(idx, random_columns(d_in, 4, 0, n))
 
 
+def test_transformers_add_adapter_selects_the_same_columns_as_get_peft_model():
+    """The layer name seeding the selection is the same whichever entry point injects the adapter."""
+    cfg = dict(r=4, target_modules=["q_proj", "down_proj"], seed=3)
+    peft_layers = paca_layers(get_peft_model(tiny_llama(), PacaConfig(**cfg)))
+    plain = tiny_llama()
+    plain.add_adapter(PacaConfig(**cfg))
+    hf_layers = paca_layers(plain)
+    assert peft_layers.keys() == hf_layers.keys() and len(hf_layers) == 4
+    for name, layer in peft_layers.items():
+        assert torch.equal(layer.paca_indices["default"], hf_layers[name].paca_indices["default"])
+
+
 def test_load_adapter_adds_a_second_named_adapter(tmp_path, token_ids):
     """PeftModel.load_adapter(dir, name) adds a second adapter whose outputs equal the saved model's."""
     first = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules=["q_proj"])).eval()
