@@ -235,11 +235,6 @@ def test_paca_layer_saves_only_selected_input_channels(layer_type):
     assert layer.paca_delta["default"].grad is not None and x.grad is not None
 
 
-@pytest.mark.xfail(strict=True, reason="ops.py bug: PartialConv2dFunction takes an unbatched (C, H, W) input in "
-                   "forward (F.conv2d accepts it) but saves x.index_select(1, idx), i.e. rows of H instead of "
-                   "channels, and backward calls conv2d_input/conv2d_weight with 3-D tensors: backward raises "
-                   "'Expected 4-dimensional input', and forward itself raises an index error when max(idx) >= H. "
-                   "paca.tuner.Conv2d works around it by adding the batch dimension.")
 @pytest.mark.parametrize("height", [3, 8], ids=["H<=max_idx", "H>C_in"])
 def test_partial_conv2d_unbatched_input_matches_batched(height):
     """partial_conv2d on an unbatched (C, H, W) input equals the batched call, output and gradients."""

@@ -230,5 +230,11 @@ class PartialConv2dFunction(torch.autograd.Function):
 
 def partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
                    scale: float, stride, padding, dilation) -> Tensor:
-    """Conv2d (groups 1, zero padding) with input channels ``idx`` of ``weight`` shifted by ``scale * delta``."""
+    """Conv2d (groups 1, zero padding) with input channels ``idx`` of ``weight`` shifted by ``scale * delta``.
+
+    ``x`` is ``(B, C_in, H, W)`` or unbatched ``(C_in, H, W)``, as for ``F.conv2d``.
+    """
+    if x.dim() == 3:  # the Function indexes channels on dim 1
+        return PartialConv2dFunction.apply(x.unsqueeze(0), weight, bias, delta, idx, scale, stride, padding,
+                                           dilation).squeeze(0)
     return PartialConv2dFunction.apply(x, weight, bias, delta, idx, scale, stride, padding, dilation)

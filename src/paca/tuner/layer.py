@@ -253,7 +253,5 @@ class Conv2d(nn.Module, PacaLayer):
             return result
         delta, idx, scale = self._active_delta()
         conv = self.get_base_layer()
-        unbatched = x.dim() == 3  # (C, H, W), as nn.Conv2d accepts; the operator indexes channels on dim 1
-        y = partial_conv2d(self._autocast_input(x.unsqueeze(0) if unbatched else x), conv.weight, conv.bias, delta,
-                           idx, scale, conv.stride, self.padding, conv.dilation)
-        return y.squeeze(0) if unbatched else y
+        return partial_conv2d(self._autocast_input(x), conv.weight, conv.bias, delta, idx, scale, conv.stride,
+                              self.padding, conv.dilation)
