@@ -175,12 +175,18 @@ def test_truncated_weights_file_names_the_file(adapter_dir, keep):
     _load_fails(adapter_dir, rf"{path}.*truncated")
 
 
-@pytest.mark.parametrize("garbage", ["all", "header_json", "header_length"])
+@pytest.mark.parametrize("garbage", ["all", "header_json", "header_length", "header_not_a_table",
+                                     "entry_without_offsets"])
 def test_corrupted_weights_file_names_the_file(adapter_dir, garbage):
-    """Garbage bytes in place of the file, its JSON header or its header length: error naming the file."""
+    """Garbage bytes in place of the file, its JSON header or its header length, or a well-formed JSON header
+    of the wrong structure: error naming the file."""
     path = adapter_dir / WEIGHTS
     data = bytearray(path.read_bytes())
-    if garbage == "all":
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if garbage in ("header_not_a_table", "entry_without_offsets"):
+        header = b"[1, 2, 3]" if garbage == "header_not_a_table" else b'{"x": {"dtype": "F32", "shape": [1]}}'
+        data[8:8 + header_len] = header.ljust(header_len)
+    elif garbage == "all":
         data = bytearray(os.urandom(len(data)))
         data[:8] = struct.pack("<Q", 200)  # a plausible length so the header itself is the garbage
     elif garbage == "header_json":

@@ -35,7 +35,11 @@ def _check_safetensors_header(path: str) -> None:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise AdapterFileError(f"{path}: corrupted adapter file (unreadable header: {err}).") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise AdapterFileError(f"{path}: corrupted adapter file (the header is not a table of tensors with "
+                               "data_offsets).") from None
     if 8 + header_len + end > size:
         raise AdapterFileError(f"{path}: truncated adapter file: tensors need {8 + header_len + end} bytes, the "
                                f"file has {size}. Save it again.")
