@@ -23,7 +23,7 @@ from .presets import DTYPES, PRESETS, ModelSpec
 SUITES = {
     # One thread: a model this small gains nothing from two, and threads stall on a busy shared runner.
     "quick": dict(preset="tiny", methods="full,lora,dora,paca,floor,qlora", batch=2, seq=64, repeats=3, warmup=1,
-                  threads=1, parts="fig2,table4,fig3", memory_cap_gib=0.02, max_seq=4096, seq_granularity=128,
+                  threads=1, parts="fig2,table4,fig3", memory_cap_gib=0.01, max_seq=2048, seq_granularity=64,
                   fig3_seq=64, max_batch=8),
     "cpu": dict(preset="cpu", methods="floor,paca,lora,dora,full", batch=4, seq=256, repeats=7,
                 parts="fig2,table4,fig3", memory_cap_gib=1.0, max_seq=16384, seq_granularity=128, fig3_seq=512,

@@ -229,7 +229,11 @@ def _cpu_flash_attention_backward_flops(grad_shape, query_shape, key_shape, valu
 
 
 def flop_formulas() -> dict:
-    """Formulas for operators FlopCounterMode does not count by itself."""
+    """Formulas for operators FlopCounterMode does not count by itself.
+
+    In eager mode PaCA's linear layers run aten matmuls the counter sees; its custom ops (one opaque node
+    per layer, used under torch.compile) would otherwise count as zero.
+    """
     aten = torch.ops.aten
     formulas = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
                 aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops}

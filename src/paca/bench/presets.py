@@ -72,7 +72,7 @@ class ModelSpec:
 
         try:
             config = AutoConfig.from_pretrained(self.name, **overrides)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise BenchError(f"cannot read the config of model '{self.name}': {err}") from None
         config.use_cache = False
         return config

@@ -1,0 +1,189 @@
+"""`paca bench`: the smoke run end to end, the byte and FLOP accounting, out-of-memory as a data point,
+and clear errors for bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from paca.bench import suite
+from paca.bench.measure import SavedTensorBytes, accounting_step
+from paca.bench.methods import make_trainee
+from paca.bench.presets import ModelSpec, build_model
+from paca.bench.search import Probe, largest_fitting, throughput_curve
+from paca.cli import main as paca_main
+
+TINY_TARGETS_D_OUT = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128,
+                      "down_proj": 64}
+
+
+def run_bench(args, capsys):
+    code = paca_main(["bench", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- the smoke run -----------------------------------------------------------------------------------
+
+def test_quick_run_writes_json_markdown_and_plots_with_every_method(tmp_path, capsys):
+    json_path, md_path, plots = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "plots"
+    code, out, err = run_bench(["--quick", "--json", str(json_path), "--markdown", str(md_path),
+                                "--plots", str(plots)], capsys)
+    assert code == 0, err
+    doc = json.loads(json_path.read_text())
+    assert {"device", "model", "settings", "results", "command"} <= set(doc)
+    results = {r["method"]: r for r in doc["results"]}
+    assert list(results) == ["full", "lora", "dora", "paca", "floor", "qlora"]
+    for r in results.values():
+        assert "errors" not in r
+        for key in ("step_time_s", "forward_s", "backward_s", "tokens_per_s", "peak_memory_bytes", "activation_bytes",
+                    "flops_per_step", "tflops_per_s", "max_seq_len", "best_sentences_per_s"):
+            assert r[key] > 0, (r["method"], key)
+        assert r["step_time_s"] == pytest.approx(r["forward_s"] + r["backward_s"] + r["optimizer_s"], rel=0.5)
+    assert results["floor"]["optimizer_s"] < 1e-3 and results["floor"]["trainable_params"] == 0  # no optimizer
+    assert results["lora"]["ratio_to_lora"]["step_time_s"] == 1.0
+    # What PaCA does not keep: the linear layers' inputs (only r of d_in channels of them).
+    assert results["paca"]["activation_bytes"] < results["lora"]["activation_bytes"]
+    # 4-bit weights: fewer parameter bytes than the 32-bit base under plain LoRA.
+    assert results["qlora"]["param_bytes"] < results["lora"]["param_bytes"]
+    # The cap stops the length search inside its limit, so each method has a measured maximum.
+    assert all(not r["max_seq_len_reached_limit"] for r in results.values())
+    assert "| method |" in md_path.read_text() and "Max sequence length" in md_path.read_text()
+    names = sorted(os.listdir(plots))
+    assert names == ["tiny-float32-fig2-step-time.png", "tiny-float32-fig3-throughput.png"]
+    assert all((plots / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    assert "Step time (Fig. 2)" in out and "paca" in out
+
+
+# -- accounting --------------------------------------------------------------------------------------
+
+def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
+    a = torch.randn(10, 10, requires_grad=True)  # 400 bytes
+    weight = nn.Parameter(torch.randn(10, 10))
+    with SavedTensorBytes(exclude=[weight]) as saved:
+        b = a * weight  # saves a and weight (excluded)
+        c = b.sin()  # saves b
+        d = c * c  # saves c twice: one storage
+        e = c.t().exp()  # saves its output, a new storage
+        f = a[2:4].cos()  # saves a view of a: a's storage again
+    assert saved.bytes == 4 * 400  # a, b, c, exp's output
+    (d.sum() + e.sum() + f.sum()).backward()
+
+
+def test_paca_flops_are_the_floor_plus_the_delta_gradient_matmuls():
+    base = build_model(ModelSpec("tiny"), torch.float32, torch.device("cpu"), seed=0)
+    ids = suite.random_tokens(512, 2, 16, seed=0, device=torch.device("cpu"))
+    floor, paca = make_trainee("floor", base, 8, 16, 0), make_trainee("paca", base, 8, 16, 0)
+    # As in the floor, let gradients flow to the embedding output, so both compute every input gradient.
+    paca.model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    flops = {t.method: accounting_step(t, ids, torch.float32).flops for t in (floor, paca)}
+    tokens, r, layers = 2 * 16, 8, 2
+    delta_gradients = 2 * tokens * r * sum(TINY_TARGETS_D_OUT.values()) * layers  # g^T x[..., idx] per layer
+    assert flops["paca"] - flops["floor"] == delta_gradients
+
+
+# -- out of memory is a data point -------------------------------------------------------------------
+
+def oom_above(threshold: int, seen: list):
+    def measure(size: int) -> Probe:
+        seen.append(size)
+        if size > threshold:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {size} units")
+        return Probe(size, fits=True, memory_bytes=size)
+    return measure
+
+
+def test_length_search_doubles_then_bisects_and_records_out_of_memory():
+    seen = []
+    fit = largest_fitting(oom_above(3000, seen), start=128, limit=65536, granularity=128)
+    assert fit.largest == 2944 and not fit.reached_limit  # largest multiple of 128 not above 3000
+    assert seen[:6] == [128, 256, 512, 1024, 2048, 4096]
+    failed = [p for p in fit.probes if not p.fits]
+    assert failed and all(p.note.startswith("out of memory") for p in failed)
+
+
+def test_length_search_reports_the_limit_and_the_case_where_nothing_fits():
+    assert largest_fitting(oom_above(10**9, []), start=128, limit=1000, granularity=8).reached_limit
+    assert largest_fitting(oom_above(10**9, []), start=128, limit=1000, granularity=8).largest == 1000
+    nothing = largest_fitting(oom_above(50, []), start=128, limit=1000, granularity=64)
+    assert nothing.largest is None and len(nothing.probes) == 2  # 128 fails, then 64 fails
+
+
+def test_throughput_curve_stops_at_the_first_out_of_memory_and_keeps_earlier_points():
+    curve = throughput_curve(oom_above(8, []), [1, 2, 4, 8, 16, 32])
+    assert [(p.size, p.fits) for p in curve] == [(1, True), (2, True), (4, True), (8, True), (16, False)]
+
+
+def test_out_of_memory_during_a_run_ends_with_every_result_it_got(monkeypatch, tmp_path, capsys):
+    real = suite.accounting_step
+
+    def accounting_that_runs_out_above_600_tokens(trainee, input_ids, dtype, count_flops=True):
+        if input_ids.numel() > 600:
+            raise torch.OutOfMemoryError("out of memory (simulated above 600 tokens)")
+        return real(trainee, input_ids, dtype, count_flops)
+
+    monkeypatch.setattr(suite, "accounting_step", accounting_that_runs_out_above_600_tokens)
+    path = tmp_path / "r.json"
+    code, out, err = run_bench(["--preset", "tiny", "--methods", "paca,lora", "--parts", "table4,fig3", "--threads",
+                                "1", "--memory-cap-gib", "1", "--seq-granularity", "32", "--max-seq", "4096",
+                                "--fig3-seq", "128", "--max-batch", "16", "--json", str(path)], capsys)
+    assert code == 0, err
+    results = {r["method"]: r for r in json.loads(path.read_text())["results"]}
+    for r in results.values():
+        assert r["max_seq_len"] == 576  # largest multiple of 32 up to 600
+        assert [p["size"] for p in r["throughput"]] == [1, 2, 4, 8]  # 8 x 128 > 600: the data point that ends it
+        assert not r["throughput"][-1]["fits"] and r["best_batch"] == 4
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "paca,bogus"], "unknown method(s) 'bogus'; choose from full, lora, dora, paca, floor, qlora, qpaca"),
+    (["--preset", "llama9"], "unknown preset 'llama9'"),
+    (["--model", "./no-such-dir"], "unknown preset './no-such-dir' and no model directory of that name"),
+    (["--preset", "cpu", "--layers", "0"], "--layers must be a positive integer"),
+    (["--preset", "tiny", "--parts", "table4", "--memory-cap-gib", "100000"], "is more than the"),
+    (["--preset", "tiny", "--parts", "fig3"], "need --memory-cap-gib"),
+    (["--preset", "tiny", "--parts", "fig5"], "unknown part(s) fig5"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--preset", "llama3-8b", "--layers", "4000"], "for its weights alone"),
+])
+def test_bad_input_is_a_one_line_error_not_a_traceback(args, message, capsys):
+    code, out, err = run_bench(args, capsys)
+    assert code == 1
+    assert message in err and "Traceback" not in err
+
+
+def test_a_model_directory_without_a_config_is_a_clear_error(tmp_path, capsys):
+    code, out, err = run_bench(["--model", str(tmp_path)], capsys)
+    assert code == 1 and f"cannot read the config of model '{tmp_path}'" in err and "Traceback" not in err
+
+
+def test_qpaca_without_working_4bit_support_fails_clearly_while_the_other_methods_run(monkeypatch, tmp_path, capsys):
+    from paca.bench import methods
+
+    def no_4bit_support(model):
+        raise methods.BenchError(methods.qpaca_unsupported("simulated: PaCA layer over Linear4bit does not reproduce it"))
+
+    monkeypatch.setattr(methods, "check_quantized_paca", no_4bit_support)
+    path = tmp_path / "r.json"
+    code, out, err = run_bench(["--preset", "tiny", "--methods", "paca,qpaca", "--repeats", "2", "--threads", "1",
+                                "--batch", "1", "--seq", "32", "--json", str(path)], capsys)
+    assert code == 1 and "Traceback" not in err
+    results = {r["method"]: r for r in json.loads(path.read_text())["results"]}
+    assert results["paca"]["step_time_s"] > 0
+    assert "qpaca needs PaCA on bitsandbytes 4-bit layers" in results["qpaca"]["errors"][0]
+    assert "qpaca needs PaCA on bitsandbytes 4-bit layers" in out
+
+
+def test_quantized_paca_check_rejects_a_layer_that_does_not_reproduce_its_base(monkeypatch):
+    from paca.bench import methods
+
+    base = build_model(ModelSpec("tiny"), torch.float32, torch.device("cpu"), seed=0)
+    trainee = make_trainee("qpaca", base, 8, 16, 0)  # the installed 4-bit PaCA passes the check
+    layer = next(m for m in trainee.model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "paca_delta"))
+    monkeypatch.setattr(type(layer), "forward", lambda self, x, *a, **k: torch.zeros(*x.shape[:-1], 64))
+    with pytest.raises(methods.BenchError, match="does not reproduce it"):
+        methods.check_quantized_paca(trainee.model)
