@@ -84,7 +84,10 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         idx = tensors[prefix + ".paca_indices"]
         is_conv2d = isinstance(module, torch.nn.Conv2d)
         is_conv1d = type(module).__name__ == "Conv1D"
-        fan_in_fan_out |= is_conv1d
+        if targets and fan_in_fan_out != is_conv1d:
+            raise ValueError(f"{adapter_dir}: the adapter tunes both transformers Conv1D and other layers; a LoRA "
+                             "config has one fan_in_fan_out for all of them. Export --to merged instead.")
+        fan_in_fan_out = is_conv1d
         in_features = module.weight.shape[0] if is_conv1d else module.weight.shape[1]
         a, b = lora_factors(delta, idx, scale, in_features, tuple(module.kernel_size) if is_conv2d else ())
         lora_tensors[f"{prefix}.lora_A.weight"] = a.contiguous()

@@ -139,6 +139,8 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
     """
     if torch.compiler.is_compiling():
         return partial_linear_op(x, weight, bias, delta, idx, scale, transposed)
+    if not torch.is_grad_enabled():  # inference: nothing to save
+        return _linear_forward(x, weight, bias, delta, idx, scale, transposed)
     return PartialLinearFunction.apply(x, weight, bias, delta, idx, scale, transposed)
 
 
