@@ -79,15 +79,20 @@ def dequantize(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
+def _forward_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
+                  scale: float) -> Tensor:
+    dense = dequantize(weight, x.dtype)  # (d_out, d_in), transient: freed on return
+    with tuned_weight(dense, delta, idx, scale, 1, x.dtype) as w:
+        return F.linear(x, w, bias)  # (..., d_out)
+
+
 class PartialLinear4bitFunction(torch.autograd.Function):
     """``y = x W^T + b`` with ``W = deq(Q)``, ``W[:, idx] += scale * delta``; keeps only ``x[..., idx]`` and ``Q``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
                 scale: float) -> Tensor:
-        dense = dequantize(weight, x.dtype)  # (d_out, d_in), transient: freed on return
-        with tuned_weight(dense, delta, idx, scale, 1, x.dtype) as w:
-            y = F.linear(x, w, bias)  # (..., d_out)
+        y = _forward_4bit(x, weight, bias, delta, idx, scale)
         x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r)
         ctx.save_for_backward(x_selected, weight, delta, idx)  # weight: the packed 4-bit parameter itself
         ctx.scale = scale
@@ -122,4 +127,7 @@ def partial_linear_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta
         idx: sorted, unique int64 input-column indices ``(r,)``.
         scale: ``paca_alpha / r``.
     """
-    return PartialLinear4bitFunction.apply(x, weight, None if bias is None else bias.to(x.dtype), delta, idx, scale)
+    bias = None if bias is None else bias.to(x.dtype)
+    if not torch.is_grad_enabled():  # inference: nothing to save
+        return _forward_4bit(x, weight, bias, delta, idx, scale)
+    return PartialLinear4bitFunction.apply(x, weight, bias, delta, idx, scale)
