@@ -12,7 +12,7 @@ from paca.bench import suite
 from paca.bench.measure import SavedTensorBytes, accounting_step
 from paca.bench.methods import make_trainee
 from paca.bench.presets import ModelSpec, build_model
-from paca.bench.search import Probe, largest_fitting, throughput_curve
+from paca.bench.search import Probe, largest_fitting
 from paca.cli import main as paca_main
 
 TINY_TARGETS_D_OUT = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128,
@@ -111,9 +111,10 @@ def test_length_search_reports_the_limit_and_the_case_where_nothing_fits():
     assert nothing.largest is None and len(nothing.probes) == 2  # 128 fails, then 64 fails
 
 
-def test_throughput_curve_stops_at_the_first_out_of_memory_and_keeps_earlier_points():
-    curve = throughput_curve(oom_above(8, []), [1, 2, 4, 8, 16, 32])
-    assert [(p.size, p.fits) for p in curve] == [(1, True), (2, True), (4, True), (8, True), (16, False)]
+def test_batch_search_finds_the_exact_largest_batch():
+    seen = []
+    fit = largest_fitting(oom_above(11, seen), start=1, limit=64, granularity=1)
+    assert fit.largest == 11 and seen == [1, 2, 4, 8, 16, 12, 10, 11]
 
 
 def test_out_of_memory_during_a_run_ends_with_every_result_it_got(monkeypatch, tmp_path, capsys):
@@ -133,8 +134,9 @@ def test_out_of_memory_during_a_run_ends_with_every_result_it_got(monkeypatch, t
     results = {r["method"]: r for r in json.loads(path.read_text())["results"]}
     for r in results.values():
         assert r["max_seq_len"] == 576  # largest multiple of 32 up to 600
-        assert [p["size"] for p in r["throughput"]] == [1, 2, 4, 8]  # 8 x 128 > 600: the data point that ends it
-        assert not r["throughput"][-1]["fits"] and r["best_batch"] == 4
+        assert [(p["size"], p["fits"]) for p in r["throughput"]] == [(1, True), (2, True), (4, True), (5, False),
+                                                                    (6, False), (8, False)]  # 5 x 128 > 600
+        assert r["max_batch"] == 4 and r["best_batch"] in (1, 2, 4)
 
 
 # -- bad input ---------------------------------------------------------------------------------------

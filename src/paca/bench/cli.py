@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq", type=int, default=65536, help="table4 stops searching at this length")
     p.add_argument("--seq-granularity", type=int, default=128, help="table4 resolution in tokens")
     p.add_argument("--fig3-seq", type=int, default=512, help="fig3 sequence length")
-    p.add_argument("--max-batch", type=int, default=64, help="fig3 stops doubling the batch at this size")
+    p.add_argument("--max-batch", type=int, default=64, help="fig3 searches batch sizes up to this one")
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots like the paper's Fig. 2 and Fig. 3")
@@ -87,6 +87,8 @@ def settings_from(args: argparse.Namespace):
         raise BenchError(f"unknown preset '{args.preset}'; choose from {', '.join(PRESETS)}, or give --model DIR.")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # memory calls need an index
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     cap = None if args.memory_cap_gib is None else int(args.memory_cap_gib * 2**30)
     return Settings(model=ModelSpec(args.model or args.preset or "cpu", args.layers),

@@ -62,16 +62,16 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append((f"Max sequence length (Table 4): batch 1, {_cap(s)}", header, rows))
     curves = [r for r in results if "throughput" in r]
     if curves:
-        header = ["method", "best sentences/s", "at batch", "xLoRA", "largest batch that fits", "sentences/s by batch"]
+        header = ["method", "best sentences/s", "at batch", "xLoRA", "max batch", "sentences/s by batch"]
         rows = []
         for r in curves:
-            fits = [p for p in r["throughput"] if p["fits"]]
-            trail = " ".join(f"{p['size']}:{p['sentences_per_s']:.2f}" for p in fits)
-            stop = next((f" {p['size']}:OOM" for p in r["throughput"] if not p["fits"]), "")
+            trail = " ".join(f"{p['size']}:{p['sentences_per_s']:.2f}" if p["fits"] else f"{p['size']}:OOM"
+                             for p in r["throughput"])
+            largest = "none fits" if r["max_batch"] is None else f"{'>=' if r['max_batch_reached_limit'] else ''}{r['max_batch']}"
             rows.append([r["method"], _num(r["best_sentences_per_s"], ".2f"), _num(r["best_batch"], "d"),
-                         _ratio(r, "best_sentences_per_s"), _num(fits[-1]["size"] if fits else None, "d"),
-                         trail + stop])
-        out.append((f"Throughput (Fig. 3): seq {s['fig3_seq']}, batch doubling until out of memory, {_cap(s)}",
+                         _ratio(r, "best_sentences_per_s"), largest, trail])
+        out.append((f"Throughput (Fig. 3): seq {s['fig3_seq']}, batch doubled until out of memory then bisected, "
+                    f"{_cap(s)}",
                     header, rows))
     return out
 
@@ -139,6 +139,7 @@ def write_plots(doc: dict, folder: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     os.makedirs(folder, exist_ok=True)
     written = []
@@ -158,7 +159,7 @@ def write_plots(doc: dict, folder: str) -> list[str]:
                 label += f"\n{r['ratio_to_lora']['step_time_s']:.2f}x LoRA"
             ax.annotate(label, (x, bottom[x]), ha="center", va="bottom", fontsize=8)
         ax.set_ylim(0, max(bottom) * 1.25)
-        ax.set_ylabel("seconds per training step (median)")
+        ax.set_ylabel("seconds per step (median of each phase)")
         ax.set_title(f"{slug}: batch {s['batch']} x {s['seq']}, r={s['r']}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
         written.append(_save(fig, os.path.join(folder, f"{slug}-fig2-step-time.png")))
@@ -173,6 +174,7 @@ def write_plots(doc: dict, folder: str) -> list[str]:
                 ax.plot([failed[0]["size"]], [fits[-1]["sentences_per_s"]], marker="x", color=line.get_color(),
                         linestyle="none")
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("batch size (x: out of memory)")
         ax.set_ylabel("sentences / s")
         ax.set_title(f"{slug}: throughput at seq {s['fig3_seq']}, {_cap(s)}", fontsize=10)

@@ -1,11 +1,11 @@
-"""Searches that run until memory runs out: the longest sequence that fits (the paper's Table 4) and
-throughput as the batch grows (Fig. 3). An out-of-memory is a data point, never a crash.
+"""Searches that run until memory runs out: the longest sequence that fits (the paper's Table 4), the
+largest batch (Fig. 3's throughput curve). An out-of-memory is a data point, never a crash.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -88,25 +88,3 @@ def largest_fitting(measure: Callable[[int], Probe], start: int, limit: int, gra
         else:
             high = middle
     return MaxFit(low or None, probes, reached_limit=False)
-
-
-def throughput_curve(measure: Callable[[int], Probe], batches: Iterable[int],
-                     on_probe: Callable[[Probe], None] = lambda p: None) -> list[Probe]:
-    """``measure`` each batch size in turn, stopping after the first that does not fit."""
-    probes = []
-    for batch in batches:
-        probe = probe_safely(measure, batch)
-        probes.append(probe)
-        on_probe(probe)
-        if not probe.fits:
-            break
-    return probes
-
-
-def doublings(first: int, last: int) -> list[int]:
-    """``first, 2 first, 4 first, ...`` up to ``last``."""
-    sizes = []
-    while first <= last:
-        sizes.append(first)
-        first *= 2
-    return sizes

@@ -4,7 +4,8 @@
             all methods resident, interleaved: warm-up, then ``repeats`` rounds of one step per method in
             rotating order; medians of the rounds, ratios as medians of per-round pairs
     table4  longest sequence at batch 1 before out-of-memory (Table 4), one method on the device at a time
-    fig3    sentences/s at a fixed length as the batch doubles until out-of-memory (Fig. 3)
+    fig3    sentences/s at a fixed length as the batch doubles until out-of-memory, then bisected to the
+            largest batch that fits (Fig. 3)
 
 On CUDA ``--memory-cap-gib`` limits the allocator during table4 and fig3 (set_per_process_memory_fraction).
 The CPU has no allocator to cap: there a size is out of memory when its accounted bytes (parameters,
@@ -27,7 +28,7 @@ from .errors import BenchError
 from .measure import Accounting, accounting_step, train_step
 from .methods import QUANTIZED, Trainee, make_trainee, quantized_copy
 from .presets import ModelSpec, build_model, device_memory_bytes
-from .search import Probe, doublings, free_memory, largest_fitting, throughput_curve
+from .search import Probe, free_memory, largest_fitting
 
 PARTS = ("fig2", "table4", "fig3")
 THROUGHPUT_STEPS = 3  # timed steps per batch size in fig3, after one untimed step
@@ -158,17 +159,15 @@ class Run:
 
     def __post_init__(self):
         self.results = {m: {"method": m} for m in self.settings.methods}
+        self.vocab = self.settings.model.config().vocab_size
 
     def fail(self, method: str, message: str) -> None:
         self.results[method].setdefault("errors", []).append(message)
         self.progress.update(f"{method}: {message}")
 
-    def vocab(self) -> int:
-        return self.settings.model.config().vocab_size
-
     def tokens(self, batch: int, seq: int) -> torch.Tensor:
         s = self.settings
-        return random_tokens(self.vocab(), batch, seq, s.seed, s.device)
+        return random_tokens(self.vocab, batch, seq, s.seed, s.device)
 
     def peak_memory(self, accounting: Accounting, transient: Optional[int] = None) -> int:
         """CUDA: resident state plus the allocator's peak during a step; CPU: the accounted bytes."""
@@ -371,10 +370,12 @@ class Run:
                 rate = f"{p.sentences_per_s:.2f} sentences/s" if p.sentences_per_s else p.note
                 self.progress.update(f"fig3 {m} | batch {p.size} x {s.fig3_seq}: {rate}")
 
-            curve = throughput_curve(measure, doublings(1, s.max_batch), on_probe=show)
+            search = largest_fitting(measure, start=1, limit=s.max_batch, granularity=1, on_probe=show)
+            curve = sorted(search.probes, key=lambda p: p.size)
             fitting = [p for p in curve if p.fits]
             best = max(fitting, key=lambda p: p.sentences_per_s) if fitting else None
-            self.results[m].update(throughput=[p.as_dict() for p in curve],
+            self.results[m].update(throughput=[p.as_dict() for p in curve], max_batch=search.largest,
+                                   max_batch_reached_limit=search.reached_limit,
                                    best_sentences_per_s=best.sentences_per_s if best else None,
                                    best_batch=best.size if best else None)
             del trainee
