@@ -4,7 +4,7 @@ merge the dense B A), with two adapters loaded on one base, r=8 and 64.
     python examples/switching_time.py            # Llama-shaped blocks (hidden 2048, FFN 5632), 4 blocks, fp32
 
 A switch makes the other adapter the merged one: forwards afterwards run the plain base layers. Prints a
-Markdown table of median wall-clock times over --repeats switches (CPU, 2 threads).
+Markdown table of median wall-clock times over --repeats switches (CPU, --threads threads).
 """
 
 import argparse
@@ -54,8 +54,9 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--ranks", default="8,64")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=32, num_key_value_heads=4, vocab_size=1024, max_position_embeddings=2048)
     directory = tempfile.mkdtemp()
@@ -63,7 +64,7 @@ def main():
     LlamaForCausalLM(config).save_pretrained(f"{directory}/base")
     n_layers = 7 * args.layers
     print(f"Llama-shaped: hidden {args.hidden}, FFN {args.intermediate}, {args.layers} blocks, all {n_layers} linear "
-          f"layers adapted, fp32, CPU 2 threads; median of {args.repeats} switches\n")
+          f"layers adapted, fp32, CPU {args.threads} thread(s); median of {args.repeats} switches\n")
     print("| method | r | switch (unmerge + merge) ms | per layer ms | exact restore |")
     print("|---|---:|---:|---:|---|")
     for r in [int(x) for x in args.ranks.split(",")]:
