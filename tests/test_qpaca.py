@@ -276,3 +276,8 @@ def test_selection_on_a_4bit_base_reads_the_dequantized_weight(base_dir):
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     chosen = select_by_gradient(model, [{"input_ids": ids, "labels": ids}], steps=1)
     assert chosen.keys() == paca_4bit_layers(model).keys()
+
+    structured = get_peft_model(load_4bit(base_dir), PacaConfig(r=8, target_modules=["o_proj"], selection="structured"))
+    for layer in paca_4bit_layers(structured).values():
+        idx = layer.paca_indices["default"]  # one whole head of 8 columns (hidden 32, 4 heads)
+        assert idx[0] % 8 == 0 and torch.equal(idx, idx[0] + torch.arange(8))
