@@ -79,8 +79,8 @@ def structured_columns(d_in: int, r: int, block: int, seed: int, layer_name: str
     return (blocks[:, None] * block + torch.arange(block)).reshape(-1)  # sorted: blocks sorted, offsets ascending
 
 
-def attention_layout(model_config, where: str) -> tuple[int, int, int]:
-    """``(num_attention_heads, num_key_value_heads, head_dim)`` from a transformers config.
+def attention_layout(model_config, where: str) -> tuple[int, int]:
+    """``(num_attention_heads, head_dim)`` from a transformers config.
 
     ``head_dim`` is the config's own when it has one (Gemma, Qwen3 and others set it apart from
     ``hidden_size / num_attention_heads``). The output projection reads ``num_attention_heads * head_dim``
@@ -98,7 +98,6 @@ def attention_layout(model_config, where: str) -> tuple[int, int, int]:
         raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the model config "
                          f"({type(config).__name__}) has no num_attention_heads. Use selection='random' or "
                          "'weight_norm' for this model.")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim <= 0:
         hidden = getattr(config, "hidden_size", None)
@@ -107,7 +106,7 @@ def attention_layout(model_config, where: str) -> tuple[int, int, int]:
                              f"({type(config).__name__}) has no head_dim and hidden_size={hidden} is not a multiple "
                              f"of num_attention_heads={heads}.")
         head_dim = hidden // heads
-    return heads, kv_heads, head_dim
+    return heads, head_dim
 
 
 def _role(parent: nn.Module, target_name: str) -> str:
@@ -150,7 +149,6 @@ def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name:
     """
     where = f"module '{layer_name}'"
     role = _role(parent, target_name)
-    d_in = _input_width(target)
     if role == "ffn_down":
         return dict(selection_strategy="structured", column_block=1)
     if role == "hidden_input":
@@ -159,7 +157,8 @@ def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name:
                       "channel structure; their columns are chosen at random. Structured selection applies to "
                       "attention output (o_proj) and FFN down (down_proj) projections.", stacklevel=2)
         return dict(selection_strategy="random")
-    heads, _, head_dim = attention_layout(model_config, where)
+    heads, head_dim = attention_layout(model_config, where)
+    d_in = _input_width(target)
     if d_in != heads * head_dim:
         raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the layer reads {d_in} "
                          f"columns but the config gives num_attention_heads * head_dim = {heads} * {head_dim} = "
