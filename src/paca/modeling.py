@@ -18,11 +18,14 @@ _AUTO_CLASS_BY_TASK = {
 }
 
 
-def auto_class(task_type: Optional[str]):
-    """The transformers Auto class for a PEFT task type (AutoModel when unknown)."""
+def auto_class(task_type: Optional[str], config=None):
+    """The transformers class for a PEFT task type; without one, the architecture the model was saved with."""
     import transformers
 
-    return getattr(transformers, _AUTO_CLASS_BY_TASK.get(str(task_type or "").upper(), "AutoModel"))
+    name = _AUTO_CLASS_BY_TASK.get(str(task_type or "").upper())
+    if name is None and config is not None and getattr(config, "architectures", None):
+        name = config.architectures[0]
+    return getattr(transformers, name or "AutoModel")
 
 
 def load_model(name_or_path: str, task_type: Optional[str] = "CAUSAL_LM", dtype: Optional[torch.dtype] = None,
@@ -31,7 +34,8 @@ def load_model(name_or_path: str, task_type: Optional[str] = "CAUSAL_LM", dtype:
 
     Args:
         name_or_path: local directory or hub id.
-        task_type: PEFT task type choosing the Auto class (``CAUSAL_LM`` -> AutoModelForCausalLM).
+        task_type: PEFT task type choosing the Auto class (``CAUSAL_LM`` -> AutoModelForCausalLM); when
+            None, the class recorded in the model's config (``architectures``).
         dtype: weights dtype (default: as stored).
         empty: build the architecture on the meta device from the config only (no weights read).
 
@@ -40,12 +44,12 @@ def load_model(name_or_path: str, task_type: Optional[str] = "CAUSAL_LM", dtype:
     """
     from transformers import AutoConfig
 
-    cls = auto_class(task_type)
     try:
+        config = AutoConfig.from_pretrained(name_or_path)
+        cls = auto_class(task_type, config)
         if empty:
             from accelerate import init_empty_weights
 
-            config = AutoConfig.from_pretrained(name_or_path)
             with init_empty_weights():
                 return cls.from_config(config)
         return cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
