@@ -51,7 +51,7 @@ def load_model(name_or_path: str, task_type: Optional[str] = "CAUSAL_LM", dtype:
             from accelerate import init_empty_weights
 
             with init_empty_weights():
-                return cls.from_config(config)
+                return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
         return cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     except OSError as err:
         where = "local directory" if os.path.isdir(name_or_path) else "hub id (no local directory of that name)"
