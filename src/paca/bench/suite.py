@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -184,7 +185,9 @@ class Run:
         accounts: dict[str, Accounting] = {}
         for m in list(trainees):
             self.progress.update(f"fig2 {m}: accounting step (FLOPs, saved bytes), then {s.warmup} warm-up")
-            accounts[m] = self._guarded(trainees, m, lambda t: accounting_step(t, input_ids, s.dtype))
+            account = self._guarded(trainees, m, lambda t: accounting_step(t, input_ids, s.dtype))
+            if account is not None:
+                accounts[m] = account
             for _ in range(s.warmup):
                 self._guarded(trainees, m, lambda t: train_step(t, input_ids, s.dtype))
         records = {m: [] for m in trainees}
@@ -209,29 +212,41 @@ class Run:
         quantized = None
         trainees = {}
         for m in s.methods:
-            try:
-                if m in QUANTIZED and quantized is None:
-                    quantized = quantized_copy(base, s.dtype)
-                trainees[m] = make_trainee(m, base, s.r, s.alpha, s.seed, quantized)
-            except BenchError as err:
-                self.unavailable.add(m)
-                self.fail(m, str(err))
-            except torch.OutOfMemoryError:
-                self.fail(m, "out of memory building it beside the other methods (fig2 keeps them all resident)")
-                free_memory()
+            if m in QUANTIZED and quantized is None:
+                quantized = self._attempt(m, "quantizing the base model", lambda: quantized_copy(base, s.dtype))
+                if quantized is None:
+                    continue
+            trainee = self._attempt(m, "building it beside the other methods (fig2 keeps them all resident)",
+                                    lambda: make_trainee(m, base, s.r, s.alpha, s.seed, quantized))
+            if trainee is not None:
+                trainees[m] = trainee
         return trainees
 
     def _guarded(self, trainees: dict[str, Trainee], method: str, step):
-        """``step(trainee)``; an out-of-memory drops the method from this part, recorded as an error."""
+        """``step(trainee)``; a failure (out of memory included) drops the method from fig2, recorded."""
         if method not in trainees:
             return None
-        try:
-            return step(trainees[method])
-        except torch.OutOfMemoryError:
-            pass
-        clear_grads(trainees.pop(method))
         s = self.settings
-        self.fail(method, f"out of memory at batch {s.batch} x {s.seq} tokens during fig2")
+        result = self._attempt(method, f"at batch {s.batch} x {s.seq} tokens during fig2",
+                               lambda: step(trainees[method]))
+        if result is None:
+            clear_grads(trainees.pop(method))
+            free_memory()
+        return result
+
+    def _attempt(self, method: str, what: str, action):
+        """``action()``, or None when it failed, recorded: an unavailable method, an out-of-memory, or any
+        other error (one method's failure must not lose the others' results)."""
+        try:
+            return action()
+        except BenchError as err:
+            self.unavailable.add(method)
+            self.fail(method, str(err))
+        except torch.OutOfMemoryError:
+            self.fail(method, f"out of memory {what}")
+        except Exception as err:  # noqa: BLE001  (reported with its place, the run goes on)
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            self.fail(method, f"{type(err).__name__} {what}: {err} ({os.path.basename(frame.filename)}:{frame.lineno})")
         free_memory()
         return None
 
@@ -289,19 +304,15 @@ class Run:
                 self.results[m].setdefault(f"ratio_to_{reference}", {}).update(ratios)
 
     # -- table4 and fig3 ----------------------------------------------------------------------------
-    def _alone(self, method: str) -> Optional[Trainee]:
+    def _alone(self, method: str, part: str) -> Optional[Trainee]:
         """``method`` built on a fresh base, with nothing else resident; None (recorded) if it cannot be."""
         s = self.settings
-        try:
+
+        def build() -> Trainee:
             base = build_model(s.model, s.dtype, s.device, s.seed)
             return make_trainee(method, base, s.r, s.alpha, s.seed)
-        except BenchError as err:
-            self.unavailable.add(method)
-            self.fail(method, str(err))
-        except torch.OutOfMemoryError:
-            self.fail(method, "out of memory building the model alone under the memory cap")
-        free_memory()
-        return None
+
+        return self._attempt(method, f"building the model alone for {part}", build)
 
     def _fits(self, trainee: Trainee, batch: int, seq: int, size: int) -> Probe:
         """One step at ``batch x seq`` (``size`` is the one searched); on CPU a step whose accounted bytes
@@ -328,7 +339,7 @@ class Run:
             if m in self.unavailable:
                 continue
             self.progress.update(f"table4 {m}: building")
-            trainee = self._alone(m)
+            trainee = self._alone(m, "table4")
             if trainee is None:
                 continue
 
@@ -339,11 +350,13 @@ class Run:
                 memory = f", {p.memory_bytes / 2**30:.2f} GiB" if p.memory_bytes else ""
                 self.progress.update(f"table4 {m} | seq {p.size}: {'fits' if p.fits else p.note}{memory}")
 
-            fit = largest_fitting(measure, start=s.seq_granularity * 4, limit=s.max_seq,
-                                  granularity=s.seq_granularity, on_probe=show)
+            fit = self._attempt(m, "during table4", lambda: largest_fitting(
+                measure, start=s.seq_granularity * 4, limit=s.max_seq, granularity=s.seq_granularity, on_probe=show))
+            del trainee
+            if fit is None:
+                continue
             self.results[m].update(max_seq_len=fit.largest, max_seq_len_reached_limit=fit.reached_limit,
                                    max_seq_probes=[p.as_dict() for p in fit.probes])
-            del trainee
             free_memory()
         self.progress.done()
         self._ratio_to_lora("max_seq_len")
@@ -354,7 +367,7 @@ class Run:
             if m in self.unavailable:
                 continue
             self.progress.update(f"fig3 {m}: building")
-            trainee = self._alone(m)
+            trainee = self._alone(m, "fig3")
             if trainee is None:
                 continue
 
@@ -370,7 +383,11 @@ class Run:
                 rate = f"{p.sentences_per_s:.2f} sentences/s" if p.sentences_per_s else p.note
                 self.progress.update(f"fig3 {m} | batch {p.size} x {s.fig3_seq}: {rate}")
 
-            search = largest_fitting(measure, start=1, limit=s.max_batch, granularity=1, on_probe=show)
+            search = self._attempt(m, "during fig3", lambda: largest_fitting(
+                measure, start=1, limit=s.max_batch, granularity=1, on_probe=show))
+            del trainee
+            if search is None:
+                continue
             curve = sorted(search.probes, key=lambda p: p.size)
             fitting = [p for p in curve if p.fits]
             best = max(fitting, key=lambda p: p.sentences_per_s) if fitting else None
@@ -378,7 +395,6 @@ class Run:
                                    max_batch_reached_limit=search.reached_limit,
                                    best_sentences_per_s=best.sentences_per_s if best else None,
                                    best_batch=best.size if best else None)
-            del trainee
             free_memory()
         self.progress.done()
         self._ratio_to_lora("best_sentences_per_s")
