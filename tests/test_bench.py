@@ -55,6 +55,9 @@ def test_quick_run_writes_json_markdown_and_plots_with_every_method(tmp_path, ca
     assert names == ["tiny-float32-fig2-step-time.png", "tiny-float32-fig3-throughput.png"]
     assert all((plots / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
     assert "Step time (Fig. 2)" in out and "paca" in out
+    profiled = doc["profile"]["self_time_by_method"]
+    assert set(profiled) == set(results) and "aten::mm" in profiled["lora"]
+    assert "Profile: self CPU time per step by operator" in out
 
 
 # -- accounting --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     paca bench --suite cpu                  the CPU suite of docs/BENCHMARKS.md
     paca bench --suite gpu                  the GPU suite: llama3-8b shape, bf16, Fig. 2, Table 4, Fig. 3
     paca bench --preset cpu --methods floor,paca,lora,full --repeats 7
+    paca bench --preset cpu --methods floor,paca,lora --parts profile      where each method's time goes
 
 A suite sets defaults; any flag given beside it wins.
 """
@@ -23,7 +24,7 @@ from .presets import DTYPES, PRESETS, ModelSpec
 SUITES = {
     # One thread: a model this small gains nothing from two, and threads stall on a busy shared runner.
     "quick": dict(preset="tiny", methods="full,lora,dora,paca,floor,qlora", batch=2, seq=64, repeats=3, warmup=1,
-                  threads=1, parts="fig2,table4,fig3", memory_cap_gib=0.01, max_seq=2048, seq_granularity=64,
+                  threads=1, parts="fig2,table4,fig3,profile", memory_cap_gib=0.01, max_seq=2048, seq_granularity=64,
                   fig3_seq=64, max_batch=8),
     # The cap keeps the searches to minutes on 2 cores (full FT's weights, gradients and AdamW state alone
     # take 0.6 GiB of it, so full FT fits no length at all).
@@ -58,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, adapters and tokens")
     p.add_argument("--parts", default="fig2", help="comma list of fig2 (step time, memory), table4 (max sequence "
-                                                   "length), fig3 (throughput vs batch)")
+                                                   "length), fig3 (throughput vs batch), profile (time per "
+                                                   "operator and method)")
     p.add_argument("--memory-cap-gib", type=float, help="memory cap of table4 and fig3 (CUDA: allocator limit; "
                                                         "CPU: accounted bytes), e.g. 80 for an A100-80GB")
     p.add_argument("--max-seq", type=int, default=65536, help="table4 stops searching at this length")

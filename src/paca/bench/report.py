@@ -73,6 +73,13 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append((f"Throughput (Fig. 3): seq {s['fig3_seq']}, batch doubled until out of memory then bisected, "
                     f"{_cap(s)}",
                     header, rows))
+    if doc.get("profile"):
+        from .profile import comparison_rows
+
+        header, rows = comparison_rows(doc["profile"]["self_time_by_method"])
+        device = "device" if s["device"].startswith("cuda") else "CPU"
+        out.append((f"Profile: self {device} time per step by operator (torch.profiler, mean of "
+                    f"{doc['profile']['steps']} steps, batch {s['batch']} x {s['seq']})", header, rows))
     return out
 
 

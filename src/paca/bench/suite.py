@@ -6,6 +6,7 @@
     table4  longest sequence at batch 1 before out-of-memory (Table 4), one method on the device at a time
     fig3    sentences/s at a fixed length as the batch doubles until out-of-memory, then bisected to the
             largest batch that fits (Fig. 3)
+    profile self time per operator and method at the fig2 batch (torch.profiler), to explain a ratio
 
 On CUDA ``--memory-cap-gib`` limits the allocator during table4 and fig3 (set_per_process_memory_fraction).
 The CPU has no allocator to cap: there a size is out of memory when its accounted bytes (parameters,
@@ -28,10 +29,11 @@ import torch
 from .errors import BenchError
 from .measure import Accounting, accounting_step, train_step
 from .methods import QUANTIZED, Trainee, make_trainee, quantized_copy
+from .profile import PROFILED_STEPS, profile_steps
 from .presets import ModelSpec, build_model, device_memory_bytes
 from .search import Probe, free_memory, largest_fitting
 
-PARTS = ("fig2", "table4", "fig3")
+PARTS = ("fig2", "table4", "fig3", "profile")
 THROUGHPUT_STEPS = 3  # timed steps per batch size in fig3, after one untimed step
 
 
@@ -157,6 +159,7 @@ class Run:
     progress: Progress
     results: dict[str, dict] = field(default_factory=dict)
     unavailable: set[str] = field(default_factory=set)
+    profiles: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         self.results = {m: {"method": m} for m in self.settings.methods}
@@ -303,6 +306,22 @@ class Run:
                             ratios[key] = self.results[m][key] / self.results["lora"][key]
                 self.results[m].setdefault(f"ratio_to_{reference}", {}).update(ratios)
 
+    # -- profile ------------------------------------------------------------------------------------
+    def profile(self) -> None:
+        s = self.settings
+        trainees = self._build_all()
+        input_ids = self.tokens(s.batch, s.seq)
+        for m in list(trainees):
+            self.progress.update(f"profile {m}: 1 warm-up step, {PROFILED_STEPS} profiled")
+            if self._guarded(trainees, m, lambda t: train_step(t, input_ids, s.dtype)) is None:
+                continue
+            table = self._guarded(trainees, m, lambda t: profile_steps(t, input_ids, s.dtype))
+            if table is not None:
+                self.profiles[m] = dict(sorted(table.items(), key=lambda kv: -kv[1]["self_s"])[:40])
+        self.progress.done()
+        del trainees
+        free_memory()
+
     # -- table4 and fig3 ----------------------------------------------------------------------------
     def _alone(self, method: str, part: str) -> Optional[Trainee]:
         """``method`` built on a fresh base, with nothing else resident; None (recorded) if it cannot be."""
@@ -415,6 +434,8 @@ def run(settings: Settings, progress: Optional[Progress] = None) -> dict:
     current = Run(settings, progress or Progress())
     if "fig2" in settings.parts:
         current.step_time()
+    if "profile" in settings.parts:
+        current.profile()
     current.apply_memory_cap()
     if "table4" in settings.parts:
         current.max_seq_len()
@@ -425,5 +446,7 @@ def run(settings: Settings, progress: Optional[Progress] = None) -> dict:
     device = describe_device(settings.device)
     if "load_average_1m" in device:
         device["load_average_1m"] = [device_at_start["load_average_1m"], device["load_average_1m"]]  # start, end
-    return {"device": device, "model": model, "settings": settings.as_dict(),
-            "results": list(current.results.values())}
+    doc = {"device": device, "model": model, "settings": settings.as_dict(), "results": list(current.results.values())}
+    if current.profiles:
+        doc["profile"] = {"steps": PROFILED_STEPS, "self_time_by_method": current.profiles}
+    return doc

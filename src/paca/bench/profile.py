@@ -1,0 +1,55 @@
+"""Where a step's time goes, per operator and method (torch.profiler), to explain a missed target.
+
+The table puts methods side by side: for each operator among the most expensive, its self time per step
+in every method, so the time one method spends beyond another shows up as the rows that differ.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .measure import train_step
+from .methods import Trainee
+
+PROFILED_STEPS = 3
+TOP_OPERATORS = 14
+
+
+def profile_steps(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, dict]:
+    """Self time per step (seconds) and calls per step of each operator, over ``PROFILED_STEPS`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = input_ids.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            train_step(trainee, input_ids, dtype)
+    table = {}
+    for event in prof.key_averages():
+        self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if self_us > 0:
+            table[event.key] = {"self_s": self_us / 1e6 / PROFILED_STEPS, "calls": event.count / PROFILED_STEPS}
+    return table
+
+
+def comparison_rows(profiles: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): the most expensive operators of any method, self ms per step in each method."""
+    worst = defaultdict(float)
+    for table in profiles.values():
+        for op, entry in table.items():
+            worst[op] = max(worst[op], entry["self_s"])
+    ops = sorted(worst, key=worst.get, reverse=True)[:TOP_OPERATORS]
+    methods = list(profiles)
+    header = ["operator"] + [f"{m} ms (calls)" for m in methods]
+    rows = []
+    for op in ops:
+        cells = []
+        for m in methods:
+            entry = profiles[m].get(op)
+            cells.append("-" if entry is None else f"{entry['self_s'] * 1e3:.1f} ({entry['calls']:g})")
+        rows.append([op] + cells)
+    totals = [f"{sum(e['self_s'] for e in profiles[m].values()) * 1e3:.1f}" for m in methods]
+    rows.append(["total (all operators)"] + totals)
+    return header, rows
