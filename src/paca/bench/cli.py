@@ -26,9 +26,11 @@ SUITES = {
     "quick": dict(preset="tiny", methods="full,lora,dora,paca,floor,qlora", batch=2, seq=64, repeats=3, warmup=1,
                   threads=1, parts="fig2,table4,fig3,profile", memory_cap_gib=0.01, max_seq=2048, seq_granularity=64,
                   fig3_seq=64, max_batch=8),
-    # The cap keeps the searches to minutes on 2 cores (full FT's weights, gradients and AdamW state alone
-    # take 0.6 GiB of it, so full FT fits no length at all).
-    "cpu": dict(preset="cpu", methods="floor,paca,lora,dora,full", batch=4, seq=256, repeats=7,
+    # One thread: on a shared 2-core machine two threads wait on each other at every operator, which
+    # penalises methods with many small operators (LoRA, DoRA) by whatever else runs; see BENCHMARKS.md.
+    # The cap keeps the searches to minutes (full FT's weights, gradients and AdamW state alone take
+    # 0.6 GiB, so full FT fits no length at all under it).
+    "cpu": dict(preset="cpu", methods="floor,paca,lora,dora,full", batch=4, seq=256, repeats=11, threads=1,
                 parts="fig2,table4,fig3", memory_cap_gib=0.5, max_seq=16384, seq_granularity=128, fig3_seq=512,
                 max_batch=16),
     "gpu": dict(preset="llama3-8b", device="cuda", dtype="bf16", methods="full,lora,dora,paca,floor", batch=2,

@@ -14,7 +14,8 @@ from .measure import train_step
 from .methods import Trainee
 
 PROFILED_STEPS = 3
-TOP_OPERATORS = 14
+TOP_BY_TIME = 10  # the most expensive operators of any method
+TOP_BY_SPREAD = 8  # and those whose time differs most between methods (what one pays and another not)
 
 
 def profile_steps(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, dict]:
@@ -35,12 +36,15 @@ def profile_steps(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype)
 
 
 def comparison_rows(profiles: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): the most expensive operators of any method, self ms per step in each method."""
-    worst = defaultdict(float)
-    for table in profiles.values():
+    """(header, rows): the most expensive operators, and those that differ most between methods, with
+    their self ms per step in each method."""
+    times = defaultdict(lambda: [0.0] * len(profiles))
+    for i, table in enumerate(profiles.values()):
         for op, entry in table.items():
-            worst[op] = max(worst[op], entry["self_s"])
-    ops = sorted(worst, key=worst.get, reverse=True)[:TOP_OPERATORS]
+            times[op][i] = entry["self_s"]
+    by_time = sorted(times, key=lambda op: max(times[op]), reverse=True)[:TOP_BY_TIME]
+    by_spread = sorted(times, key=lambda op: max(times[op]) - min(times[op]), reverse=True)[:TOP_BY_SPREAD]
+    ops = sorted(set(by_time) | set(by_spread), key=lambda op: max(times[op]), reverse=True)
     methods = list(profiles)
     header = ["operator"] + [f"{m} ms (calls)" for m in methods]
     rows = []

@@ -146,7 +146,6 @@ def write_plots(doc: dict, folder: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     os.makedirs(folder, exist_ok=True)
     written = []
@@ -170,18 +169,21 @@ def write_plots(doc: dict, folder: str) -> list[str]:
         ax.set_title(f"{slug}: batch {s['batch']} x {s['seq']}, r={s['r']}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
         written.append(_save(fig, os.path.join(folder, f"{slug}-fig2-step-time.png")))
-    curves = [r for r in doc["results"] if r.get("throughput")]
+    curves = [r for r in doc["results"] if any(p["fits"] for p in r.get("throughput", []))]
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
+        sizes = set()
         for r in curves:
             fits = [p for p in r["throughput"] if p["fits"]]
             line, = ax.plot([p["size"] for p in fits], [p["sentences_per_s"] for p in fits], marker="o", label=r["method"])
             failed = [p for p in r["throughput"] if not p["fits"]]
-            if failed and fits:
+            if failed:
                 ax.plot([failed[0]["size"]], [fits[-1]["sentences_per_s"]], marker="x", color=line.get_color(),
                         linestyle="none")
+            sizes |= {p["size"] for p in r["throughput"]}
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xticks(sorted(sizes), [str(n) for n in sorted(sizes)])
+        ax.minorticks_off()
         ax.set_xlabel("batch size (x: out of memory)")
         ax.set_ylabel("sentences / s")
         ax.set_title(f"{slug}: throughput at seq {s['fig3_seq']}, {_cap(s)}", fontsize=10)
