@@ -28,12 +28,14 @@ from .methods import Trainee
 
 @dataclass
 class StepRecord:
-    """Durations of one step's phases, and on CUDA the memory the step needed on top of what it found."""
+    """Durations of one step's phases; on CUDA the allocator's peak during the step, absolute and on top
+    of what was allocated when it started."""
 
     forward_s: float
     backward_s: float
     optimizer_s: float
     transient_peak_bytes: Optional[int] = None
+    peak_allocated_bytes: Optional[int] = None
 
     @property
     def step_s(self) -> float:
@@ -103,8 +105,8 @@ def train_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, during=N
         trainee.optimizer.zero_grad(set_to_none=True)
     clock.mark()
     forward_s, backward_s, _, optimizer_s = clock.durations()
-    transient = torch.cuda.max_memory_allocated(device) - found if clock.cuda else None
-    return StepRecord(forward_s, backward_s, optimizer_s, transient)
+    peak = torch.cuda.max_memory_allocated(device) if clock.cuda else None
+    return StepRecord(forward_s, backward_s, optimizer_s, None if peak is None else peak - found, peak)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,6 +262,7 @@ class Accounting:
     trainable_params: int
     process_peak_rss_bytes: Optional[int]
     transient_peak_bytes: Optional[int]  # CUDA: allocator peak during the step minus what was allocated before
+    peak_allocated_bytes: Optional[int]  # CUDA: allocator peak during the step (everything resident)
 
     @property
     def accounted_bytes(self) -> int:
@@ -294,4 +297,5 @@ def accounting_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, cou
         trainable_params=sum(p.numel() for p in trainee.trainable_parameters),
         process_peak_rss_bytes=peak_rss_bytes() if rss_reset else None,
         transient_peak_bytes=record.transient_peak_bytes,
+        peak_allocated_bytes=record.peak_allocated_bytes,
     )

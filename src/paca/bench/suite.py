@@ -173,11 +173,14 @@ class Run:
         s = self.settings
         return random_tokens(self.vocab, batch, seq, s.seed, s.device)
 
-    def peak_memory(self, accounting: Accounting, transient: Optional[int] = None) -> int:
-        """CUDA: resident state plus the allocator's peak during a step; CPU: the accounted bytes."""
+    def peak_memory(self, accounting: Accounting, transient: Optional[int]) -> int:
+        """The memory one method needs, though others are resident beside it (fig2).
+
+        CUDA: its parameters and optimizer state plus the allocator's peak during a step on top of what the
+        step found allocated (the same as max_memory_allocated with the method alone); CPU: accounted bytes.
+        """
         if self.settings.device.type == "cuda":
-            extra = accounting.transient_peak_bytes if transient is None else transient
-            return accounting.param_bytes + accounting.optimizer_state_bytes + extra
+            return accounting.param_bytes + accounting.optimizer_state_bytes + transient
         return accounting.accounted_bytes
 
     # -- fig2 ---------------------------------------------------------------------------------------
@@ -341,7 +344,8 @@ class Run:
             account = accounting_step(trainee, self.tokens(batch, seq), s.dtype, count_flops=False)
         finally:
             clear_grads(trainee)
-        memory = self.peak_memory(account)
+        # Alone on the device, the allocator's peak is the method's whole footprint (CPU: accounted bytes).
+        memory = account.peak_allocated_bytes if s.device.type == "cuda" else account.accounted_bytes
         if s.device.type == "cpu" and memory > s.memory_cap_bytes:
             return Probe(size, fits=False, memory_bytes=memory, note="accounted bytes over the cap")
         return Probe(size, fits=True, memory_bytes=memory)
