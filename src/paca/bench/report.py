@@ -45,8 +45,11 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                  _num(r["peak_memory_bytes"], ".3f", GIB), _ratio(r, "peak_memory_bytes"),
                  _num(r["activation_bytes"], ".1f", MIB), _ratio(r, "activation_bytes"), f"{r['trainable_params']:,}"]
                 for r in timed]
+        spread = [f"{r['method']}/{ref} {q1:.2f}-{q3:.2f}" for r in timed
+                  for ref, (q1, q3) in r.get("step_time_ratio_quartiles", {}).items() if ref != r["method"]]
         title = (f"Step time (Fig. 2): batch {s['batch']} x {s['seq']} tokens, median of {s['repeats']} interleaved "
-                 "rounds; ratios are medians of per-round pairs")
+                 "rounds; ratios are medians of per-round pairs"
+                 + (f" (their quartiles: {', '.join(spread)})" if spread else ""))
         out.append((title, header, rows))
     searched = [r for r in results if "max_seq_probes" in r]
     if searched:

@@ -303,6 +303,10 @@ class Run:
                 ratios = {phase: median(self._paired(records, m, reference, phase))
                           for phase in ("step_s", "forward_s", "backward_s") if self._paired(records, m, reference, phase)}
                 ratios = {("step_time_s" if k == "step_s" else k): v for k, v in ratios.items()}
+                paired = self._paired(records, m, reference, "step_s")
+                if len(paired) >= 2:  # how much the per-round ratios scatter: the noise behind the median
+                    q1, _, q3 = statistics.quantiles(paired, n=4, method="inclusive")
+                    self.results[m].setdefault("step_time_ratio_quartiles", {})[reference] = [q1, q3]
                 if reference == "lora":
                     for key in ("peak_memory_bytes", "activation_bytes", "tokens_per_s"):
                         if self.results["lora"].get(key):
