@@ -116,11 +116,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings = settings_from(args)
     except RuntimeError as err:  # torch.device("nonsense")
         raise BenchError(f"--device {args.device!r}: {err}") from None
+    threads = torch.get_num_threads()
     if args.threads is not None:
         if args.threads < 1:
             raise BenchError(f"--threads must be at least 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
-    doc = run(settings)
+    try:
+        doc = run(settings)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (a test) keeps its setting
     doc["command"] = "paca bench " + " ".join(argv)
     print(report.console(doc))
     if args.json:
