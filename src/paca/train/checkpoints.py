@@ -1,0 +1,115 @@
+"""Output directory and checkpoints: never mistake a half-written save for a complete one, never lose a run.
+
+A checkpoint is written into ``output_dir/.staging/`` and renamed to ``output_dir/checkpoint-N`` only once
+complete; a rename within one file system is atomic, so a kill during a save leaves either the previous
+checkpoints or the new complete one (plus a ``.staging`` leftover, removed by the next run). The final
+adapter files are moved into ``output_dir`` one by one with the same atomic rename.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+STAGING = ".staging"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "trainer_state.json"  # written last by Trainer._save_checkpoint
+RUN_FILES = ("metrics.jsonl", "loss.png", "summary.json", "train_config.yaml")
+
+
+def checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of the complete checkpoints in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def describe_run(output_dir: str) -> str:
+    """What ``output_dir`` holds, in a few words ('' when it is missing or empty)."""
+    if not os.path.isdir(output_dir):
+        return ""
+    entries = [e for e in os.listdir(output_dir) if e != STAGING]
+    if not entries:
+        return ""
+    found = checkpoints(output_dir)
+    parts = [f"{len(found)} checkpoint(s), newest {os.path.basename(found[-1][1])}"] if found else []
+    parts += [name for name in ("adapter_model.safetensors", "model.safetensors", "metrics.jsonl") if name in entries]
+    return ", ".join(parts) or f"{len(entries)} file(s)"
+
+
+def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str | None:
+    """Check ``output_dir`` against resume/overwrite; return the checkpoint to resume from (or None).
+
+    Raises:
+        FileExistsError: the directory holds another run and neither resume nor overwrite is set.
+        FileNotFoundError: resume is set but there is no complete checkpoint to resume from.
+    """
+    held = describe_run(output_dir)
+    if resume:
+        checkpoint = newest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"resume=true but output_dir '{output_dir}' holds no complete checkpoint "
+                                    f"({held or 'it is empty or missing'}); run without resume to start afresh.")
+        return checkpoint
+    if held and not overwrite:
+        raise FileExistsError(f"output_dir '{output_dir}' already holds a run ({held}); set resume=true to continue "
+                              "it, overwrite=true to replace it, or choose another output_dir.")
+    return None
+
+
+def clear_previous_run(output_dir: str, files: tuple[str, ...]) -> None:
+    """Delete the previous run's checkpoints, model files and logs (overwrite=true); other files stay."""
+    for step, path in checkpoints(output_dir):
+        shutil.rmtree(path)
+    for name in RUN_FILES + files:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def remove_staging(output_dir: str) -> None:
+    """Drop what an interrupted save left behind (never a complete checkpoint: those are renamed out)."""
+    shutil.rmtree(os.path.join(output_dir, STAGING), ignore_errors=True)
+
+
+def fsync_tree(path: str) -> None:
+    """Flush a directory's files to disk, so the rename that publishes them also survives a power cut."""
+    for root, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def publish_directory(staged: str, final: str) -> None:
+    """Atomically make the complete directory ``staged`` appear as ``final`` (replacing an older ``final``)."""
+    fsync_tree(staged)
+    if os.path.exists(final):
+        retired = final + ".replaced"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        os.replace(staged, final)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staged, final)
+
+
+def publish_files(staged: str, output_dir: str) -> list[str]:
+    """Move every file of ``staged`` into ``output_dir``, each by an atomic rename; return their names."""
+    fsync_tree(staged)
+    names = sorted(os.listdir(staged))
+    for name in names:
+        os.replace(os.path.join(staged, name), os.path.join(output_dir, name))
+    shutil.rmtree(staged)
+    return names

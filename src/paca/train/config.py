@@ -1,0 +1,270 @@
+"""The flat key schema of `paca train`: defaults, types, help; YAML files and key=value overrides.
+
+Every key lives in one flat namespace (LLaMA-Factory / axolotl style) and belongs to a group that only
+orders the help and the YAML comment headers. The defaults are the built-in demo: ``paca train`` with no
+arguments runs it, and ``paca train method=lora`` runs the same demo with LoRA.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
+
+import yaml
+
+METHODS = ("paca", "qpaca", "lora", "dora", "full")
+GROUPS = ("model", "method", "data", "training", "output")
+DEMO = "paca-demo"
+DEMO_RANDOM = "paca-demo-random"
+
+# Learning rates used when `lr` is not set, tuned on the demo (docs/TRAINING.md shows the sweep). PaCA trains
+# r columns whose values start at zero, so like LoRA it takes a larger step than full fine-tuning.
+DEFAULT_LR = {"paca": 2e-2, "qpaca": 2e-2, "lora": 1e-2, "dora": 1e-2, "full": 3e-3}
+
+
+def key(default: Any, group: str, help: str, choices: Optional[tuple] = None):
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `paca train`. Build with :func:`load_config`; each field is one YAML key."""
+
+    # -- model
+    model: str = key(DEMO, "model", "Hub id or local directory of the base model; 'paca-demo' is the built-in "
+                     "base (built on first use, cached), 'paca-demo-random' the same model randomly initialised.")
+    # -- method
+    method: str = key("paca", "method", "How to fine-tune: paca, qpaca (PaCA on a 4-bit NF4 base), lora, dora, "
+                      "full.", METHODS)
+    r: int = key(8, "method", "Tuned input columns per layer (PaCA), or rank (LoRA/DoRA).")
+    paca_alpha: float = key(16.0, "method", "Scale numerator: updates are applied as (paca_alpha / r) * delta; "
+                            "also lora_alpha for method=lora/dora.")
+    target_modules: Union[str, list] = key("all-linear", "method", "Layers to tune: 'all-linear', a list of "
+                                           "module names (YAML list or comma-separated), or a regex.")
+    # -- data
+    data: str = key(DEMO, "data", "A JSONL file (prompt/response or chat 'messages' per line), a directory "
+                    "written by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task).")
+    data_split: str = key("train", "data", "Split to read from a hub or saved dataset.")
+    max_length: int = key(64, "data", "Tokens per example; longer examples are truncated (and counted).")
+    eval_split: float = key(256, "data", "Held-out examples for evaluation: a fraction in (0, 1) or a count; "
+                            "0 disables evaluation.")
+    # -- training
+    batch_size: int = key(32, "training", "Examples per device per micro-step; the global batch is "
+                          "batch_size x grad_accum x processes.")
+    grad_accum: int = key(1, "training", "Micro-steps accumulated per optimizer step.")
+    lr: Optional[float] = key(None, "training", "Peak learning rate; unset: the method's default "
+                              + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ".")
+    lr_scheduler: str = key("linear", "training", "Learning-rate schedule after warmup.",
+                            ("linear", "cosine", "constant"))
+    warmup_ratio: float = key(0.05, "training", "Fraction of the steps spent warming the learning rate up.")
+    weight_decay: float = key(0.0, "training", "AdamW weight decay.")
+    max_grad_norm: float = key(1.0, "training", "Gradient clipping norm (0: no clipping).")
+    epochs: float = key(1.0, "training", "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = key(-1, "training", "Optimizer steps to run; -1: as many as epochs gives.")
+    bf16: bool = key(False, "training", "bfloat16 mixed precision.")
+    gradient_checkpointing: bool = key(False, "training", "Recompute activations in backward to save memory.")
+    seed: int = key(0, "training", "Seed of data order, initialisation and PaCA column choice.")
+    logging_steps: int = key(10, "training", "Optimizer steps between progress lines (and metrics.jsonl rows).")
+    eval_steps: int = key(0, "training", "Optimizer steps between evaluations; 0: only before and after.")
+    fsdp: bool = key(False, "training", "Shard weights, gradients and optimizer state with FSDP2 "
+                     "(under torchrun / accelerate launch).")
+    deepspeed: str = key("", "training", "DeepSpeed ZeRO: 'zero2', 'zero3' or a path to a DeepSpeed JSON "
+                         "config (needs the deepspeed package).")
+    # -- output
+    output_dir: str = key("", "output", "Where the run writes; empty: runs/<model>-<method>-<date>-<time>, a "
+                          "new directory.")
+    save_steps: int = key(50, "output", "Optimizer steps between checkpoints (0: none; resume needs them).")
+    save_total_limit: int = key(2, "output", "Checkpoints kept (the oldest are deleted; 0: keep all).")
+    resume: bool = key(False, "output", "Continue from the newest complete checkpoint in output_dir.")
+    overwrite: bool = key(False, "output", "Allow an output_dir that holds another run: its checkpoints, adapter "
+                          "and metrics are deleted once the new run's model and data have loaded.")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def to_yaml(self) -> str:
+        """The config as the flat YAML `paca train` reads, keys under their group headers."""
+        values = asdict(self)
+        lines = []
+        for group in GROUPS:
+            lines.append(f"# {group}")
+            for f in fields(self):
+                if f.metadata["group"] == group:
+                    lines.append(yaml.safe_dump({f.name: values[f.name]}, default_flow_style=True,
+                                                width=10_000).strip().removeprefix("{").removesuffix("}"))
+            lines.append("")
+        return "\n".join(lines)
+
+
+KEYS = {f.name: f for f in fields(TrainConfig)}
+
+
+def usage() -> str:
+    """`paca train --help`: every key with its default and help, by group."""
+    lines = ["usage: paca train [CONFIG.yaml] [key=value ...]",
+             "",
+             "Without a config file or keys: the built-in demo (a tiny model learns a new string task with PaCA).",
+             "Keys set on the command line override the file. Launch with torchrun or accelerate launch for "
+             "several processes."]
+    for group in GROUPS:
+        lines += ["", f"{group}:"]
+        for f in fields(TrainConfig):
+            if f.metadata["group"] == group:
+                default = "unset" if f.default is None else repr(f.default)
+                lines.append(f"  {f.name:<24}{f.metadata['help']} [default: {default}]")
+    return "\n".join(lines)
+
+
+# Names other tools (transformers, LLaMA-Factory, axolotl) use for our keys, so a hint can point across.
+OTHER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+               "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+               "micro_batch_size": "batch_size", "lora_alpha": "paca_alpha", "lora_r": "r", "lora_rank": "r",
+               "cutoff_len": "max_length", "sequence_len": "max_length", "max_seq_length": "max_length",
+               "dataset": "data", "datasets": "data", "model_name_or_path": "model", "base_model": "model",
+               "finetuning_type": "method", "lora_target": "target_modules", "val_size": "eval_split",
+               "val_set_size": "eval_split", "resume_from_checkpoint": "resume", "lr_scheduler_type": "lr_scheduler",
+               "overwrite_output_dir": "overwrite", "output": "output_dir"}
+
+
+def _nearest_key_hint(name: str) -> str:
+    close = difflib.get_close_matches(name, list(KEYS) + list(OTHER_NAMES), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{OTHER_NAMES.get(close[0], close[0])}'?"
+    return "`paca train --help` lists the keys."
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """``value`` (from YAML, or a string from the command line) as the type of key ``name``."""
+    f = KEYS[name]
+    default = f.default
+    bad = f"{where}: key '{name}' "
+    if name == "target_modules":
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            return items[0] if len(items) == 1 else items
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ValueError(f"{bad}expects a string or a list of module names, got {value!r}.")
+    if name == "eval_split":
+        number = _number(value, float, bad)
+        if number < 0 or (number >= 1 and number != int(number)):
+            raise ValueError(f"{bad}expects a fraction in (0, 1) or a whole count, got {value!r}.")
+        return int(number) if number >= 1 else number
+    if name == "lr" and value in (None, "", "null", "none", "None"):
+        return None
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(f"{bad}expects true or false, got {value!r}.")
+    if isinstance(default, int):
+        return _number(value, int, bad)
+    if isinstance(default, float) or name == "lr":
+        return _number(value, float, bad)
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"{bad}expects a single value, got {value!r}.")
+    value = str(value)
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ValueError(f"{bad}must be one of {', '.join(choices)}; got '{value}'.")
+    return value
+
+
+def _number(value: Any, kind: type, bad: str):
+    if isinstance(value, bool):
+        raise ValueError(f"{bad}expects a number, got {value!r}.")
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if kind is int:
+            if float(number) != int(float(number)):
+                raise ValueError
+            return int(float(number))
+        return float(number)
+    except (TypeError, ValueError):
+        kind_name = "an integer" if kind is int else "a number"
+        raise ValueError(f"{bad}expects {kind_name}, got {value!r}.") from None
+
+
+def read_yaml(path: str) -> dict:
+    """The keys of a flat YAML config file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file '{path}' not found.")
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            raise ValueError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}.") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or any(isinstance(v, dict) for v in values.values()):
+        raise ValueError(f"{path}: expected a flat mapping of key: value (no nesting); see examples/.")
+    return values
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``key=value`` command-line items as a dict of strings (YAML-parsed lists allowed for target_modules)."""
+    values = {}
+    for item in args:
+        if "=" not in item:
+            raise ValueError(f"command line: '{item}' is not key=value (only one CONFIG.yaml may be given, first).")
+        name, value = item.split("=", 1)
+        name = name.strip().removeprefix("--").replace("-", "_")
+        if value.strip().startswith("["):
+            value = yaml.safe_load(value)
+        values[name] = value
+    return values
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """Build the config from ``[CONFIG.yaml] [key=value ...]``: defaults, then the file, then the overrides.
+
+    Raises:
+        ValueError: an unknown key (naming the nearest valid one), a value of the wrong type or choice.
+        FileNotFoundError: the config file does not exist.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    rest = list(argv)
+    if rest and "=" not in rest[0]:
+        path = rest.pop(0)
+        for name, value in read_yaml(path).items():
+            values[name], sources[name] = value, path
+    for name, value in parse_overrides(rest).items():
+        values[name], sources[name] = value, "command line"
+    config = {}
+    for name, value in values.items():
+        if name not in KEYS:
+            raise ValueError(f"{sources[name]}: unknown key '{name}'; {_nearest_key_hint(name)}")
+        config[name] = _coerce(name, value, sources[name])
+    cfg = TrainConfig(**config)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: TrainConfig) -> None:
+    """Raise ValueError for values that are each valid but not meaningful (or not together)."""
+    positive = ("r", "batch_size", "grad_accum", "max_length", "logging_steps")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"key '{name}' must be positive, got {getattr(cfg, name)}.")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise ValueError("nothing to train: set max_steps > 0 or epochs > 0.")
+    if cfg.learning_rate <= 0:
+        raise ValueError(f"key 'lr' must be positive, got {cfg.lr}.")
+    if cfg.resume and not cfg.output_dir:
+        raise ValueError("resume=true needs output_dir: the directory of the run to continue.")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume=true and overwrite=true contradict each other: continue the run or replace it.")
+    if cfg.fsdp and cfg.deepspeed:
+        raise ValueError("fsdp=true and deepspeed are alternatives; set one of them.")

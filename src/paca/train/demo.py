@@ -1,0 +1,173 @@
+"""The built-in demo: a tiny model is taught something general, then adapted to something new.
+
+Words are 5 random letters a-z. The *general skill* (stage 1, data ``paca-demo-pretrain``) is four string
+operations, named in the prompt:
+
+    copy hello -> hello     upper hello -> HELLO     next hello -> ifmmp     prev hello -> gdkkn
+
+(``next``/``prev`` move each letter one step along the alphabet, z->a and a->z). Stage 1 fully trains a
+randomly initialised Llama-shaped model (2 layers, hidden 64, character tokenizer with a chat template)
+on it: the *base model* ``paca-demo``, built on first use in about half a minute and cached.
+
+The *new task* (stage 2, data ``paca-demo``) chains two of the operations, which the base never saw:
+
+    next upper hello -> IFMMP
+
+The base scores 0% on it; adapting it with PaCA on a few thousand examples takes it to near 100% on
+held-out words (never seen in either stage), while the same budget from a random initialisation
+(``model=paca-demo-random``) stays near 0%: the adaptation reuses what stage 1 taught.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import string
+
+LETTERS = string.ascii_lowercase
+WORD_LENGTH = 5
+PRETRAIN_OPERATIONS = ("copy", "upper", "next", "prev")
+NEW_TASK = ("next", "upper")  # applied left to right
+NEW_TASK_EXAMPLES = 4800 + 256  # 150 steps of 32, and the held-out set (eval_split=256)
+
+# Stage 1, fixed: changing any of it must change RECIPE_VERSION (the cache key).
+RECIPE_VERSION = "v1"
+BASE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR = 800, 32, 6e-3
+PRETRAIN_EXAMPLES = PRETRAIN_STEPS * PRETRAIN_BATCH + 256
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHARACTERS = string.ascii_letters + string.digits + " .,:;!?'\"-+*/=()\n"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------------
+
+def apply_operation(name: str, word: str) -> str:
+    if name == "copy":
+        return word
+    if name == "upper":
+        return word.upper()
+    if name in ("next", "prev"):
+        step = 1 if name == "next" else -1
+        return "".join(LETTERS[(LETTERS.index(c.lower()) + step) % 26] for c in word)
+    raise ValueError(f"unknown demo operation '{name}'.")
+
+
+def answer(operations: tuple[str, ...], word: str) -> str:
+    for name in operations:
+        word = apply_operation(name, word)
+    return word
+
+
+def _words(rng: random.Random, count: int, exclude: set[str] = frozenset()) -> list[str]:
+    words: list[str] = []
+    seen = set(exclude)
+    while len(words) < count:
+        word = "".join(rng.choice(LETTERS) for _ in range(WORD_LENGTH))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return words
+
+
+def _record(operations: tuple[str, ...], word: str) -> dict:
+    return {"prompt": f"{' '.join(operations)} {word}", "response": answer(operations, word)}
+
+
+def new_task_records() -> list[dict]:
+    """Stage 2, ``paca-demo``: ``next upper <word>`` on distinct words."""
+    return [_record(NEW_TASK, w) for w in _words(random.Random(2), NEW_TASK_EXAMPLES)]
+
+
+def pretrain_records() -> list[dict]:
+    """Stage 1, ``paca-demo-pretrain``: one of the four operations on words that stage 2 never uses."""
+    rng = random.Random(1)
+    stage2_words = {r["prompt"].split()[-1] for r in new_task_records()}
+    return [_record((rng.choice(PRETRAIN_OPERATIONS),), w) for w in _words(rng, PRETRAIN_EXAMPLES, stage2_words)]
+
+
+TASKS = {"paca-demo": new_task_records, "paca-demo-pretrain": pretrain_records}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer and models
+# ----------------------------------------------------------------------------------------------------
+
+def build_tokenizer():
+    """A character-level tokenizer (one token per character) with a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        additional_special_tokens=SPECIAL_TOKENS[4:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def random_model(seed: int):
+    """The demo architecture with random weights (``paca-demo-random``), seeded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **BASE_SHAPE)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def cache_root() -> str:
+    return os.environ.get("PACA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "paca")
+
+
+def base_dir() -> str:
+    return os.path.join(cache_root(), f"demo-base-{RECIPE_VERSION}")
+
+
+def base_summary() -> dict:
+    """What stage 1 reached (its summary.json), read from the cached base."""
+    with open(os.path.join(base_dir(), "summary.json")) as f:
+        return json.load(f)
+
+
+def ensure_base() -> str:
+    """The directory of the stage-1 base model, building and caching it first if needed."""
+    path = base_dir()
+    if os.path.isfile(os.path.join(path, "summary.json")):
+        return path
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"the demo base model is not built yet (expected in {path}); run `paca train` once in a "
+                         "single process to build it, then launch several processes.")
+    from .config import DEMO_RANDOM, TrainConfig
+    from .trainer import run
+
+    os.makedirs(cache_root(), exist_ok=True)
+    building = f"{path}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    print(f"stage 1: building the demo base model once (cached in {path}): full training of a random "
+          f"{BASE_SHAPE['num_hidden_layers']}-layer model on {', '.join(PRETRAIN_OPERATIONS)}", flush=True)
+    cfg = TrainConfig(model=DEMO_RANDOM, method="full", data="paca-demo-pretrain", max_steps=PRETRAIN_STEPS,
+                      batch_size=PRETRAIN_BATCH, lr=PRETRAIN_LR, eval_split=256, output_dir=building,
+                      save_steps=0, logging_steps=100, seed=0)
+    run(cfg, evaluate_before=False)
+    try:
+        os.replace(building, path)  # atomic: the cache holds a complete base or none
+    except OSError:
+        if not os.path.isfile(os.path.join(path, "summary.json")):
+            raise
+        shutil.rmtree(building, ignore_errors=True)  # another process finished first
+    print(f"stage 1: done; base model cached in {path}\n", flush=True)
+    return path

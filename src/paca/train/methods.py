@@ -1,0 +1,85 @@
+"""The model to train: load the base (hub, local directory, demo) and apply the method (PaCA, QPaCA, LoRA, DoRA, full)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from . import demo
+from .config import DEMO, DEMO_RANDOM, TrainConfig
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of ``name_or_path`` with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load the tokenizer of model '{name_or_path}': {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_model_exists(name: str) -> None:
+    if os.path.isdir(name):
+        return
+    if name.startswith((".", os.sep, "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model '{name}' not found: no such directory (and not a hub id).")
+
+
+def load_base(cfg: TrainConfig):
+    """``(model, tokenizer, model_path)`` for ``cfg.model``; 4-bit NF4 weights for method=qpaca."""
+    if cfg.model == DEMO_RANDOM:
+        model = demo.random_model(cfg.seed)
+        return model, demo.build_tokenizer(), DEMO_RANDOM
+    path = demo.ensure_base() if cfg.model == DEMO else cfg.model
+    _check_model_exists(path)
+    tokenizer = load_tokenizer(path)
+    from ..modeling import load_model
+
+    kwargs = {}
+    if cfg.method == "qpaca":
+        from transformers import BitsAndBytesConfig
+
+        from ..quantized import import_bitsandbytes
+
+        import_bitsandbytes(f"method=qpaca (model '{cfg.model}')")
+        compute = torch.bfloat16 if cfg.bf16 else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=compute)
+        if not torch.cuda.is_available():
+            kwargs["device_map"] = "cpu"
+    # Frozen weights may live in bf16; trained ones (full fine-tuning) stay fp32 under mixed precision.
+    dtype = torch.bfloat16 if cfg.bf16 and cfg.method != "full" else torch.float32
+    model = load_model(path, "CAUSAL_LM", dtype=dtype, **kwargs)
+    return model, tokenizer, path
+
+
+def apply_method(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Wrap ``model`` for ``cfg.method``: a PEFT model with the adapter, or the model itself for full FT."""
+    import peft
+
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model
+    if cfg.method in ("paca", "qpaca"):
+        import paca
+
+        if cfg.method == "qpaca":
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        config = paca.PacaConfig(r=cfg.r, paca_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
+                                 seed=cfg.seed, task_type="CAUSAL_LM")
+    else:
+        config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
+                                 lora_dropout=0.0, use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (4-bit packed weights counted as stored)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

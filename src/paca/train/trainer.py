@@ -1,0 +1,324 @@
+"""`paca train` wiring: transformers' Trainer, with atomic checkpoints, a NaN/Inf guard and the progress report.
+
+The Trainer does the training loop, mixed precision, gradient accumulation, DDP / FSDP2 / DeepSpeed (through
+accelerate), checkpoint contents and resumption; this module only configures it and adds what it lacks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import rotate_checkpoints
+
+from . import checkpoints, report
+from .config import DEMO, DEMO_RANDOM, TrainConfig
+from .data import IGNORE, TokenizedData, load_data
+from .methods import apply_method, count_parameters, load_base
+from .plot import plot_loss
+
+MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json",
+               "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja", "training_args.bin", "README.md")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped before the end (the loss turned NaN/Inf); nothing saved earlier was touched."""
+
+
+class _LossNotFinite(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss {value} at step {step}")
+        self.step, self.value = step, value
+
+
+class PacaTrainer(Trainer):
+    """The Trainer with checkpoints published atomically and a stop on the first non-finite loss."""
+
+    _staging_root: Optional[str] = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss.detach()).all().to(torch.float32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every process stops at the same micro-step
+        if not bool(finite):
+            # Raised after backward but before the optimizer step: the weights still hold the last good update.
+            raise _LossNotFinite(self.state.global_step + 1, float(loss.detach().float().mean()))
+        return loss
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, checkpoints.STAGING)
+        if self.args.should_save:
+            checkpoints.remove_staging(run_dir)
+            os.makedirs(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N (all processes, for FSDP)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.publish_directory(os.path.join(staging, name), os.path.join(run_dir, name))
+            checkpoints.remove_staging(run_dir)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def _argmax_tokens(logits, labels):
+    return logits.argmax(dim=-1)  # keep only what exact match needs, not (B, T, vocab) logits
+
+
+def exact_match(prediction) -> dict:
+    """Fraction of examples whose every response token is the model's top prediction.
+
+    Teacher-forced argmax over the response equals greedy decoding's output exactly (ties aside): greedy
+    reproduces the response iff each next-token argmax along the true prefix is the true token.
+    """
+    predicted, labels = prediction.predictions, prediction.label_ids
+    target, guess = labels[:, 1:], predicted[:, :-1]  # the logits at t predict token t+1
+    scored = target != IGNORE
+    correct = ((guess == target) | ~scored).all(axis=1)
+    has_response = scored.any(axis=1)
+    return {"exact_match": float(correct[has_response].mean()) if has_response.any() else 0.0}
+
+
+def default_output_dir(cfg: TrainConfig) -> str:
+    model = os.path.basename(cfg.model.rstrip("/")) or "model"
+    return os.path.join("runs", f"{model}-{cfg.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+
+
+def _deepspeed_config(choice: str):
+    if not choice:
+        return None
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ValueError(f"deepspeed={choice} needs the deepspeed package: pip install deepspeed "
+                         "(-c constraints.txt to keep torch).") from None
+    if choice in ("zero2", "zero3"):
+        return {"zero_optimization": {"stage": int(choice[-1]), "overlap_comm": True,
+                                      "stage3_gather_16bit_weights_on_model_save": True},
+                "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
+    if not os.path.isfile(choice):
+        raise FileNotFoundError(f"deepspeed config '{choice}' not found (give zero2, zero3 or a JSON file).")
+    return choice
+
+
+def _fsdp_config(model) -> dict:
+    # FSDP2 shards each decoder block (its frozen weights and its PaCA deltas alike) and the root module.
+    block_classes = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DecoderLayer")})
+    config = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
+    if block_classes:
+        config.update(auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_layer_cls_to_wrap=block_classes)
+    return config
+
+
+def _cpu_only() -> bool:
+    # accelerate runs several CPU processes (gloo) only when told the run is CPU-only.
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
+def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        bf16=cfg.bf16, activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
+        eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no", eval_steps=cfg.eval_steps or None,
+        # Inside the training loop, once the model is wrapped: an evaluate() before train() would prepare the
+        # model for evaluation only, and DDP would then train without synchronising gradients.
+        eval_on_start=evaluate and evaluate_before,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit or None,
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=False, label_names=["labels"],
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=_cpu_only(),
+        fsdp="full_shard" if cfg.fsdp else None, fsdp_config=_fsdp_config(model) if cfg.fsdp else None,
+        deepspeed=_deepspeed_config(cfg.deepspeed),
+    )
+
+
+def _collator(tokenizer):
+    from transformers import DataCollatorForSeq2Seq
+
+    # Pads input_ids with the pad token, labels with -100 (ignored), and builds the attention mask.
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+
+
+def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_before: bool = True,
+        stream=None) -> dict:
+    """Train as ``cfg`` says; return the summary (also written to ``output_dir/summary.json``).
+
+    Args:
+        cfg: the run's configuration.
+        callbacks: extra Trainer callbacks.
+        evaluate_before: measure the held-out loss (and exact match) before training too.
+        stream: where the progress lines go (stdout).
+
+    Raises:
+        FileNotFoundError, FileExistsError, ValueError: bad input, with what, where and what to do.
+        TrainingStopped: the loss turned NaN or Inf; the last good checkpoint is kept.
+    """
+    threads = torch.get_num_threads()
+    if cfg.model in (DEMO, DEMO_RANDOM):
+        # The demo's matmuls are tiny: a second thread gains ~15% when the cores are idle, but its
+        # synchronisation costs up to 50x when another process keeps a core busy.
+        torch.set_num_threads(1)
+    try:
+        return _run(cfg, callbacks, evaluate_before, stream or sys.stdout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if not cfg.output_dir:
+        if processes > 1:
+            raise ValueError("set output_dir when launching several processes (each must write to the same one).")
+        cfg.output_dir = default_output_dir(cfg)
+    resume_from = checkpoints.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+
+    set_seed(cfg.seed)
+    model, tokenizer, model_path = load_base(cfg)
+    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed)
+    model = apply_method(model, cfg)
+    trainable, total = count_parameters(model)
+    evaluate = bool(data.eval)
+
+    import datasets
+
+    progress = report.ProgressReport(os.path.join(cfg.output_dir, "metrics.jsonl"), is_main=False, stream=stream)
+    trainer = PacaTrainer(
+        model=model, args=training_arguments(cfg, model, evaluate, evaluate_before),
+        train_dataset=datasets.Dataset.from_list(data.train),
+        eval_dataset=datasets.Dataset.from_list(data.eval) if evaluate else None,
+        data_collator=_collator(tokenizer), processing_class=tokenizer,
+        compute_metrics=exact_match, preprocess_logits_for_metrics=_argmax_tokens,
+        callbacks=[progress, *callbacks])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    is_main = progress.is_main = trainer.is_world_process_zero()
+
+    if is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        checkpoints.remove_staging(cfg.output_dir)
+        if cfg.overwrite:
+            checkpoints.clear_previous_run(cfg.output_dir, MODEL_FILES)
+        if resume_from:
+            report.truncate_metrics(progress.metrics_path, _checkpoint_step(resume_from))
+        with open(os.path.join(cfg.output_dir, "train_config.yaml"), "w") as f:
+            f.write(cfg.to_yaml())
+        _print_header(cfg, model_path, data, trainable, total, trainer, resume_from, stream)
+    trainer.accelerator.wait_for_everyone()
+
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except _LossNotFinite as err:
+        kept = checkpoints.newest_checkpoint(cfg.output_dir)
+        raise TrainingStopped(
+            f"the loss became {err.value} at step {err.step}: training stopped before that step's update, and "
+            f"nothing more was saved. Last good checkpoint: {kept or 'none (no checkpoint was written yet)'}. "
+            "Lower lr (or set bf16=false), then resume=true to continue from it.") from None
+    train_seconds = time.perf_counter() - started
+    eval_before = progress.evaluations[0] if evaluate and evaluate_before else None
+    eval_after = trainer.evaluate() if evaluate else None
+
+    saved = _save_final(trainer, cfg.output_dir)
+    summary = None
+    if is_main:
+        summary = _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved,
+                           trainable, total, progress)
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        plot_loss(report.read_metrics(progress.metrics_path), os.path.join(cfg.output_dir, "loss.png"),
+                  f"{cfg.model} | {cfg.method} | {cfg.data}")
+        print(report.format_summary(summary), file=stream, flush=True)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _checkpoint_step(path: str) -> int:
+    return int(checkpoints.CHECKPOINT.match(os.path.basename(path)).group(1))
+
+
+def _save_final(trainer: Trainer, output_dir: str) -> list[str]:
+    """Save the adapter (or full model) and tokenizer into output_dir, each file by an atomic rename."""
+    staging = os.path.join(output_dir, checkpoints.STAGING, "final")
+    trainer.save_model(staging)  # every process takes part (FSDP gathers the full state dict)
+    trainer.accelerator.wait_for_everyone()
+    names = []
+    if trainer.is_world_process_zero():
+        names = checkpoints.publish_files(staging, output_dir)
+        checkpoints.remove_staging(output_dir)
+    return names
+
+
+def _print_header(cfg, model_path, data: TokenizedData, trainable, total, trainer, resume_from, stream) -> None:
+    args = trainer.args
+    processes = args.world_size
+    global_batch = cfg.batch_size * cfg.grad_accum * processes
+    where = f"{model_path}" if model_path != cfg.model else cfg.model
+    lines = [f"model: {cfg.model}" + (f" ({where})" if where != cfg.model else "") +
+             f" | method {cfg.method} r={cfg.r} alpha={cfg.paca_alpha:g} on {cfg.target_modules} | trainable "
+             f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
+             data.report(cfg.max_length),
+             f"training: global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} accumulation x "
+             f"{processes} process{'es' if processes > 1 else ''}{', FSDP2' if cfg.fsdp else ''}) | lr "
+             f"{cfg.learning_rate:g} {cfg.lr_scheduler} | {args.device.type}"
+             + (f" | bf16" if cfg.bf16 else "") + f" | output {cfg.output_dir}"]
+    if cfg.model == DEMO:
+        from . import demo
+
+        stage1 = demo.base_summary().get("eval_after") or {}
+        lines.insert(0, f"demo: the base knows {', '.join(demo.PRETRAIN_OPERATIONS)} (held-out exact match "
+                        f"{100 * stage1.get('eval_exact_match', 0):.1f}%); new task '{' '.join(demo.NEW_TASK)} <word>'")
+    if resume_from:
+        lines.append(f"resuming from {resume_from}")
+    print("\n".join(lines), file=stream, flush=True)
+
+
+def _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved, trainable, total,
+             progress) -> dict:
+    losses = [row["loss"] for row in report.read_metrics(progress.metrics_path) if "loss" in row]
+    state = trainer.state
+    return {
+        "model": cfg.model, "method": cfg.method, "data": cfg.data, "output_dir": cfg.output_dir,
+        "steps": state.global_step, "train_seconds": train_seconds,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_s": (state.num_input_tokens_seen - progress.start_tokens) / max(train_seconds, 1e-9),
+        "peak_memory_bytes": report.peak_memory_bytes(), "peak_memory_kind": report.memory_kind(),
+        "trainable_parameters": trainable, "total_parameters": total,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": data.truncated,
+        "dropped": len(data.dropped),
+        "eval_before": _eval_fields(eval_before), "eval_after": _eval_fields(eval_after),
+        "saved": ", ".join(name for name in saved if name.startswith(("adapter_", "model"))) or "nothing",
+        "processes": trainer.args.world_size,
+    }
+
+
+def _eval_fields(metrics: Optional[dict]) -> Optional[dict]:
+    if not metrics:
+        return None
+    return {k: float(v) for k, v in metrics.items() if k in ("eval_loss", "eval_exact_match")}

@@ -1,0 +1,92 @@
+"""`paca train` configuration: flat YAML + key=value overrides, typed, with errors that name the nearest key."""
+
+import glob
+import os
+
+import pytest
+
+from paca.train.config import DEFAULT_LR, KEYS, TrainConfig, load_config, usage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_no_arguments_is_the_demo():
+    cfg = load_config([])
+    assert cfg == TrainConfig()
+    assert (cfg.model, cfg.data, cfg.method) == ("paca-demo", "paca-demo", "paca")
+
+
+def test_command_line_overrides_the_file_which_overrides_the_defaults(tmp_path):
+    path = write(tmp_path, "# model\nmodel: some/model\n# training\nlr: 1e-4\nbatch_size: 4\n")
+    cfg = load_config([path, "batch_size=8", "bf16=true", "target_modules=q_proj,v_proj"])
+    assert cfg.model == "some/model" and cfg.lr == 1e-4 and cfg.batch_size == 8 and cfg.bf16 is True
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.r == TrainConfig().r  # untouched keys keep their default
+
+
+@pytest.mark.parametrize("where", ["file", "command line"])
+def test_unknown_key_names_the_nearest_valid_key(tmp_path, where):
+    argv = [write(tmp_path, "learning_rat: 0.1\n")] if where == "file" else ["learning_rat=0.1"]
+    with pytest.raises(ValueError, match="unknown key 'learning_rat'; did you mean 'lr'"):
+        load_config(argv)
+    with pytest.raises(ValueError, match="unknown key 'gradient_acum'; did you mean 'grad_accum'"):
+        load_config(["gradient_acum=4"])
+    with pytest.raises(ValueError, match="unknown key 'max_step'; did you mean 'max_steps'"):
+        load_config(["max_step=4"])
+
+
+def test_wrong_types_and_choices_name_the_key_and_the_source(tmp_path):
+    with pytest.raises(ValueError, match="command line: key 'batch_size' expects an integer, got 'four'"):
+        load_config(["batch_size=four"])
+    with pytest.raises(ValueError, match="key 'bf16' expects true or false"):
+        load_config(["bf16=maybe"])
+    with pytest.raises(ValueError, match="key 'method' must be one of paca, qpaca, lora, dora, full; got 'adapter'"):
+        load_config(["method=adapter"])
+    path = write(tmp_path, "r: [1, 2]\n")
+    with pytest.raises(ValueError, match=f"{path}: key 'r' expects an integer"):
+        load_config([path])
+
+
+def test_nested_yaml_and_missing_file_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="flat mapping"):
+        load_config([write(tmp_path, "training:\n  lr: 0.1\n")])
+    with pytest.raises(FileNotFoundError, match="config file 'nope.yaml' not found"):
+        load_config(["nope.yaml"])
+
+
+def test_inconsistent_values_are_refused():
+    with pytest.raises(ValueError, match="resume=true needs output_dir"):
+        load_config(["resume=true"])
+    with pytest.raises(ValueError, match="'batch_size' must be positive"):
+        load_config(["batch_size=0"])
+    with pytest.raises(ValueError, match="eval_split.*fraction in \\(0, 1\\) or a whole count"):
+        load_config(["eval_split=2.5"])
+
+
+def test_lr_defaults_to_the_methods_value():
+    assert load_config(["method=full"]).learning_rate == DEFAULT_LR["full"]
+    assert load_config(["method=lora", "lr=0.5"]).learning_rate == 0.5
+
+
+def test_written_config_reads_back_identically(tmp_path):
+    cfg = load_config(["method=lora", "target_modules=[q_proj, v_proj]", "lr=3e-4", "eval_split=0.1"])
+    assert load_config([write(tmp_path, cfg.to_yaml())]) == cfg
+
+
+def test_help_lists_every_key_under_its_group():
+    text = usage()
+    for name in KEYS:
+        assert f"  {name} " in text
+    for group in ("model:", "method:", "data:", "training:", "output:"):
+        assert group in text
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml"))))
+def test_example_configs_are_valid(path):
+    load_config([path])

@@ -1,0 +1,117 @@
+"""`paca train` data: reading JSONL / chat records, chat template, response-only labels, truncation, bad input."""
+
+import json
+
+import pytest
+
+from paca.train import demo
+from paca.train.data import IGNORE, load_data, load_examples, split_examples, tokenize, tokenize_examples
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return demo.build_tokenizer()
+
+
+def write_jsonl(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def labelled_text(tokenizer, ids, labels):
+    return tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+
+
+def test_chat_template_is_applied_and_only_the_response_is_labelled(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path, [{"prompt": "upper abc", "response": "ABC"}])
+    [(ids, labels)] = tokenize_examples(load_examples(path), tokenizer)
+    assert tokenizer.decode(ids) == "<s><|user|>upper abc<|assistant|>ABC</s>"
+    assert labelled_text(tokenizer, ids, labels) == "ABC</s>"  # the response and its end, nothing else
+    assert labels[: ids.index(tokenizer.convert_tokens_to_ids("<|assistant|>")) + 1] == [IGNORE] * (
+        ids.index(tokenizer.convert_tokens_to_ids("<|assistant|>")) + 1)
+
+
+def test_every_assistant_turn_of_a_chat_is_labelled_and_no_other(tmp_path, tokenizer):
+    chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "yo"}, {"role": "user", "content": "bye"},
+                         {"role": "assistant", "content": "ciao"}]}
+    [(ids, labels)] = tokenize_examples(load_examples(write_jsonl(tmp_path, [chat])), tokenizer)
+    assert labelled_text(tokenizer, ids, labels) == "yo</s>ciao</s>"
+
+
+def test_without_a_chat_template_prompt_and_response_are_joined_and_eos_ends_the_response(tmp_path, tokenizer):
+    plain = demo.build_tokenizer()
+    plain.chat_template = None
+    [(ids, labels)] = tokenize_examples(load_examples(write_jsonl(tmp_path, [{"prompt": "ab", "response": "cd"}])),
+                                        plain)
+    assert plain.decode(ids) == "<s>ab\ncd</s>"
+    assert labelled_text(plain, ids, labels) == "cd</s>"
+
+
+def test_long_examples_are_truncated_counted_and_dropped_when_no_response_is_left(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"},
+                                  {"prompt": "a", "response": "b" * 40},  # response cut: truncated, kept
+                                  {"prompt": "a" * 40, "response": "b"}])  # response beyond the cut: dropped
+    examples = load_examples(path)
+    data = tokenize(examples, [], tokenizer, max_length=16)
+    assert data.truncated == 2
+    assert data.dropped == [f"{path}:3"]
+    assert len(data.train) == 2 and all(len(row["input_ids"]) <= 16 for row in data.train)
+    assert "2 truncated to max_length=16" in data.report(16) and f"{path}:3" in data.report(16)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}, '{"prompt": "a", "response": '])
+    with pytest.raises(ValueError, match=f"{path}:2: malformed JSON"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"question": "a", "answer": "b"}, "expected 'prompt' and 'response' strings or a 'messages' list; got keys "
+                                       r"\['answer', 'question'\]"),
+    ({"prompt": "a", "response": 3}, "'prompt' and 'response' must be strings"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "the last message must be the assistant's"),
+    ({"messages": [{"role": "bot", "content": "a"}]}, r"messages\[0\] must be"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_bad_records_name_file_and_line(tmp_path, record, message):
+    path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}, record])
+    with pytest.raises(ValueError, match=f"{path}:3: {message}"):
+        load_examples(path)
+
+
+def test_empty_dataset_and_missing_file_are_reported(tmp_path):
+    empty = write_jsonl(tmp_path, ["", "  "])
+    with pytest.raises(ValueError, match="holds no examples"):
+        load_examples(empty)
+    with pytest.raises(FileNotFoundError, match="data file 'missing.jsonl' not found"):
+        load_examples("missing.jsonl")
+
+
+def test_eval_split_holds_out_a_seeded_fraction_or_count(tmp_path):
+    examples = load_examples(write_jsonl(tmp_path, [{"prompt": str(i), "response": "x"} for i in range(20)]))
+    train, held = split_examples(examples, 0.25, seed=3)
+    assert (len(train), len(held)) == (15, 5)
+    assert split_examples(examples, 0.25, seed=3)[1] == held  # reproducible
+    assert len(split_examples(examples, 4, seed=3)[1]) == 4
+    with pytest.raises(ValueError, match="leaving none to train on"):
+        split_examples(examples, 20, seed=0)
+
+
+def test_a_dataset_saved_to_disk_reads_like_jsonl(tmp_path, tokenizer):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "upper ab", "response": "AB"}] * 3).save_to_disk(str(tmp_path / "ds"))
+    data = load_data(str(tmp_path / "ds"), "train", tokenizer, max_length=32, eval_split=1, seed=0)
+    assert (len(data.train), len(data.eval)) == (2, 1)
+
+
+def test_demo_tasks_hold_out_words_never_seen_in_either_stage():
+    new_task = demo.new_task_records()
+    words = [r["prompt"].split()[-1] for r in new_task]
+    assert len(set(words)) == len(words) == demo.NEW_TASK_EXAMPLES
+    pretrain_words = {r["prompt"].split()[-1] for r in demo.pretrain_records()}
+    assert not pretrain_words & set(words)
+    assert new_task[0]["response"] == demo.answer(("next", "upper"), words[0])
+    assert demo.answer(("next", "upper"), "azz") == "BAA" and demo.answer(("prev",), "abc") == "zab"
