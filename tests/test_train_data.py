@@ -113,5 +113,6 @@ def test_demo_tasks_hold_out_words_never_seen_in_either_stage():
     assert len(set(words)) == len(words) == demo.NEW_TASK_EXAMPLES
     pretrain_words = {r["prompt"].split()[-1] for r in demo.pretrain_records()}
     assert not pretrain_words & set(words)
-    assert new_task[0]["response"] == demo.answer(("next", "upper"), words[0])
+    assert new_task[0]["response"] == demo.answer(tuple(new_task[0]["prompt"].split()[:2]), words[0])
+    assert {tuple(r["prompt"].split()[:2]) for r in new_task} == set(demo.NEW_TASK)
     assert demo.answer(("next", "upper"), "azz") == "BAA" and demo.answer(("prev",), "abc") == "zab"

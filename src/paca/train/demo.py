@@ -11,11 +11,13 @@ on it: the *base model* ``paca-demo``, built on first use in about half a minute
 
 The *new task* (stage 2, data ``paca-demo``) chains two of the operations, which the base never saw:
 
-    next upper hello -> IFMMP
+    next upper hello -> IFMMP    prev upper hello -> GDKKN    next next hello -> jgnnq    prev prev hello -> fcjjm
 
-The base scores 0% on it; adapting it with PaCA on a few thousand examples takes it to near 100% on
-held-out words (never seen in either stage), while the same budget from a random initialisation
-(``model=paca-demo-random``) stays near 0%: the adaptation reuses what stage 1 taught.
+The base scores 0% on it; adapting it with PaCA (150 steps) takes it to over 90% exact match on held-out
+words (never seen in either stage), while the same budget from a random initialisation
+(``model=paca-demo-random``) stays at 0%, even with full fine-tuning: the adaptation reuses what stage 1
+taught (the alphabet, the case mapping, where each output letter comes from). Any one chain alone is
+learnable from scratch in this budget; the family of four is not.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import string
 LETTERS = string.ascii_lowercase
 WORD_LENGTH = 5
 PRETRAIN_OPERATIONS = ("copy", "upper", "next", "prev")
-NEW_TASK = ("next", "upper")  # applied left to right
+NEW_TASK = (("next", "upper"), ("prev", "upper"), ("next", "next"), ("prev", "prev"))  # left to right
 NEW_TASK_EXAMPLES = 4800 + 256  # 150 steps of 32, and the held-out set (eval_split=256)
 
 # Stage 1, fixed: changing any of it must change RECIPE_VERSION (the cache key).
@@ -83,8 +85,9 @@ def _record(operations: tuple[str, ...], word: str) -> dict:
 
 
 def new_task_records() -> list[dict]:
-    """Stage 2, ``paca-demo``: ``next upper <word>`` on distinct words."""
-    return [_record(NEW_TASK, w) for w in _words(random.Random(2), NEW_TASK_EXAMPLES)]
+    """Stage 2, ``paca-demo``: one of the chains of :data:`NEW_TASK` per word, on distinct words."""
+    rng = random.Random(2)
+    return [_record(rng.choice(NEW_TASK), w) for w in _words(rng, NEW_TASK_EXAMPLES)]
 
 
 def pretrain_records() -> list[dict]:

@@ -292,7 +292,8 @@ def _print_header(cfg, model_path, data: TokenizedData, trainable, total, traine
 
         stage1 = demo.base_summary().get("eval_after") or {}
         lines.insert(0, f"demo: the base knows {', '.join(demo.PRETRAIN_OPERATIONS)} (held-out exact match "
-                        f"{100 * stage1.get('eval_exact_match', 0):.1f}%); new task '{' '.join(demo.NEW_TASK)} <word>'")
+                        f"{100 * stage1.get('eval_exact_match', 0):.1f}%); new task: chains of two, "
+                        + ", ".join(f"'{' '.join(chain)}'" for chain in demo.NEW_TASK))
     if resume_from:
         lines.append(f"resuming from {resume_from}")
     print("\n".join(lines), file=stream, flush=True)
