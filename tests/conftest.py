@@ -34,6 +34,15 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs single-threaded and leaves the thread count as it found it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

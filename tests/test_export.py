@@ -22,14 +22,6 @@ from paca.export import lora_factors
 MAKE = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_adapter(tmp_path, arch, **config):
     """Save a base model and a PaCA adapter (random nonzero deltas) for it; return (base_dir, adapter_dir, logits fn)."""

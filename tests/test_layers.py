@@ -24,14 +24,6 @@ from paca.tuner import Linear as PacaLinear
 LAYER_KINDS = ["linear", "gpt2_conv1d", "conv2d"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids spin-waiting on a shared 2-core machine (50x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_layer(kind, dtype=torch.float32, bias=True, r=3, alpha=6.0, seed=0, d_in=16, d_out=8):
     """A PaCA layer of ``kind`` around a fresh base layer (d_in 16, d_out 8), and an input for it."""

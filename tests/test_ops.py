@@ -16,14 +16,6 @@ from paca.ops import partial_conv2d, partial_linear
 SCALE = 1.75
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _idx(d_in, r, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -23,13 +23,6 @@ from paca.tuner.quantized import Linear4bit as PacaLinear4bit
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):

@@ -17,14 +17,6 @@ from paca import PacaConfig, paca_layers
 from paca.selection import random_columns
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 MAKE = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 

@@ -20,13 +20,6 @@ from paca import PacaConfig, paca_layers, select_by_gradient
 from paca.selection import random_columns
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def indices(model, adapter="default"):
     return {name: layer.paca_indices[adapter].clone() for name, layer in paca_layers(model).items()}

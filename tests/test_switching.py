@@ -14,13 +14,6 @@ from peft import PeftModel, get_peft_model
 from paca import PacaConfig, add_weighted_adapter, paca_layers, switch_adapter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def trained_adapter(tmp_path, name, seed, r=4, target_modules=("q_proj", "o_proj", "down_proj"), model_fn=tiny_llama):
     """Save an adapter with random deltas (a stand-in for training) and return its directory and own logits fn."""
