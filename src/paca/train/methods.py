@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -76,7 +77,10 @@ def apply_method(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     else:
         config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
                                  lora_dropout=0.0, use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 still calls transformers' deprecated is_gradient_checkpointing: noise, not our concern.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

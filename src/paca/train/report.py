@@ -68,6 +68,10 @@ class ProgressReport(TrainerCallback):
         self._start_step = state.global_step  # > 0 when resuming
         self._last_tokens = self.start_tokens = state.num_input_tokens_seen
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            control.should_log = True  # the last step always gets a line, whatever logging_steps says
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.evaluations.append(dict(metrics or {}))
 

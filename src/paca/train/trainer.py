@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
@@ -44,6 +45,30 @@ class PacaTrainer(Trainer):
     """The Trainer with checkpoints published atomically and a stop on the first non-finite loss."""
 
     _staging_root: Optional[str] = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp and getattr(state, "fsdp_plugin", None) is None and \
+                state.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate switches FSDP on for accelerator back-ends only and silently trains CPU processes
+            # (gloo) with DDP instead. FSDP2 itself runs there: enable the same FSDP2 path by hand.
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        if not (self.is_fsdp_enabled and self.args.device.type == "cpu"):
+            return super().save_model(output_dir, _internal_call)
+        # FSDP2 on CPU: accelerate's full state dict (cpu_offload=True) returns views of the unsharded
+        # parameters' storage, freed again at reshard, which the save then reads. Gather into fresh tensors.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        state_dict = {name: tensor.detach().clone() for name, tensor in state_dict.items()}
+        self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -153,7 +178,7 @@ def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before:
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, label_names=["labels"],
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         dataloader_pin_memory=torch.cuda.is_available(), use_cpu=_cpu_only(),
-        fsdp="full_shard" if cfg.fsdp else None, fsdp_config=_fsdp_config(model) if cfg.fsdp else None,
+        fsdp=cfg.fsdp, fsdp_config=_fsdp_config(model) if cfg.fsdp else None,
         deepspeed=_deepspeed_config(cfg.deepspeed),
     )
 
@@ -179,15 +204,20 @@ def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_be
         FileNotFoundError, FileExistsError, ValueError: bad input, with what, where and what to do.
         TrainingStopped: the loss turned NaN or Inf; the last good checkpoint is kept.
     """
-    threads = torch.get_num_threads()
+    from transformers.utils import logging as hf_logging
+
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     if cfg.model in (DEMO, DEMO_RANDOM):
         # The demo's matmuls are tiny: a second thread gains ~15% when the cores are idle, but its
         # synchronisation costs up to 50x when another process keeps a core busy.
         torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would break the one-line-per-step output
     try:
         return _run(cfg, callbacks, evaluate_before, stream or sys.stdout)
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
