@@ -53,10 +53,12 @@ class PacaTrainer(Trainer):
                 state.distributed_type == DistributedType.MULTI_CPU:
             # accelerate switches FSDP on for accelerator back-ends only and silently trains CPU processes
             # (gloo) with DDP instead. FSDP2 itself runs there: enable the same FSDP2 path by hand.
+            from accelerate import PartialState
             from accelerate.utils import FullyShardedDataParallelPlugin
 
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-            state.distributed_type = DistributedType.FSDP
+            # Both shared states: each AcceleratorState() re-reads PartialState's distributed type.
+            PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
             self.is_fsdp_enabled = True
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:

@@ -1,0 +1,214 @@
+"""`paca train` end to end: the demo, outputs, resume, atomic checkpoints, NaN guard, bad input, methods.
+
+Runs use the demo architecture (2 layers, hidden 64) on a small JSONL of the demo task, in-process.
+"""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from paca.train import TrainingStopped, demo, run
+from paca.train.checkpoints import newest_checkpoint
+from paca.train.cli import main
+from paca.train.config import load_config
+from paca.train.trainer import PacaTrainer
+
+PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\) \| loss [\d.]+ \| lr [\d.]+e[-+]\d+ \| [\d.]+[kMG]? tok/s \| "
+                           r"peak [\d.]+ (KiB|MiB|GiB) \| eta \w+$")
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    """72 examples of the demo's new task as prompt/response JSONL."""
+    path = tmp_path_factory.mktemp("data") / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo.new_task_records()[:72]))
+    return str(path)
+
+
+def config(task_file, output_dir, *overrides):
+    return load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={output_dir}", "batch_size=8",
+                        "eval_split=8", "logging_steps=1", "save_steps=0", *overrides])
+
+
+def adapter(output_dir):
+    return load_file(os.path.join(output_dir, "adapter_model.safetensors"))
+
+
+def assert_same_tensors(a, b, atol=0.0):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(TrainerCallback):
+    """Stands for a kill: raise once optimizer step ``step`` is done (after its checkpoint, if any)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt(f"killed after step {self.step}")
+
+
+def test_default_run_builds_the_base_once_then_adapts_it_and_reports(tmp_path, monkeypatch, capsys):
+    """`paca train` with no arguments, shortened: stage 1 cut to 30 steps, stage 2 to 12."""
+    monkeypatch.setenv("PACA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "PRETRAIN_STEPS", 30)
+    monkeypatch.setattr(demo, "PRETRAIN_EXAMPLES", 30 * demo.PRETRAIN_BATCH + 256)
+    out = tmp_path / "run"
+    assert main([f"output_dir={out}", "max_steps=12", "logging_steps=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1: building the demo base model once" in printed
+    assert os.path.isfile(os.path.join(demo.base_dir(), "model.safetensors"))
+
+    progress = [line for line in printed.splitlines() if line.startswith("step ")]
+    assert progress and all(PROGRESS_LINE.match(line) for line in progress), progress
+    assert progress[-1].startswith("step 12/12 (100%)")
+    assert re.search(r"held-out eval \(256 examples\): before loss [\d.]+, exact match [\d.]+% -> after loss", printed)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "loss.png", "summary.json", "metrics.jsonl"):
+        assert os.path.isfile(out / name), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 4, 8, 12]
+    assert all({"step", "loss", "lr", "tokens_per_s", "peak_memory_bytes"} <= set(r) for r in steps)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 12]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["eval_before"] and summary["eval_after"]
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]  # it learns something
+    assert summary["last_loss"] < summary["first_loss"]
+
+    assert main([f"output_dir={tmp_path / 'again'}", "max_steps=1"]) == 0  # the cached base is reused
+    assert "building" not in capsys.readouterr().out
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(task_file, tmp_path):
+    whole = tmp_path / "whole"
+    run(config(task_file, whole, "max_steps=6", "save_steps=2"))
+    parts = tmp_path / "parts"
+    with pytest.raises(Interrupt):
+        run(config(task_file, parts, "max_steps=6", "save_steps=2"), callbacks=[InterruptAt(5)])
+    assert newest_checkpoint(parts).endswith("checkpoint-4")
+    run(config(task_file, parts, "max_steps=6", "save_steps=2", "resume=true"))
+    assert_same_tensors(adapter(parts), adapter(whole))
+    logged = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert logged == [1, 2, 3, 4, 5, 6]  # step 5, logged before the kill, is replaced, not duplicated
+
+
+def test_a_kill_during_a_checkpoint_save_never_leaves_a_complete_looking_checkpoint(task_file, tmp_path,
+                                                                                    monkeypatch):
+    original = PacaTrainer._save_rng_state  # runs after the weights and optimizer are written
+
+    def dies_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise Interrupt("killed while saving checkpoint-4")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(PacaTrainer, "_save_rng_state", dies_at_step_4)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run(config(task_file, out, "max_steps=6", "save_steps=2"))
+    assert not (out / "checkpoint-4").exists()  # half-written, so never published
+    assert newest_checkpoint(out).endswith("checkpoint-2")
+    monkeypatch.setattr(PacaTrainer, "_save_rng_state", original)
+    run(config(task_file, out, "max_steps=6", "save_steps=2", "resume=true"))
+    assert newest_checkpoint(out).endswith("checkpoint-6") and not (out / ".staging").exists()
+
+
+class NaNLossFrom(TrainerCallback):
+    """From optimizer step ``step`` on, the model's logits (and so its loss) are NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out * float("nan"))
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(task_file, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"loss became nan at step 4.*Last good checkpoint: .*checkpoint-2"):
+        run(config(task_file, out, "max_steps=6", "save_steps=2"), callbacks=[NaNLossFrom(4)])
+    assert newest_checkpoint(out).endswith("checkpoint-2")
+    good = load_file(os.path.join(newest_checkpoint(out), "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert not (out / "adapter_model.safetensors").exists()  # nothing saved after the failure
+
+
+def test_an_output_dir_holding_a_run_is_refused_unless_resume_or_overwrite(task_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", "eval_split=8"]
+    assert main(args + ["max_steps=4", "save_steps=2"]) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert main(args + ["max_steps=2"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run (2 checkpoint(s), newest checkpoint-4" in err and "resume=true" in err
+    assert (out / "adapter_model.safetensors").read_bytes() == before  # untouched
+    assert main(args + ["max_steps=2", "save_steps=2", "overwrite=true"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's are gone
+    empty = tmp_path / "empty"
+    assert main(args[:2] + [f"output_dir={empty}", "resume=true"]) == 1
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=./no/such/model"], "model './no/such/model' not found"),
+    (["data=missing.jsonl"], "data file 'missing.jsonl' not found"),
+    (["lrr=0.1"], "unknown key 'lrr'; did you mean 'lr'"),
+    (["max_length=4"], "no training example has a response token within max_length=4"),
+])
+def test_bad_input_exits_with_a_message_and_writes_nothing(task_file, tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    argv = [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "max_steps=1", "eval_split=8",
+            *overrides]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_data_lines_are_reported_with_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main([f"data={bad}", "model=paca-demo-random", f"output_dir={tmp_path / 'a'}"]) == 1
+    assert f"{bad}:2: malformed JSON" in capsys.readouterr().err
+    assert main([f"data={empty}", "model=paca-demo-random", f"output_dir={tmp_path / 'b'}"]) == 1
+    assert "holds no examples" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_gives_the_update_of_the_large_batch(task_file, tmp_path):
+    run(config(task_file, tmp_path / "large", "max_steps=3", "batch_size=8", "grad_accum=1"))
+    run(config(task_file, tmp_path / "accumulated", "max_steps=3", "batch_size=4", "grad_accum=2"))
+    assert_same_tensors(adapter(tmp_path / "accumulated"), adapter(tmp_path / "large"), atol=1e-6)
+
+
+@pytest.mark.parametrize("method,saved", [("lora", "adapter_model.safetensors"), ("dora", "adapter_model.safetensors"),
+                                          ("full", "model.safetensors")])
+def test_other_methods_train_and_save(task_file, tmp_path, method, saved):
+    summary = run(config(task_file, tmp_path / method, f"method={method}", "max_steps=2"))
+    assert summary["method"] == method and os.path.isfile(tmp_path / method / saved)
+    if method == "full":
+        assert summary["trainable_parameters"] == summary["total_parameters"]
+
+
+def test_qpaca_trains_paca_on_a_4bit_base(task_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    base = tmp_path / "base"
+    demo.random_model(0).save_pretrained(base)
+    demo.build_tokenizer().save_pretrained(base)
+    summary = run(load_config([f"data={task_file}", f"model={base}", "method=qpaca", f"output_dir={tmp_path / 'q'}",
+                               "batch_size=8", "eval_split=8", "max_steps=2"]))
+    assert summary["method"] == "qpaca"
+    assert json.loads((tmp_path / "q" / "adapter_config.json").read_text())["peft_type"] == "PACA"
