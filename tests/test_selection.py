@@ -82,6 +82,26 @@ def test_select_by_gradient_picks_the_top_accumulated_squared_gradients():
         assert torch.equal(paca_layers(model)[name].paca_indices["default"], idx)
 
 
+def test_accumulated_micro_batches_score_like_the_joined_batch():
+    """accumulate=2 over halves (with different response-token counts) equals accumulate=1 on the whole."""
+    g = torch.Generator().manual_seed(3)
+    joined = []
+    for _ in range(3):
+        ids = torch.randint(0, 64, (4, 10), generator=g)
+        labels = ids.clone()
+        labels[0, :7] = -100  # the first half counts fewer tokens: a plain mean of halves would weight it wrong
+        joined.append({"input_ids": ids, "labels": labels})
+    halves = [{k: v[rows] for k, v in batch.items()} for batch in joined for rows in (slice(0, 2), slice(2, 4))]
+    whole = select_by_gradient(get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")),
+                               joined, steps=3)
+    accumulated = select_by_gradient(get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")),
+                                     halves, steps=3, accumulate=2)
+    unweighted = select_by_gradient(get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")),
+                                     halves, steps=6)  # each half squared on its own: a different score
+    assert all(torch.equal(whole[name], accumulated[name]) for name in whole)
+    assert any(not torch.equal(whole[name], unweighted[name]) for name in whole)
+
+
 def test_select_by_gradient_updates_nothing_and_leaves_grads_alone():
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules=["q_proj", "down_proj"],
                                                     selection="gradient", modules_to_save=["lm_head"]))
@@ -112,6 +132,8 @@ def test_select_by_gradient_bad_input():
         select_by_gradient(model, [calibration_batches(1)[0], {"input_ids": torch.zeros(1, 4, dtype=torch.long)}])
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         select_by_gradient(model, calibration_batches(1), steps=0)
+    with pytest.raises(ValueError, match="accumulate must be a positive integer"):
+        select_by_gradient(model, calibration_batches(1), accumulate=0)
     with pytest.raises(ValueError, match="no PaCA layer with adapter 'other'"):
         select_by_gradient(model, calibration_batches(1), adapter_name="other")
 

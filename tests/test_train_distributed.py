@@ -61,11 +61,15 @@ def task_file(tmp_path_factory):
     return str(path)
 
 
+def single_process_run(task_file, out, *extra):
+    run(load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", *STEPS,
+                     *extra]))
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def single_process(task_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    run(load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", *STEPS]))
-    return load_file(os.path.join(out, "adapter_model.safetensors"))
+    return single_process_run(task_file, tmp_path_factory.mktemp("single") / "run")
 
 
 def free_port() -> int:
@@ -101,12 +105,14 @@ def test_ddp_on_two_processes_equals_one_process(task_file, single_process, tmp_
     assert_close_to(single_process, out, atol=1e-6)
 
 
-def test_fsdp2_shards_frozen_and_tuned_weights_and_a_resumed_run_equals_one_process(task_file, single_process,
-                                                                                   tmp_path):
+def test_fsdp2_shards_frozen_and_tuned_weights_and_a_resumed_run_equals_one_process(task_file, tmp_path):
+    """With selection=gradient: rank 0 scores the same global batches as the single process, split in two."""
+    gradient = ("selection=gradient", "selection_steps=2")
+    single_process = single_process_run(task_file, tmp_path / "single", *gradient)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     out = tmp_path / "fsdp"
-    killed = torchrun([str(driver)], two_process_args(task_file, out, "fsdp=true", "kill_after=3"))
+    killed = torchrun([str(driver)], two_process_args(task_file, out, "fsdp=true", *gradient, "kill_after=3"))
     assert killed.returncode != 0 and "killed after step 3" in killed.stderr
     assert "FSDP2" in killed.stdout
     for rank in (0, 1):
@@ -117,7 +123,7 @@ def test_fsdp2_shards_frozen_and_tuned_weights_and_a_resumed_run_equals_one_proc
     checkpoint = out / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file()  # saved through the FSDP2 path
 
-    resumed = torchrun([str(driver)], two_process_args(task_file, out, "fsdp=true", "resume=true"))
+    resumed = torchrun([str(driver)], two_process_args(task_file, out, "fsdp=true", *gradient, "resume=true"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-2" in resumed.stdout
     assert_close_to(single_process, out, atol=1e-6)

@@ -105,6 +105,39 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(task_file, tmp_
     assert logged == [1, 2, 3, 4, 5, 6]  # step 5, logged before the kill, is replaced, not duplicated
 
 
+def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_its_columns(task_file, tmp_path,
+                                                                                         capsys):
+    import paca
+    from paca.train.data import load_data
+    from paca.train.methods import apply_method, load_base
+    from paca.train.trainer import _collator
+
+    settings = ("selection=gradient", "selection_steps=3", "max_steps=4", "save_steps=2")
+    whole = tmp_path / "whole"
+    run(config(task_file, whole, *settings))
+    assert "gradient columns (scored on 3 global batches)" in capsys.readouterr().out
+
+    # Reference: select_by_gradient itself on the first 3 training batches, in file order.
+    cfg = config(task_file, tmp_path / "unused", *settings)
+    model, tokenizer, _ = load_base(cfg)
+    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed)
+    model = apply_method(model, cfg)
+    batches = [_collator(tokenizer)(data.train[i:i + 8]) for i in (0, 8, 16)]
+    chosen = paca.select_by_gradient(model, iter(batches), steps=3)
+    saved = adapter(whole)
+    for layer, idx in chosen.items():
+        assert torch.equal(saved[f"base_model.model.{layer}.paca_indices"], idx), layer
+    run(config(task_file, tmp_path / "random", "max_steps=1"))
+    random_indices = {k: v for k, v in adapter(tmp_path / "random").items() if k.endswith("paca_indices")}
+    assert any(not torch.equal(saved[k], v) for k, v in random_indices.items())
+
+    parts = tmp_path / "parts"
+    with pytest.raises(Interrupt):
+        run(config(task_file, parts, *settings), callbacks=[InterruptAt(3)])
+    run(config(task_file, parts, *settings, "resume=true"))  # the checkpoint carries the columns on
+    assert_same_tensors(adapter(parts), saved)
+
+
 def test_a_kill_during_a_checkpoint_save_never_leaves_a_complete_looking_checkpoint(task_file, tmp_path,
                                                                                     monkeypatch):
     original = PacaTrainer._save_rng_state  # runs after the weights and optimizer are written

@@ -176,21 +176,29 @@ def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name:
 # gradient: accumulated squared gradient of the loss w.r.t. each input column, over a calibration pass
 # ----------------------------------------------------------------------------------------------------
 
-def _weight_grad_column_scores(layer, x: Tensor, grad: Tensor) -> Tensor:
-    """``sum_i (dL/dW_ij)^2`` for every input column ``j`` of one layer call: ``(d_in,)`` in float32."""
+def _weight_grad(layer, x: Tensor, grad: Tensor) -> Tensor:
+    """``dL/dW`` of one layer call in float32: ``(d_out, d_in)``, or ``(C_out, C_in, kh, kw)`` for Conv2d."""
     if isinstance(layer.get_base_layer(), nn.Conv2d):
         conv = layer.get_base_layer()
         shape = (conv.out_channels, conv.in_channels, *conv.kernel_size)
-        grad_w = torch.nn.grad.conv2d_weight(x.float(), shape, grad.float(), conv.stride, layer.padding,
-                                             conv.dilation)  # (C_out, C_in, kh, kw)
-        return grad_w.pow(2).sum((0, 2, 3))
+        return torch.nn.grad.conv2d_weight(x.float(), shape, grad.float(), conv.stride, layer.padding, conv.dilation)
     x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d_in)
     g2 = grad.reshape(-1, grad.shape[-1]).float()  # (N, d_out)
-    return (g2.t() @ x2).pow(2).sum(0)  # (d_out, d_in) -> (d_in,)
+    return g2.t() @ x2
+
+
+def _column_scores(grad_w: Tensor) -> Tensor:
+    """``sum_i (dL/dW_ij)^2`` for every input column ``j``: ``(d_in,)``."""
+    return grad_w.pow(2).sum(0) if grad_w.dim() == 2 else grad_w.pow(2).sum((0, 2, 3))
+
+
+def _response_tokens(batch: Mapping) -> Tensor:
+    """Tokens a causal LM's loss counts in ``batch``: labels after the one-token shift, not -100."""
+    return (batch["labels"][..., 1:] != -100).sum()
 
 
 def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], steps: int = 100,
-                       adapter_name: Optional[str] = None) -> dict[str, Tensor]:
+                       adapter_name: Optional[str] = None, accumulate: int = 1) -> dict[str, Tensor]:
     """Set each PaCA layer's columns to the ``r`` with the largest accumulated squared gradient.
 
         score_j = sum_{steps} sum_i (dL/dW_ij)^2,    idx = sorted(argtop_r score)
@@ -202,24 +210,34 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
     strategy's, in fact), each layer's delta is reset to zero, and the indices are saved with the
     adapter like any others. Disable gradient checkpointing during the pass.
 
+    With ``accumulate = k > 1`` a step is ``k`` consecutive micro-batches, as with gradient
+    accumulation: ``dL/dW`` is summed over them before squaring, each micro-batch's loss divided by the
+    step's response-token count (the model is called with ``num_items_in_batch``, as transformers'
+    Trainer does), so the scores equal those of the ``k`` micro-batches joined into one batch. This
+    holds every tuned layer's ``dL/dW`` in float32 through a step (the memory of full fine-tuning's
+    gradients); with ``k = 1`` each is squared and freed within its own backward call.
+
     Args:
         model: a ``PeftModel`` (or any module) holding PaCA layers.
         batches: iterable of dicts the model accepts as keyword arguments, with ``labels`` (e.g.
             ``input_ids``, ``attention_mask``, ``labels``); tensors are moved to the model's device.
-        steps: maximum number of batches to use (fewer if ``batches`` ends first).
+        steps: maximum number of steps to use (fewer if ``batches`` ends first).
         adapter_name: adapter whose columns are chosen (default: the active one).
+        accumulate: micro-batches per step; ``k > 1`` needs a causal LM that accepts
+            ``num_items_in_batch`` (transformers' ``*ForCausalLM``).
 
     Returns:
         The new indices by layer name.
 
     Raises:
-        ValueError: ``steps < 1``; no PaCA layer; ``batches`` empty; a batch without ``labels``; a model
-            output without a loss; a layer that no gradient reached.
+        ValueError: ``steps < 1`` or ``accumulate < 1``; no PaCA layer; ``batches`` empty; a batch without
+            ``labels``; a model output without a loss; a layer that no gradient reached.
     """
     from .tuner.layer import PacaLayer
 
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"select_by_gradient: steps must be a positive integer, got {steps!r}.")
+    for name, value in (("steps", steps), ("accumulate", accumulate)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"select_by_gradient: {name} must be a positive integer, got {value!r}.")
     if adapter_name is None:
         active = getattr(model, "active_adapter", None)
         adapter_name = active[0] if isinstance(active, (list, tuple)) else active
@@ -227,6 +245,7 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
     if not layers:
         raise ValueError(f"select_by_gradient: the model has no PaCA layer with adapter '{adapter_name}'.")
     scores = {layer: torch.zeros(layer.in_features, dtype=torch.float32) for layer in layers}
+    step_grads: dict = {}  # layer -> dL/dW summed over the current step's micro-batches
     deltas = [layer.paca_delta[adapter_name] for layer in layers]
     saved = [(d.requires_grad, d.grad) for d in deltas]
     device = next(model.parameters()).device
@@ -235,27 +254,44 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
         if isinstance(output, Tensor) and output.requires_grad:
             x = args[0].detach()
 
-            def accumulate(grad: Tensor) -> None:  # returns None: the gradient flows on unchanged
-                scores[layer].add_(_weight_grad_column_scores(layer, x, grad).cpu())
+            def accumulate_grad(grad: Tensor) -> None:  # returns None: the gradient flows on unchanged
+                grad_w = _weight_grad(layer, x, grad)
+                if accumulate == 1:  # square at once: no layer's dL/dW outlives its backward call
+                    scores[layer].add_(_column_scores(grad_w).cpu())
+                else:
+                    step_grads[layer] = step_grads[layer] + grad_w if layer in step_grads else grad_w
 
-            output.register_hook(accumulate)
+            output.register_hook(accumulate_grad)
+
+    def micro_batch(index: int, batch) -> dict:
+        if not isinstance(batch, Mapping) or batch.get("labels") is None:
+            raise ValueError(f"select_by_gradient: calibration batch {index} has no 'labels'; pass dicts "
+                             "with input_ids and labels so the model returns a loss.")
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     hooks = [layer.register_forward_hook(record) for layer in layers]
-    used = 0
+    used, stream = 0, iter(batches)
     try:
         for d in deltas:
             d.requires_grad_(True)  # gradients must reach every layer output, even of a frozen adapter
         with torch.enable_grad():
-            for used, batch in enumerate(itertools.islice(batches, steps), start=1):
-                if not isinstance(batch, Mapping) or batch.get("labels") is None:
-                    raise ValueError(f"select_by_gradient: calibration batch {used - 1} has no 'labels'; pass dicts "
-                                     "with input_ids and labels so the model returns a loss.")
-                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                loss = getattr(model(**batch), "loss", None)
-                if loss is None:
-                    raise ValueError(f"select_by_gradient: the model returned no loss for calibration batch "
-                                     f"{used - 1}; is it a model with a loss head (e.g. *ForCausalLM)?")
-                loss.backward(inputs=deltas)  # only the deltas accumulate: no other parameter's .grad changes
+            while used < steps:
+                group = [micro_batch(used * accumulate + i, b)
+                         for i, b in enumerate(itertools.islice(stream, accumulate))]
+                if not group:
+                    break
+                extra = {"num_items_in_batch": sum(_response_tokens(b) for b in group)} if accumulate > 1 else {}
+                for i, batch in enumerate(group):
+                    loss = getattr(model(**batch, **extra), "loss", None)
+                    if loss is None:
+                        raise ValueError(f"select_by_gradient: the model returned no loss for calibration batch "
+                                         f"{used * accumulate + i}; is it a model with a loss head (e.g. "
+                                         "*ForCausalLM)?")
+                    loss.backward(inputs=deltas)  # only the deltas accumulate: no other parameter's .grad changes
+                for layer, grad_w in step_grads.items():
+                    scores[layer].add_(_column_scores(grad_w).cpu())
+                step_grads.clear()
+                used += 1
     finally:
         for hook in hooks:
             hook.remove()
@@ -269,7 +305,7 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
         score = scores[layer]
         if not bool((score > 0).any()):
             raise ValueError(f"select_by_gradient: no gradient reached module '{layer.layer_name}' in {used} "
-                             "calibration batches; is the layer used by the model's forward?")
+                             "calibration steps; is the layer used by the model's forward?")
         idx = score.topk(layer.r[adapter_name]).indices.sort().values
         layer.set_indices(adapter_name, idx)
         chosen[layer.layer_name] = idx

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import yaml
 
 METHODS = ("paca", "qpaca", "lora", "dora", "full")
+SELECTIONS = ("random", "weight_norm", "gradient", "structured")
 GROUPS = ("model", "method", "data", "training", "output")
 DEMO = "paca-demo"
 DEMO_RANDOM = "paca-demo-random"
@@ -43,6 +44,11 @@ class TrainConfig:
                             "also lora_alpha for method=lora/dora.")
     target_modules: Union[str, list] = key("all-linear", "method", "Layers to tune: 'all-linear', a list of "
                                            "module names (YAML list or comma-separated), or a regex.")
+    selection: str = key("random", "method", "Which columns PaCA tunes: random (seeded), weight_norm (largest "
+                         "column norms), gradient (largest accumulated weight gradients over selection_steps "
+                         "training batches, before training), structured (whole heads / channels, S2FT-style).",
+                         SELECTIONS)
+    selection_steps: int = key(100, "method", "Training batches scored by selection=gradient (the paper: 100).")
     # -- data
     data: str = key(DEMO, "data", "A JSONL file (prompt/response or chat 'messages' per line), a directory "
                     "written by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task).")
@@ -254,7 +260,7 @@ def load_config(argv: list[str]) -> TrainConfig:
 
 def check(cfg: TrainConfig) -> None:
     """Raise ValueError for values that are each valid but not meaningful (or not together)."""
-    positive = ("r", "batch_size", "grad_accum", "max_length", "logging_steps")
+    positive = ("r", "batch_size", "grad_accum", "max_length", "logging_steps", "selection_steps")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"key '{name}' must be positive, got {getattr(cfg, name)}.")
@@ -266,5 +272,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError("resume=true needs output_dir: the directory of the run to continue.")
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=true and overwrite=true contradict each other: continue the run or replace it.")
+    if cfg.selection != "random" and cfg.method not in ("paca", "qpaca"):
+        raise ValueError(f"key 'selection' chooses PaCA's columns; method={cfg.method} has none (set method=paca or "
+                         "drop selection).")
     if cfg.fsdp and cfg.deepspeed:
         raise ValueError("fsdp=true and deepspeed are alternatives; set one of them.")

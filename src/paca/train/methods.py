@@ -71,9 +71,11 @@ def apply_method(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         import paca
 
         if cfg.method == "qpaca":
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            # Gradient checkpointing is left to the Trainer (non-reentrant, from gradient_checkpointing=true): on
+            # here it would also be on during selection=gradient's scoring pass.
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         config = paca.PacaConfig(r=cfg.r, paca_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
-                                 seed=cfg.seed, task_type="CAUSAL_LM")
+                                 seed=cfg.seed, selection=cfg.selection, task_type="CAUSAL_LM")
     else:
         config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
                                  lora_dropout=0.0, use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
@@ -87,3 +89,38 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts (4-bit packed weights counted as stored)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def select_columns_by_gradient(model: nn.Module, examples: list[dict], collate, cfg: TrainConfig) -> int:
+    """selection=gradient: score the first ``selection_steps`` global batches and set each layer's columns.
+
+    A scoring step is one optimizer step's worth of examples (``batch_size x grad_accum x processes``, the
+    first of the training set in file order), run as micro-batches of ``batch_size`` whose weight gradients
+    add up before squaring, so the columns do not depend on how the global batch is split across
+    processes or accumulation. Rank 0 scores and broadcasts the columns; the other processes wait.
+    Returns the number of steps scored.
+    """
+    import torch.distributed as dist
+
+    import paca
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    processes = dist.get_world_size() if distributed else 1
+    per_step = cfg.grad_accum * processes
+    micro = [examples[i:i + cfg.batch_size]
+             for i in range(0, min(len(examples), cfg.selection_steps * per_step * cfg.batch_size), cfg.batch_size)]
+    steps = -(-len(micro) // per_step)
+    if not distributed or dist.get_rank() == 0:
+        paca.select_by_gradient(model, (collate(batch) for batch in micro), steps=cfg.selection_steps,
+                                accumulate=per_step)
+    if distributed:
+        from paca.tuner.layer import PacaLayer
+
+        # NCCL moves only CUDA tensors; gloo CPU ones.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        for layer in (m for m in model.modules() if isinstance(m, PacaLayer)):
+            for adapter, idx in list(layer.paca_indices.items()):
+                shared = idx.to(device)
+                dist.broadcast(shared, src=0)
+                layer.set_indices(adapter, shared)
+    return steps

@@ -23,7 +23,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from . import checkpoints, report
 from .config import DEMO, DEMO_RANDOM, TrainConfig
 from .data import IGNORE, TokenizedData, load_data
-from .methods import apply_method, count_parameters, load_base
+from .methods import apply_method, count_parameters, load_base, select_columns_by_gradient
 from .plot import plot_loss
 
 MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json",
@@ -236,12 +236,16 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     model = apply_method(model, cfg)
     trainable, total = count_parameters(model)
     evaluate = bool(data.eval)
+    args = training_arguments(cfg, model, evaluate, evaluate_before)  # also starts the process group
+    scored = 0
+    if cfg.selection == "gradient" and not resume_from:  # on resume, the checkpoint holds the chosen columns
+        scored = select_columns_by_gradient(model, data.train, _collator(tokenizer), cfg)
 
     import datasets
 
     progress = report.ProgressReport(os.path.join(cfg.output_dir, "metrics.jsonl"), is_main=False, stream=stream)
     trainer = PacaTrainer(
-        model=model, args=training_arguments(cfg, model, evaluate, evaluate_before),
+        model=model, args=args,
         train_dataset=datasets.Dataset.from_list(data.train),
         eval_dataset=datasets.Dataset.from_list(data.eval) if evaluate else None,
         data_collator=_collator(tokenizer), processing_class=tokenizer,
@@ -260,7 +264,7 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
             report.truncate_metrics(progress.metrics_path, _checkpoint_step(resume_from))
         with open(os.path.join(cfg.output_dir, "train_config.yaml"), "w") as f:
             f.write(cfg.to_yaml())
-        _print_header(cfg, model_path, data, trainable, total, trainer, resume_from, stream)
+        _print_header(cfg, model_path, data, trainable, total, trainer, resume_from, scored, stream)
     trainer.accelerator.wait_for_everyone()
 
     started = time.perf_counter()
@@ -306,13 +310,17 @@ def _save_final(trainer: Trainer, output_dir: str) -> list[str]:
     return names
 
 
-def _print_header(cfg, model_path, data: TokenizedData, trainable, total, trainer, resume_from, stream) -> None:
+def _print_header(cfg, model_path, data: TokenizedData, trainable, total, trainer, resume_from, scored,
+                  stream) -> None:
     args = trainer.args
     processes = args.world_size
     global_batch = cfg.batch_size * cfg.grad_accum * processes
     where = f"{model_path}" if model_path != cfg.model else cfg.model
+    chosen = ""
+    if cfg.method in ("paca", "qpaca"):
+        chosen = f" {cfg.selection} columns" + (f" (scored on {scored} global batches)" if scored else "")
     lines = [f"model: {cfg.model}" + (f" ({where})" if where != cfg.model else "") +
-             f" | method {cfg.method} r={cfg.r} alpha={cfg.paca_alpha:g} on {cfg.target_modules} | trainable "
+             f" | method {cfg.method} r={cfg.r}{chosen} alpha={cfg.paca_alpha:g} on {cfg.target_modules} | trainable "
              f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
              data.report(cfg.max_length),
              f"training: global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} accumulation x "
