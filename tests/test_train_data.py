@@ -61,6 +61,19 @@ def test_long_examples_are_truncated_counted_and_dropped_when_no_response_is_lef
     assert "2 truncated to max_length=16" in data.report(16) and f"{path}:3" in data.report(16)
 
 
+def test_alpaca_and_sharegpt_records_read_as_chats(tmp_path):
+    path = write_jsonl(tmp_path, [
+        {"instruction": "upper", "input": "abc", "output": "ABC"},
+        {"instruction": "say hi", "input": "", "output": "hi", "system": "be brief"},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                           {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}])
+    alpaca, with_system, sharegpt = (e.messages for e in load_examples(path))
+    assert alpaca == [{"role": "user", "content": "upper\n\nabc"}, {"role": "assistant", "content": "ABC"}]
+    assert with_system[0] == {"role": "system", "content": "be brief"} and with_system[1]["content"] == "say hi"
+    assert [m["role"] for m in sharegpt] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in sharegpt] == ["a", "b", "c", "d"]
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}, '{"prompt": "a", "response": '])
     with pytest.raises(ValueError, match=f"{path}:2: malformed JSON"):
@@ -68,8 +81,10 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("record,message", [
-    ({"question": "a", "answer": "b"}, "expected 'prompt' and 'response' strings or a 'messages' list; got keys "
-                                       r"\['answer', 'question'\]"),
+    ({"question": "a", "answer": "b"}, r"expected 'prompt' and 'response' strings, a 'messages' list \(chat\), "
+                                       r".*; got keys \['answer', 'question'\]"),
+    ({"instruction": "a", "output": 3}, "'instruction', 'input' and 'output' must be strings"),
+    ({"conversations": [{"from": "bot", "value": "a"}]}, "'conversations' must be a list"),
     ({"prompt": "a", "response": 3}, "'prompt' and 'response' must be strings"),
     ({"messages": [{"role": "user", "content": "a"}]}, "the last message must be the assistant's"),
     ({"messages": [{"role": "bot", "content": "a"}]}, r"messages\[0\] must be"),

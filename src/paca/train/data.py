@@ -16,6 +16,7 @@ from . import demo
 
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 @dataclass
@@ -138,6 +139,20 @@ def _example(record, where: str) -> Example:
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must be the assistant's (the response to learn).")
         return Example([{"role": m["role"], "content": m["content"]} for m in messages], where)
+    if "conversations" in record:  # ShareGPT: {"from": human/gpt/system, "value": ...}
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
+                                                  for t in turns):
+            raise ValueError(f"{where}: 'conversations' must be a list of {{\"from\": one of "
+                             f"{', '.join(SHAREGPT_ROLES)}, \"value\": a string}}.")
+        return _example({"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")}
+                                      for t in turns]}, where)
+    if "instruction" in record and "output" in record:  # Alpaca: instruction, optional input, output
+        if not all(isinstance(record.get(k, ""), str) for k in ("instruction", "input", "output")):
+            raise ValueError(f"{where}: 'instruction', 'input' and 'output' must be strings.")
+        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return _example({"prompt": prompt, "response": record["output"],
+                         **({"system": record["system"]} if "system" in record else {})}, where)
     if "prompt" in record and "response" in record:
         prompt, response = record["prompt"], record["response"]
         if not isinstance(prompt, str) or not isinstance(response, str):
@@ -146,8 +161,8 @@ def _example(record, where: str) -> Example:
         if isinstance(record.get("system"), str):
             messages.insert(0, {"role": "system", "content": record["system"]})
         return Example(messages, where)
-    raise ValueError(f"{where}: expected 'prompt' and 'response' strings or a 'messages' list; got keys "
-                     f"{sorted(record)}.")
+    raise ValueError(f"{where}: expected 'prompt' and 'response' strings, a 'messages' list (chat), "
+                     f"'instruction'/'input'/'output' (Alpaca) or 'conversations' (ShareGPT); got keys {sorted(record)}.")
 
 
 # ----------------------------------------------------------------------------------------------------

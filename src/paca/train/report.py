@@ -134,7 +134,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"done: {summary['steps']} steps in {human_duration(summary['train_seconds'])} | "
              f"{human_count(summary['tokens_per_s'])} tok/s | peak {human_bytes(summary['peak_memory_bytes'])} "
              f"({summary['peak_memory_kind']}) | trainable {human_count(summary['trainable_parameters'])} of "
-             f"{human_count(summary['total_parameters'])} parameters ({summary['method']})"]
+             f"{human_count(summary['total_parameters'])} parameters ({summary['method']}), optimizer state "
+             f"{human_bytes(summary['optimizer_state_bytes'])}"]
     if summary.get("first_loss") is not None:
         lines.append(f"train loss {summary['first_loss']:.4f} (first logged) -> {summary['last_loss']:.4f} (last)")
     before, after = summary.get("eval_before"), summary.get("eval_after")

@@ -350,6 +350,7 @@ def _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved, 
         "tokens_per_s": (state.num_input_tokens_seen - progress.start_tokens) / max(train_seconds, 1e-9),
         "peak_memory_bytes": report.peak_memory_bytes(), "peak_memory_kind": report.memory_kind(),
         "trainable_parameters": trainable, "total_parameters": total,
+        "optimizer_state_bytes": _optimizer_state_bytes(trainer.optimizer),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": data.truncated,
         "dropped": len(data.dropped),
@@ -357,6 +358,13 @@ def _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved, 
         "saved": ", ".join(name for name in saved if name.startswith(("adapter_", "model"))) or "nothing",
         "processes": trainer.args.world_size,
     }
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    """Bytes of this process's optimizer state (AdamW: two moments per trained value), as allocated."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0)
 
 
 def _eval_fields(metrics: Optional[dict]) -> Optional[dict]:
