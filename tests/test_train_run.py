@@ -6,6 +6,7 @@ Runs use the demo architecture (2 layers, hidden 64) on a small JSONL of the dem
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -200,6 +201,7 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resume_or_overwrite(task_
     (["data=missing.jsonl"], "data file 'missing.jsonl' not found"),
     (["lrr=0.1"], "unknown key 'lrr'; did you mean 'lr'"),
     (["max_length=4"], "no training example has a response token within max_length=4"),
+    (["fsdp=true"], "fsdp=true shards across processes and this is one: launch with `torchrun"),
 ])
 def test_bad_input_exits_with_a_message_and_writes_nothing(task_file, tmp_path, capsys, overrides, message):
     out = tmp_path / "run"
@@ -207,6 +209,16 @@ def test_bad_input_exits_with_a_message_and_writes_nothing(task_file, tmp_path, 
             *overrides]
     assert main(argv) == 1
     assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_deepspeed_without_its_package_is_a_clear_error(task_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed: import raises ImportError
+    out = tmp_path / "run"
+    argv = [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "max_steps=1", "eval_split=8",
+            "deepspeed=zero3"]
+    assert main(argv) == 1
+    assert "deepspeed=zero3 needs the deepspeed package: pip install deepspeed" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -45,12 +45,15 @@ class TrainConfig:
     target_modules: Union[str, list] = key("all-linear", "method", "Layers to tune: 'all-linear', a list of "
                                            "module names (YAML list or comma-separated), or a regex.")
     selection: str = key("random", "method", "Which columns PaCA tunes: random (seeded), weight_norm (largest "
-                         "column norms), gradient (largest accumulated weight gradients over selection_steps "
-                         "training batches, before training), structured (whole heads / channels, S2FT-style).",
+                         "column norms), gradient (largest squared weight gradients summed over the first "
+                         "selection_steps global batches, before training), structured (whole heads / channels, "
+                         "S2FT-style).",
                          SELECTIONS)
-    selection_steps: int = key(100, "method", "Training batches scored by selection=gradient (the paper: 100).")
+    selection_steps: int = key(100, "method", "Global batches (optimizer steps' worth of training data) scored by "
+                               "selection=gradient (the paper: 100).")
     # -- data
-    data: str = key(DEMO, "data", "A JSONL file (prompt/response or chat 'messages' per line), a directory "
+    data: str = key(DEMO, "data", "A JSONL file (per line: prompt/response, chat 'messages', Alpaca "
+                    "instruction/input/output or ShareGPT 'conversations'), a directory "
                     "written by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task).")
     data_split: str = key("train", "data", "Split to read from a hub or saved dataset.")
     max_length: int = key(64, "data", "Tokens per example; longer examples are truncated (and counted).")

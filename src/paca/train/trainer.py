@@ -224,6 +224,9 @@ def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_be
 
 def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.fsdp and processes == 1:
+        raise ValueError("fsdp=true shards across processes and this is one: launch with `torchrun "
+                         "--nproc_per_node N -m paca train ...` (or accelerate launch), or drop fsdp.")
     if not cfg.output_dir:
         if processes > 1:
             raise ValueError("set output_dir when launching several processes (each must write to the same one).")
