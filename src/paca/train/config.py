@@ -20,8 +20,8 @@ GROUPS = ("model", "method", "data", "training", "output")
 DEMO = "paca-demo"
 DEMO_RANDOM = "paca-demo-random"
 
-# Learning rates used when `lr` is not set, tuned on the demo (docs/TRAINING.md shows the sweep). PaCA trains
-# r columns whose values start at zero, so like LoRA it takes a larger step than full fine-tuning.
+# Learning rates used when `lr` is not set, chosen on the demo (docs/TRAINING.md shows a sweep around them).
+# PaCA trains r columns whose values start at zero, so like LoRA it takes a larger step than full fine-tuning.
 DEFAULT_LR = {"paca": 2e-2, "qpaca": 2e-2, "lora": 1e-2, "dora": 1e-2, "full": 3e-3}
 
 

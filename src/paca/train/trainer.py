@@ -322,8 +322,10 @@ def _print_header(cfg, model_path, data: TokenizedData, trainable, total, traine
     chosen = ""
     if cfg.method in ("paca", "qpaca"):
         chosen = f" {cfg.selection} columns" + (f" (scored on {scored} global batches)" if scored else "")
-    lines = [f"model: {cfg.model}" + (f" ({where})" if where != cfg.model else "") +
-             f" | method {cfg.method} r={cfg.r}{chosen} alpha={cfg.paca_alpha:g} on {cfg.target_modules} | trainable "
+    method = f"method {cfg.method}"
+    if cfg.method != "full":
+        method += f" r={cfg.r}{chosen} alpha={cfg.paca_alpha:g} on {cfg.target_modules}"
+    lines = [f"model: {cfg.model}" + (f" ({where})" if where != cfg.model else "") + f" | {method} | trainable "
              f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
              data.report(cfg.max_length),
              f"training: global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} accumulation x "
