@@ -64,7 +64,7 @@ def task_file(tmp_path_factory):
 def single_process_run(task_file, out, *extra):
     run(load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", *STEPS,
                      *extra]))
-    return load_file(os.path.join(out, "adapter_model.safetensors"))
+    return load_file(os.path.join(out, "adapter_model.safetensors"))  # later keys win: extra may set model
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,18 @@ def test_fsdp2_shards_frozen_and_tuned_weights_and_a_resumed_run_equals_one_proc
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-2" in resumed.stdout
     assert_close_to(single_process, out, atol=1e-6)
+
+
+def test_qpaca_under_fsdp2_equals_one_process(task_file, tmp_path):
+    """PaCA on a 4-bit NF4 base: FSDP2 on 2 processes reaches the single-process adapter."""
+    pytest.importorskip("bitsandbytes")
+    base = tmp_path / "base"
+    demo.random_model(0).save_pretrained(base)
+    demo.build_tokenizer().save_pretrained(base)
+    quantized = (f"model={base}", "method=qpaca")
+    reference = single_process_run(task_file, tmp_path / "single", *quantized)
+    out = tmp_path / "fsdp"
+    done = torchrun(["-m", "paca", "train"], two_process_args(task_file, out, "fsdp=true", *quantized))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2" in done.stdout
+    assert_close_to(reference, out, atol=1e-6)

@@ -239,6 +239,20 @@ def test_gradient_accumulation_gives_the_update_of_the_large_batch(task_file, tm
     assert_same_tensors(adapter(tmp_path / "accumulated"), adapter(tmp_path / "large"), atol=1e-6)
 
 
+class RecordCheckpointing(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.enabled = model.get_base_model().is_activation_checkpointing
+
+
+def test_gradient_checkpointing_is_on_and_gives_the_same_update(task_file, tmp_path):
+    plain, checkpointed = RecordCheckpointing(), RecordCheckpointing()
+    run(config(task_file, tmp_path / "plain", "max_steps=2"), callbacks=[plain])
+    run(config(task_file, tmp_path / "checkpointed", "max_steps=2", "gradient_checkpointing=true"),
+        callbacks=[checkpointed])
+    assert checkpointed.enabled and not plain.enabled
+    assert_same_tensors(adapter(tmp_path / "checkpointed"), adapter(tmp_path / "plain"))
+
+
 @pytest.mark.parametrize("method,saved", [("lora", "adapter_model.safetensors"), ("dora", "adapter_model.safetensors"),
                                           ("full", "model.safetensors")])
 def test_other_methods_train_and_save(task_file, tmp_path, method, saved):
