@@ -262,6 +262,24 @@ def test_other_methods_train_and_save(task_file, tmp_path, method, saved):
         assert summary["trainable_parameters"] == summary["total_parameters"]
 
 
+def test_a_local_gpt2_without_chat_template_or_pad_token_trains(task_file, tmp_path):
+    """Any causal LM directory: GPT-2's Conv1D layers under all-linear, plain-text prompts, EOS as padding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = demo.build_tokenizer()
+    tokenizer.chat_template, tokenizer.pad_token = None, None
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=64,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    summary = run(load_config([f"data={task_file}", f"model={base}", f"output_dir={tmp_path / 'run'}",
+                               "batch_size=8", "eval_split=8", "max_steps=2", "save_steps=0"]))
+    targets = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["target_modules"]
+    assert {t.rsplit(".", 1)[1] for t in targets} == {"c_attn", "c_proj", "c_fc"}
+    assert summary["steps"] == 2 and summary["last_loss"] is not None
+
+
 def test_qpaca_trains_paca_on_a_4bit_base(task_file, tmp_path):
     pytest.importorskip("bitsandbytes")
     base = tmp_path / "base"
