@@ -142,3 +142,15 @@ def test_qpaca_under_fsdp2_equals_one_process(task_file, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FSDP2" in done.stdout
     assert_close_to(reference, out, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_equals_one_process(task_file, single_process, tmp_path, stage, monkeypatch):
+    """Runs only where deepspeed is installed (it is not part of the test install: `pip install deepspeed`)."""
+    pytest.importorskip("deepspeed")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = tmp_path / stage
+    done = torchrun(["-m", "paca", "train"], two_process_args(task_file, out, f"deepspeed={stage}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_close_to(single_process, out, atol=1e-6)
