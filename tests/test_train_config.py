@@ -90,3 +90,16 @@ def test_help_lists_every_key_under_its_group():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml"))))
 def test_example_configs_are_valid(path):
     load_config([path])
+
+
+@pytest.mark.parametrize("item,message", [
+    ("max_steps=inf", "key 'max_steps' expects an integer, got 'inf'"),
+    ("epochs=nan", "key 'epochs' expects a number, got 'nan'"),
+    ("eval_split=nan", "key 'eval_split' expects a number"),
+    ("warmup_ratio=3", r"key 'warmup_ratio' is a fraction of the steps in \[0, 1\)"),
+    ("model=", "key 'model' is empty"),
+    ("data=", "key 'data' is empty"),
+])
+def test_non_finite_out_of_range_and_empty_values_are_refused(item, message):
+    with pytest.raises(ValueError, match=message):
+        load_config([item])

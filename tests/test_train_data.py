@@ -85,6 +85,8 @@ def test_malformed_line_names_file_and_line(tmp_path):
                                        r".*; got keys \['answer', 'question'\]"),
     ({"instruction": "a", "output": 3}, "'instruction', 'input' and 'output' must be strings"),
     ({"conversations": [{"from": "bot", "value": "a"}]}, "'conversations' must be a list"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]}, "'conversations' must be a list"),
+    ({"prompt": "a", "response": "b", "system": 5}, "'system' must be a string, got 5"),
     ({"prompt": "a", "response": 3}, "'prompt' and 'response' must be strings"),
     ({"messages": [{"role": "user", "content": "a"}]}, "the last message must be the assistant's"),
     ({"messages": [{"role": "bot", "content": "a"}]}, r"messages\[0\] must be"),
@@ -94,6 +96,13 @@ def test_bad_records_name_file_and_line(tmp_path, record, message):
     path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}, record])
     with pytest.raises(ValueError, match=f"{path}:3: {message}"):
         load_examples(path)
+
+
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not UTF-8 text \\(byte 0xe9 at column 16\\)"):
+        load_examples(str(path))
 
 
 def test_empty_dataset_and_missing_file_are_reported(tmp_path):

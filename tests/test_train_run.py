@@ -104,6 +104,11 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(task_file, tmp_
     logged = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert logged == [1, 2, 3, 4, 5, 6]  # step 5, logged before the kill, is replaced, not duplicated
+    evaluated = [json.loads(line) for line in (parts / "metrics.jsonl").read_text().splitlines()
+                 if "eval_loss" in json.loads(line)]
+    assert [row["step"] for row in evaluated] == [0, 6]  # the checkpoint is not re-evaluated as "before"
+    before = json.loads((parts / "summary.json").read_text())["eval_before"]
+    assert before == json.loads((whole / "summary.json").read_text())["eval_before"]
 
 
 def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_its_columns(task_file, tmp_path,
@@ -180,6 +185,26 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(task_file,
     assert not (out / "adapter_model.safetensors").exists()  # nothing saved after the failure
 
 
+class InfiniteGradientsFrom(TrainerCallback):
+    """From optimizer step ``step`` on, one delta's gradient is infinite while the loss stays finite."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            delta = next(p for n, p in model.named_parameters() if "paca_delta" in n)
+            delta.register_hook(lambda grad: grad * float("inf"))
+
+
+def test_infinite_gradients_under_a_finite_loss_stop_before_the_update(task_file, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"gradient norm became (inf|nan) at step 3.*checkpoint-2"):
+        run(config(task_file, out, "max_steps=6", "save_steps=2"), callbacks=[InfiniteGradientsFrom(3)])
+    good = load_file(os.path.join(newest_checkpoint(out), "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+
+
 def test_an_output_dir_holding_a_run_is_refused_unless_resume_or_overwrite(task_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", "eval_split=8"]
@@ -194,6 +219,64 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resume_or_overwrite(task_
     empty = tmp_path / "empty"
     assert main(args[:2] + [f"output_dir={empty}", "resume=true"]) == 1
     assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_paca_runs_and_never_the_base_model(task_file, tmp_path, capsys):
+    base = tmp_path / "base"
+    demo.random_model(0).save_pretrained(base)
+    demo.build_tokenizer().save_pretrained(base)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    common = [f"data={task_file}", "batch_size=8", "eval_split=8", "max_steps=1", "overwrite=true"]
+    assert main(common + [f"model={base}", f"output_dir={foreign}"]) == 1
+    assert "holds files paca train did not write" in capsys.readouterr().err
+    assert (foreign / "config.json").read_text() == "{}"
+
+    (base / "train_config.yaml").write_text("# a full fine-tuning run's output, now used as a base\n")
+    for output_dir in (base, base / "sub", tmp_path):
+        (base / "sub").mkdir(exist_ok=True)
+        (base / "sub" / "train_config.yaml").write_text("")
+        (base / "sub" / "x").write_text("")
+        assert main(common + [f"model={base}", f"output_dir={output_dir}"]) == 1
+        assert "would delete files of the base model" in capsys.readouterr().err, output_dir
+    assert (base / "model.safetensors").is_file()
+
+
+def test_a_run_that_failed_before_logging_does_not_block_its_retry(task_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_config.yaml").write_text("lr: .nan\n")  # all a run that failed at once leaves behind
+    run(config(task_file, out, "max_steps=1"))
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_home_relative_paths_are_expanded_so_checkpoints_and_adapter_land_together(task_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    run(config(task_file, "~/runs/a", "max_steps=2", "save_steps=2"))
+    home_run = tmp_path / "home" / "runs" / "a"
+    assert (home_run / "checkpoint-2").is_dir() and (home_run / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_resume(task_file, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run(config(task_file, out, "max_steps=4", "save_steps=2"), callbacks=[InterruptAt(3)])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 4.1')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:\d+: not a metrics row"):
+        run(config(task_file, out, "max_steps=4", "save_steps=2", "resume=true"))
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(task_file, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for output_dir, message in ((blocker, "is a file, not a directory"), (blocker / "sub", "cannot be created")):
+        assert main([f"data={task_file}", "model=./no/such/model", f"output_dir={output_dir}"]) == 1
+        assert message in capsys.readouterr().err  # checked before the (missing) model is even looked for
 
 
 @pytest.mark.parametrize("overrides,message", [

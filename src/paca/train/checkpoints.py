@@ -15,7 +15,8 @@ import shutil
 STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"  # written last by Trainer._save_checkpoint
-RUN_FILES = ("metrics.jsonl", "loss.png", "summary.json", "train_config.yaml")
+CONFIG_FILE = "train_config.yaml"  # written by every paca train run: marks a directory as one of ours
+RUN_FILES = ("metrics.jsonl", "loss.png", "summary.json", CONFIG_FILE)
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -37,10 +38,11 @@ def newest_checkpoint(output_dir: str) -> str | None:
 
 
 def describe_run(output_dir: str) -> str:
-    """What ``output_dir`` holds, in a few words ('' when it is missing or empty)."""
+    """What ``output_dir`` holds, in a few words ('' when it is missing, empty, or holds only the config of a
+    run that stopped before it logged anything)."""
     if not os.path.isdir(output_dir):
         return ""
-    entries = [e for e in os.listdir(output_dir) if e != STAGING]
+    entries = [e for e in os.listdir(output_dir) if e not in (STAGING, CONFIG_FILE)]
     if not entries:
         return ""
     found = checkpoints(output_dir)
@@ -49,13 +51,36 @@ def describe_run(output_dir: str) -> str:
     return ", ".join(parts) or f"{len(entries)} file(s)"
 
 
-def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str | None:
+def _check_writable(output_dir: str) -> None:
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir '{output_dir}' is a file, not a directory; choose another output_dir.")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"output_dir '{output_dir}' cannot be created: '{existing}' is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir '{output_dir}' is not writable (no permission on '{existing}').")
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory + os.sep)
+
+
+def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool, model_path: str = "") -> str | None:
     """Check ``output_dir`` against resume/overwrite; return the checkpoint to resume from (or None).
 
+    Runs before anything is loaded or written. ``overwrite`` only ever replaces a directory that ``paca
+    train`` wrote (it holds ``train_config.yaml``), and never the base model's own directory.
+
     Raises:
-        FileExistsError: the directory holds another run and neither resume nor overwrite is set.
+        FileExistsError: the directory holds another run and neither resume nor overwrite is set, or
+            overwrite is set for a directory paca train did not write or that holds the base model.
         FileNotFoundError: resume is set but there is no complete checkpoint to resume from.
+        ValueError: output_dir is a file or cannot be written.
     """
+    _check_writable(output_dir)
     held = describe_run(output_dir)
     if resume:
         checkpoint = newest_checkpoint(output_dir)
@@ -63,9 +88,18 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str | 
             raise FileNotFoundError(f"resume=true but output_dir '{output_dir}' holds no complete checkpoint "
                                     f"({held or 'it is empty or missing'}); run without resume to start afresh.")
         return checkpoint
-    if held and not overwrite:
+    if not held:
+        return None
+    if not overwrite:
         raise FileExistsError(f"output_dir '{output_dir}' already holds a run ({held}); set resume=true to continue "
                               "it, overwrite=true to replace it, or choose another output_dir.")
+    if model_path and os.path.isdir(model_path) and (_inside(model_path, output_dir) or _inside(output_dir, model_path)):
+        raise FileExistsError(f"overwrite=true would delete files of the base model '{model_path}' (output_dir "
+                              f"'{output_dir}' holds it or lies inside it); choose another output_dir.")
+    if not os.path.isfile(os.path.join(output_dir, CONFIG_FILE)):
+        raise FileExistsError(f"output_dir '{output_dir}' holds files paca train did not write ({held}; no "
+                              f"{CONFIG_FILE}); overwrite=true only replaces paca train's own runs. Choose another "
+                              "output_dir.")
     return None
 
 
@@ -73,9 +107,10 @@ def clear_previous_run(output_dir: str, files: tuple[str, ...]) -> None:
     """Delete the previous run's checkpoints, model files and logs (overwrite=true); other files stay."""
     for step, path in checkpoints(output_dir):
         shutil.rmtree(path)
-    for name in RUN_FILES + files:
+    sharded = re.compile(r"^(model|adapter_model)-\d+-of-\d+\.safetensors$|^(model|adapter_model)\.safetensors\.index\.json$")
+    for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
+        if (name in RUN_FILES + files or sharded.match(name)) and os.path.isfile(path):
             os.remove(path)
 
 

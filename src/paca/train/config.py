@@ -8,6 +8,7 @@ arguments runs it, and ``paca train method=lora`` runs the same demo with LoRA.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
@@ -109,6 +110,7 @@ class TrainConfig:
 
 
 KEYS = {f.name: f for f in fields(TrainConfig)}
+PATH_KEYS = ("model", "data", "output_dir", "deepspeed")
 
 
 def usage() -> str:
@@ -182,6 +184,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if isinstance(value, (dict, list)):
         raise ValueError(f"{bad}expects a single value, got {value!r}.")
     value = str(value)
+    if name in PATH_KEYS and value.startswith("~"):
+        value = os.path.expanduser(value)  # as a shell would; transformers expands output_dir on its own copy
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise ValueError(f"{bad}must be one of {', '.join(choices)}; got '{value}'.")
@@ -193,6 +197,8 @@ def _number(value: Any, kind: type, bad: str):
         raise ValueError(f"{bad}expects a number, got {value!r}.")
     try:
         number = float(value) if isinstance(value, str) else value
+        if not math.isfinite(number):
+            raise ValueError
         if kind is int:
             if float(number) != int(float(number)):
                 raise ValueError
@@ -267,6 +273,11 @@ def check(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"key '{name}' must be positive, got {getattr(cfg, name)}.")
+    for name in ("model", "data"):
+        if not getattr(cfg, name).strip():
+            raise ValueError(f"key '{name}' is empty; `paca train --help` says what it takes.")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"key 'warmup_ratio' is a fraction of the steps in [0, 1), got {cfg.warmup_ratio}.")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise ValueError("nothing to train: set max_steps > 0 or epochs > 0.")
     if cfg.learning_rate <= 0:

@@ -79,8 +79,13 @@ def _looks_like_a_path(source: str) -> bool:
 
 def _read_jsonl(path: str) -> list[Example]:
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                 f"{err.start + 1}); save the file as UTF-8.") from None
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -142,7 +147,7 @@ def _example(record, where: str) -> Example:
     if "conversations" in record:  # ShareGPT: {"from": human/gpt/system, "value": ...}
         turns = record["conversations"]
         if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
-                                                  for t in turns):
+                                                  and isinstance(t.get("value"), str) for t in turns):
             raise ValueError(f"{where}: 'conversations' must be a list of {{\"from\": one of "
                              f"{', '.join(SHAREGPT_ROLES)}, \"value\": a string}}.")
         return _example({"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")}
@@ -158,7 +163,9 @@ def _example(record, where: str) -> Example:
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError(f"{where}: 'prompt' and 'response' must be strings.")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        if isinstance(record.get("system"), str):
+        if "system" in record:
+            if not isinstance(record["system"], str):
+                raise ValueError(f"{where}: 'system' must be a string, got {record['system']!r}.")
             messages.insert(0, {"role": "system", "content": record["system"]})
         return Example(messages, where)
     raise ValueError(f"{where}: expected 'prompt' and 'response' strings, a 'messages' list (chat), "

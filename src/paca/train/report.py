@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 
 import torch
 from transformers import TrainerCallback
@@ -114,10 +115,23 @@ class ProgressReport(TrainerCallback):
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of ``metrics.jsonl``; a line a kill left half-written is skipped with a warning."""
     if not os.path.isfile(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                warnings.warn(f"{path}:{number}: not a metrics row (cut short by a kill?); skipped.")
+                continue
+            rows.append(row)
+    return rows
 
 
 def truncate_metrics(path: str, step: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -35,10 +36,10 @@ class TrainingStopped(RuntimeError):
     """Training stopped before the end (the loss turned NaN/Inf); nothing saved earlier was touched."""
 
 
-class _LossNotFinite(Exception):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"loss {value} at step {step}")
-        self.step, self.value = step, value
+class _NotFinite(Exception):
+    def __init__(self, what: str, step: int, value: float):
+        super().__init__(f"{what} {value} at step {step}")
+        self.what, self.step, self.value = what, step, value
 
 
 class PacaTrainer(Trainer):
@@ -79,8 +80,16 @@ class PacaTrainer(Trainer):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every process stops at the same micro-step
         if not bool(finite):
             # Raised after backward but before the optimizer step: the weights still hold the last good update.
-            raise _LossNotFinite(self.state.global_step + 1, float(loss.detach().float().mean()))
+            raise _NotFinite("loss", self.state.global_step + 1, float(loss.detach().float().mean()))
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The norm over every process's gradients, before the optimizer step: a finite loss can still give
+        # infinite gradients (an overflow in backward), which the step would write into the weights.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise _NotFinite("gradient norm", self.state.global_step + 1, float(grad_norm))
+        return grad_norm
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
@@ -231,7 +240,7 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
         if processes > 1:
             raise ValueError("set output_dir when launching several processes (each must write to the same one).")
         cfg.output_dir = default_output_dir(cfg)
-    resume_from = checkpoints.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+    resume_from = checkpoints.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, cfg.model)
 
     set_seed(cfg.seed)
     model, tokenizer, model_path = load_base(cfg)
@@ -239,9 +248,18 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     model = apply_method(model, cfg)
     trainable, total = count_parameters(model)
     evaluate = bool(data.eval)
-    args = training_arguments(cfg, model, evaluate, evaluate_before)  # also starts the process group
+    # A resumed run measured "before" at its start (kept in metrics.jsonl); evaluating again would measure the
+    # checkpoint instead.
+    args = training_arguments(cfg, model, evaluate, evaluate_before and not resume_from)  # starts the process group
     scored = 0
     if cfg.selection == "gradient" and not resume_from:  # on resume, the checkpoint holds the chosen columns
+        sharded = cfg.fsdp or bool(cfg.deepspeed)
+        if args.device.type != "cpu":
+            if sharded:
+                raise ValueError("selection=gradient scores the whole model on one device before training, which "
+                                 "fsdp / deepspeed runs do not hold; use selection=random, weight_norm or "
+                                 "structured with them (the paper finds them as good), or train without sharding.")
+            model.to(args.device)  # the Trainer would move it there next; scoring on the CPU would crawl
         scored = select_columns_by_gradient(model, data.train, _collator(tokenizer), cfg)
 
     import datasets
@@ -273,14 +291,20 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
-    except _LossNotFinite as err:
+    except _NotFinite as err:
         kept = checkpoints.newest_checkpoint(cfg.output_dir)
         raise TrainingStopped(
-            f"the loss became {err.value} at step {err.step}: training stopped before that step's update, and "
+            f"the {err.what} became {err.value} at step {err.step}: training stopped before that step's update, and "
             f"nothing more was saved. Last good checkpoint: {kept or 'none (no checkpoint was written yet)'}. "
             "Lower lr (or set bf16=false), then resume=true to continue from it.") from None
     train_seconds = time.perf_counter() - started
-    eval_before = progress.evaluations[0] if evaluate and evaluate_before else None
+    eval_before = None
+    if evaluate and evaluate_before:
+        if resume_from:  # the interrupted run's step-0 evaluation, if it logged one
+            eval_before = next((row for row in report.read_metrics(progress.metrics_path)
+                                if row["step"] == 0 and "eval_loss" in row), None)
+        elif progress.evaluations:
+            eval_before = progress.evaluations[0]
     eval_after = trainer.evaluate() if evaluate else None
 
     saved = _save_final(trainer, cfg.output_dir)
