@@ -297,7 +297,8 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
             f"the {err.what} became {err.value} at step {err.step}: training stopped before that step's update, and "
             f"nothing more was saved. Last good checkpoint: {kept or 'none (no checkpoint was written yet)'}. "
             "Lower lr (or set bf16=false), then resume=true to continue from it.") from None
-    train_seconds = time.perf_counter() - started
+    # Training time proper: evaluations inside the loop (at start, every eval_steps) are not training.
+    train_seconds = time.perf_counter() - started - sum(e.get("eval_runtime", 0.0) for e in progress.evaluations)
     eval_before = None
     if evaluate and evaluate_before:
         if resume_from:  # the interrupted run's step-0 evaluation, if it logged one
