@@ -259,7 +259,8 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
                 raise ValueError("selection=gradient scores the whole model on one device before training, which "
                                  "fsdp / deepspeed runs do not hold; use selection=random, weight_norm or "
                                  "structured with them (the paper finds them as good), or train without sharding.")
-            model.to(args.device)  # the Trainer would move it there next; scoring on the CPU would crawl
+            if next(model.parameters()).device.type == "cpu":  # a 4-bit base already sits (and must stay) there
+                model.to(args.device)  # the Trainer would move it there next; scoring on the CPU would crawl
         scored = select_columns_by_gradient(model, data.train, _collator(tokenizer), cfg)
 
     import datasets
