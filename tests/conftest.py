@@ -56,3 +56,15 @@ def gpt2():
 @pytest.fixture
 def token_ids():
     return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory):
+    """72 examples of `paca train`'s demo task (prompt/response JSONL), for end-to-end runs."""
+    import json
+
+    from paca.train import demo
+
+    path = tmp_path_factory.mktemp("data") / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo.new_task_records()[:72]))
+    return str(path)

@@ -54,13 +54,6 @@ run(load_config(argv), callbacks=[RecordShards()] + [KillAfter(k) for k in kill]
 '''
 
 
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "task.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in demo.new_task_records()[:72]))
-    return str(path)
-
-
 def single_process_run(task_file, out, *extra):
     run(load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", *STEPS,
                      *extra]))

@@ -23,14 +23,6 @@ PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\) \| loss [\d.]+ \| lr [\d
                            r"peak [\d.]+ (KiB|MiB|GiB) \| eta \w+$")
 
 
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    """72 examples of the demo's new task as prompt/response JSONL."""
-    path = tmp_path_factory.mktemp("data") / "task.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in demo.new_task_records()[:72]))
-    return str(path)
-
-
 def config(task_file, output_dir, *overrides):
     return load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={output_dir}", "batch_size=8",
                         "eval_split=8", "logging_steps=1", "save_steps=0", *overrides])
