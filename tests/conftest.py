@@ -15,11 +15,11 @@ import paca  # noqa: E402,F401  (registers PaCA with PEFT)
 torch.set_num_threads(1)
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2):
-    """A Llama-shaped causal LM: hidden 32, 2 layers, GQA (4 heads, 2 kv heads), vocab 64."""
+def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2, hidden: int = 32):
+    """A Llama-shaped causal LM: hidden 32 (intermediate twice that), 2 layers, GQA (4 heads, 2 kv heads), vocab 64."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()

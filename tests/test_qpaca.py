@@ -21,14 +21,19 @@ from paca.quantized import dequantize
 from paca.tuner.quantized import Linear4bit as PacaLinear4bit
 
 bnb = pytest.importorskip("bitsandbytes")
+HIDDEN = 64  # intermediate 128, 4 heads of 16, 2 kv heads
 
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A tiny Llama (hidden 32, GQA) saved in float32: the '16-bit' checkpoint the 4-bit model is loaded from."""
+    """A tiny Llama (hidden 64, GQA) saved in float32: the '16-bit' checkpoint the 4-bit model is loaded from.
+
+    Every layer's output width is a multiple of 32: bitsandbytes' CPU inference layout (used by the untuned
+    4-bit layers in eval mode) needs it, as real models have it.
+    """
     path = tmp_path_factory.mktemp("base")
-    tiny_llama().save_pretrained(path)
+    tiny_llama(hidden=HIDDEN).save_pretrained(path)
     return str(path)
 
 
@@ -58,7 +63,7 @@ def test_layer_output_and_gradients_match_dense_reference(base_dir, compute_dtyp
     randomize_deltas(model)
     layer = paca_4bit_layers(model)["model.layers.0.self_attn.o_proj"]
     delta, idx, scale = layer.paca_delta["default"], layer.paca_indices["default"], layer.scaling["default"]
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(2), requires_grad=True)
     y = layer(x)
     y.backward(torch.ones_like(y))
 
@@ -79,7 +84,7 @@ def test_model_loss_and_gradients_match_16bit_paca_on_dequantized_weights(base_d
     config = dict(r=2, paca_alpha=4.0, target_modules="all-linear", seed=3)
     qmodel = get_peft_model(load_4bit(base_dir), PacaConfig(**config))
     randomize_deltas(qmodel)
-    reference = tiny_llama()
+    reference = tiny_llama(hidden=HIDDEN)
     with torch.no_grad():  # every 4-bit linear of the 4-bit model holds deq(Q); the reference gets exactly that
         for name, layer in paca_4bit_layers(qmodel).items():
             reference.get_submodule(name).weight.copy_(layer.dequantized_weight())
@@ -102,15 +107,15 @@ def test_model_loss_and_gradients_match_16bit_paca_on_dequantized_weights(base_d
 def test_backward_keeps_only_selected_inputs_and_packed_weight(base_dir):
     model = get_peft_model(load_4bit(base_dir), PacaConfig(r=3, target_modules=["down_proj"]))
     layer = paca_4bit_layers(model)["model.layers.0.mlp.down_proj"]
-    x = torch.randn(2, 5, 64, requires_grad=True)
+    x = torch.randn(2, 5, 2 * HIDDEN, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(x)
     packed = layer.get_base_layer().weight
     floats = [t for t in saved if t.is_floating_point()]
     assert any(t is packed or t.data_ptr() == packed.data_ptr() for t in saved)  # the packed uint8 weight
-    assert sorted(tuple(t.shape) for t in floats) == [(2, 5, 3), (32, 3)]  # x[..., idx] and the delta D
-    assert all(t.numel() < 32 * 64 for t in floats)  # no dense (d_out, d_in) copy, no full input
+    assert sorted(tuple(t.shape) for t in floats) == [(2, 5, 3), (HIDDEN, 3)]  # x[..., idx] and the delta D
+    assert all(t.numel() < HIDDEN * 2 * HIDDEN for t in floats)  # no dense (d_out, d_in) copy, no full input
 
 
 def tuned_layer_bytes(model):
@@ -160,9 +165,11 @@ def test_merge_is_exact_and_never_requantizes(base_dir, token_ids):
     model = get_peft_model(load_4bit(base_dir), PacaConfig(r=2, target_modules=["q_proj", "down_proj"]))
     randomize_deltas(model)
     packed = {n: m.get_base_layer().weight.data.clone() for n, m in paca_4bit_layers(model).items()}
-    expected = model(input_ids=token_ids).logits
+    # First: on a CPU with AVX512-BF16 this eval forward lets bitsandbytes repack the *untuned* 4-bit layers,
+    # which changes their outputs (bf16 scales); every output compared below is computed after it.
     with model.disable_adapter():
         base_out = model(input_ids=token_ids).logits
+    expected = model(input_ids=token_ids).logits
 
     model.merge_adapter()
     torch.testing.assert_close(model(input_ids=token_ids).logits, expected, atol=0, rtol=0)
@@ -180,6 +187,7 @@ def test_export_merged_is_16bit_and_lora_export_reproduces_qpaca(base_dir, tmp_p
     model = get_peft_model(load_4bit(base_dir), PacaConfig(r=2, paca_alpha=4.0, target_modules=["o_proj", "up_proj"],
                                                                    task_type="CAUSAL_LM"))
     randomize_deltas(model)
+    model.train()  # train mode: bitsandbytes' eval-mode CPU kernel rounds the LoRA base's scales
     expected = model(input_ids=token_ids).logits
     model.save_pretrained(tmp_path / "adapter")
 
@@ -196,7 +204,7 @@ def test_export_merged_is_16bit_and_lora_export_reproduces_qpaca(base_dir, tmp_p
         torch.testing.assert_close(w, expected_w.to(torch.bfloat16), atol=0, rtol=0)  # 16-bit base + delta
 
     export_lora(str(tmp_path / "adapter"), str(tmp_path / "lora"))
-    qlora = PeftModel.from_pretrained(load_4bit(base_dir), tmp_path / "lora")
+    qlora = PeftModel.from_pretrained(load_4bit(base_dir), tmp_path / "lora").train()
     assert isinstance(qlora.peft_config["default"], LoraConfig)
     torch.testing.assert_close(qlora(input_ids=token_ids).logits, expected, atol=1e-5, rtol=1e-5)
 
@@ -244,18 +252,44 @@ def test_4bit_model_without_bitsandbytes_says_how_to_install(monkeypatch):
         get_peft_model(model, PacaConfig(target_modules=["q_proj"]))
 
 
-def test_layer_output_ignores_base_weight_repacking(base_dir):
-    """bitsandbytes repacks 4-bit weights for its CPU BF16 kernel; the PaCA forward undoes that layout."""
-    model = get_peft_model(load_4bit(base_dir), PacaConfig(r=2, target_modules=["down_proj"]))
-    layer = paca_4bit_layers(model)["model.layers.0.mlp.down_proj"]
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+def cpu_repacking_bitsandbytes():
+    """bitsandbytes' in-place CPU repack (0.49+), or a skip on versions without it."""
+    from bitsandbytes import functional
 
-    base = layer.get_base_layer()
-    x = torch.randn(3, 64)
-    expected = layer(x)
-    base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu(base.weight.data,
-                                                                               base.weight.quant_state)
-    torch.testing.assert_close(layer(x), expected, atol=1e-2, rtol=1e-2)  # absmax goes through bf16 and back
+    if not hasattr(functional, "_convert_weight_packed_for_cpu"):
+        pytest.skip(f"bitsandbytes {bnb.__version__} does not repack 4-bit weights for the CPU")
+    return functional._convert_weight_packed_for_cpu
+
+
+def test_base_forward_in_eval_never_repacks_a_tuned_weight(base_dir, token_ids):
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel on an eval no-grad forward, rounding its scales to
+    bf16 for good; a QPaCA layer's base must keep the exact layout, whatever the CPU, and get its flag back on unload."""
+    cpu_repacking_bitsandbytes()
+    quantized = load_4bit(base_dir)
+    for module in quantized.modules():  # as on a CPU with AVX512-BF16, where bitsandbytes repacks
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True
+    model = get_peft_model(quantized, PacaConfig(r=2, target_modules=["down_proj"], seed=1))
+    randomize_deltas(model)
+    layer = paca_4bit_layers(model)["model.layers.0.mlp.down_proj"]
+    x = torch.randn(3, 2 * HIDDEN)
+    with torch.no_grad():
+        expected = layer(x)
+        with model.disable_adapter():
+            layer(x)  # the base layer's own forward, eval mode, no gradients
+        assert not getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
+        torch.testing.assert_close(layer(x), expected, atol=0, rtol=0)
+    assert model.unload().get_submodule("model.layers.0.mlp.down_proj").support_avx512bf16_for_cpu is True
+
+
+def test_an_already_repacked_4bit_weight_is_refused_by_name(base_dir):
+    repack = cpu_repacking_bitsandbytes()
+    model = load_4bit(base_dir)
+    base = model.get_submodule("model.layers.1.mlp.down_proj")
+    base.weight.data, base.weight.quant_state = repack(base.weight.data, base.weight.quant_state)
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.1\.mlp\.down_proj'.*repacked.*cannot be undone"):
+        get_peft_model(model, PacaConfig(r=2, target_modules=["down_proj"]))
+    assert not any(isinstance(m, PacaLinear4bit) for m in model.modules())  # left as it was
 
 
 def test_selection_on_a_4bit_base_reads_the_dequantized_weight(base_dir):
@@ -270,7 +304,7 @@ def test_selection_on_a_4bit_base_reads_the_dequantized_weight(base_dir):
     chosen = select_by_gradient(model, [{"input_ids": ids, "labels": ids}], steps=1)
     assert chosen.keys() == paca_4bit_layers(model).keys()
 
-    structured = get_peft_model(load_4bit(base_dir), PacaConfig(r=8, target_modules=["o_proj"], selection="structured"))
+    structured = get_peft_model(load_4bit(base_dir), PacaConfig(r=16, target_modules=["o_proj"], selection="structured"))
     for layer in paca_4bit_layers(structured).values():
-        idx = layer.paca_indices["default"]  # one whole head of 8 columns (hidden 32, 4 heads)
-        assert idx[0] % 8 == 0 and torch.equal(idx, idx[0] + torch.arange(8))
+        idx = layer.paca_indices["default"]  # one whole head of 16 columns (hidden 64, 4 heads)
+        assert idx[0] % 16 == 0 and torch.equal(idx, idx[0] + torch.arange(16))

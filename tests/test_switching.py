@@ -6,6 +6,8 @@ combination equals the dense reference W0 + sum_a w_a (W_a - W0), with overlappi
 and saves and loads like any adapter; bad names are refused.
 """
 
+import functools
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -33,9 +35,9 @@ def own_logits(model_fn, path, token_ids):
     return PeftModel.from_pretrained(model_fn(), path)(input_ids=token_ids).logits
 
 
-def two_adapters(tmp_path, model_fn=tiny_llama):
-    a = trained_adapter(tmp_path, "a", seed=1)
-    b = trained_adapter(tmp_path, "b", seed=2)
+def two_adapters(tmp_path, model_fn=tiny_llama, trained_on=tiny_llama):
+    a = trained_adapter(tmp_path, "a", seed=1, model_fn=trained_on)
+    b = trained_adapter(tmp_path, "b", seed=2, model_fn=trained_on)
     model = PeftModel.from_pretrained(model_fn(), a, adapter_name="a")
     model.load_adapter(b, adapter_name="b")
     return model, a, b
@@ -59,13 +61,14 @@ def test_switching_on_a_4bit_base(tmp_path, token_ids):
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    tiny_llama().save_pretrained(tmp_path / "base")
+    wide = functools.partial(tiny_llama, hidden=64)  # 4-bit layer widths a multiple of 32, as bitsandbytes' CPU kernel needs
+    wide().save_pretrained(tmp_path / "base")
 
     def load_4bit():
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
         return LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map="cpu")
 
-    model, a, b = two_adapters(tmp_path, model_fn=load_4bit)
+    model, a, b = two_adapters(tmp_path, model_fn=load_4bit, trained_on=wide)
     for name, path in [("a", a), ("b", b), ("a", a)]:
         switch_adapter(model, name)
         torch.testing.assert_close(model(input_ids=token_ids).logits, own_logits(load_4bit, path, token_ids),

@@ -4,10 +4,14 @@
 and ``PeftModel.from_pretrained(model, dir)`` work as for PEFT's own methods.
 """
 
-from .selection import select_by_gradient
-from .switching import add_weighted_adapter, switch_adapter
-from .tuner import PacaConfig, PacaLayer, PacaModel
-from .tuner.model import paca_layers
+from .upstream_noise import install_filters
+
+install_filters()  # before the imports below bring in peft, which imports bitsandbytes
+
+from .selection import select_by_gradient  # noqa: E402
+from .switching import add_weighted_adapter, switch_adapter  # noqa: E402
+from .tuner import PacaConfig, PacaLayer, PacaModel  # noqa: E402
+from .tuner.model import paca_layers  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["PacaConfig", "PacaLayer", "PacaModel", "add_weighted_adapter", "paca_layers", "select_by_gradient",

@@ -173,6 +173,10 @@ class PacaLayer(BaseTunerLayer):
             name = self.merged_adapters.pop()
             storage.index_copy_(self.in_dim, self.paca_indices[name], self._premerge_columns.pop(name))
 
+    def release_base_layer(self) -> nn.Module:
+        """The base layer, handed back when this PaCA layer is removed from the model."""
+        return self.get_base_layer()
+
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
 

@@ -141,7 +141,7 @@ def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
         if module.merged:
             module.unmerge()
         parent, _, target_name = _get_submodules(model, key)
-        setattr(parent, target_name, module.get_base_layer())
+        setattr(parent, target_name, module.release_base_layer())
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict):
         configs.pop(adapter_name, None)

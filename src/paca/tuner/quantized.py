@@ -21,20 +21,30 @@ from ..quantized import dequantize, import_bitsandbytes, partial_linear_4bit
 from .layer import PacaLayer
 
 
-def _standard_packing(base: nn.Module) -> None:
-    """Give ``base.weight`` its quant_state and the standard packed layout, which dequantize_4bit reads.
+def _check_standard_packing(base: nn.Module, layer_name: str) -> None:
+    """Raise if bitsandbytes has already repacked ``base``'s weight for its CPU inference kernel.
 
-    bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel the first time the layer runs in
-    eval mode without gradients; that layout is undone here (bitsandbytes does the same before a move).
+    bitsandbytes (0.49+) repacks a 4-bit weight in place the first time the layer runs in eval mode without
+    gradients on a CPU with AVX512-BF16 (``quant_state.packing_format_for_cpu``). The repack rounds the
+    block scales to bfloat16 and its inverse does not restore them (for unnested scales it does not even
+    restore their layout), so the pretrained weight cannot be recovered from it exactly.
+
+    Raises:
+        ValueError: the weight is in the CPU-packed layout.
     """
+    state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError(f"module '{layer_name}': bitsandbytes has repacked this 4-bit weight for its CPU inference "
+                         "kernel (it ran in eval mode without gradients on the CPU), which rounds its scales to bfloat16 and "
+                         "cannot be undone exactly. Load the 4-bit model again and apply PaCA before running it.")
+
+
+def _packed_weight(base: nn.Module) -> Tensor:
+    """``base.weight`` with its quant_state (some moves leave it on the module only; bitsandbytes' forward does the same)."""
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(base)
-    state = base.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+    return base.weight
 
 
 class Linear4bit(nn.Module, PacaLayer):
@@ -52,7 +62,13 @@ class Linear4bit(nn.Module, PacaLayer):
                  **kwargs) -> None:
         super().__init__()
         import_bitsandbytes(f"module '{layer_name}'")
+        _check_standard_packing(base_layer, layer_name)
         PacaLayer.__init__(self, base_layer, layer_name)
+        # While wrapped, the base layer must keep the standard layout that QPaCA dequantizes: its CPU repack
+        # is lossy (see _check_standard_packing). unload() gives the flag back.
+        self._bnb_cpu_packing = getattr(base_layer, "support_avx512bf16_for_cpu", None)
+        if self._bnb_cpu_packing:
+            base_layer.support_avx512bf16_for_cpu = False
         self.is_transposed = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
@@ -67,9 +83,7 @@ class Linear4bit(nn.Module, PacaLayer):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The base layer's dense ``(d_out, d_in)`` weight ``deq(Q)`` (a new tensor)."""
-        base = self.get_base_layer()
-        _standard_packing(base)
-        return dequantize(base.weight, dtype)
+        return dequantize(_packed_weight(self.get_base_layer()), dtype)
 
     def select_columns(self, r: int, seed: int, strategy: str, column_block: int = 1) -> Tensor:
         if strategy == "weight_norm":
@@ -110,7 +124,14 @@ class Linear4bit(nn.Module, PacaLayer):
             raise ValueError(f"module '{self.layer_name}' has a 4-bit base: merging into it would re-quantize the "
                              "tuned columns (lossy). Save the adapter and run `paca export --adapter DIR --to merged "
                              "OUT` (a 16-bit merged model), or load the base model in 16 bits and merge there.")
-        return self.get_base_layer()
+        return self.release_base_layer()
+
+    def release_base_layer(self) -> nn.Module:
+        """The bitsandbytes layer, with its CPU repacking flag as it was before PaCA wrapped it."""
+        base = self.get_base_layer()
+        if self._bnb_cpu_packing is not None:
+            base.support_avx512bf16_for_cpu = self._bnb_cpu_packing
+        return base
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disable_adapters:
@@ -126,9 +147,8 @@ class Linear4bit(nn.Module, PacaLayer):
             return self.base_layer(x, *args, **kwargs)
         delta, idx, scale = applied
         base = self.get_base_layer()
-        _standard_packing(base)
         if torch.is_autocast_enabled(x.device.type):
             compute_dtype = torch.get_autocast_dtype(x.device.type)
         else:
             compute_dtype = base.compute_dtype or x.dtype
-        return partial_linear_4bit(x.to(compute_dtype), base.weight, base.bias, delta, idx, scale).to(x.dtype)
+        return partial_linear_4bit(x.to(compute_dtype), _packed_weight(base), base.bias, delta, idx, scale).to(x.dtype)

@@ -1,0 +1,26 @@
+"""Third-party log lines known to carry nothing for a paca user, dropped before they print on every command.
+
+Only exact, understood cases are filtered; anything else a dependency logs still shows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+class _MissingKernelsPackage(logging.Filter):
+    """bitsandbytes >= 0.50 on a CPU with AVX512-BF16 tries the optional ``kernels`` package at import (so on
+    ``import peft``) and logs a warning when it is not installed; it then uses its own CPU kernel, which is
+    what paca's tests run. The warning is dropped only when the cause is that missing package."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+                    and "No module named 'kernels'" in message)
+
+
+def install_filters() -> None:
+    """Attach the filters (idempotent); call before anything imports bitsandbytes."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _MissingKernelsPackage) for f in logger.filters):
+        logger.addFilter(_MissingKernelsPackage())
