@@ -170,6 +170,14 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
+def _checkpointing_arguments(enabled: bool) -> dict:
+    # transformers 5.23 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs), keeping the
+    # old names as deprecated aliases; earlier releases know only the old names.
+    prefix = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
@@ -177,8 +185,7 @@ def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before:
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        bf16=cfg.bf16, activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=cfg.bf16, **_checkpointing_arguments(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no", eval_steps=cfg.eval_steps or None,
         # Inside the training loop, once the model is wrapped: an evaluate() before train() would prepare the
