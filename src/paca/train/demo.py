@@ -7,13 +7,14 @@ operations, named in the prompt:
 
 (``next``/``prev`` move each letter one step along the alphabet, z->a and a->z). Stage 1 fully trains a
 randomly initialised Llama-shaped model (2 layers, hidden 64, character tokenizer with a chat template)
-on it: the *base model* ``paca-demo``, built on first use in about half a minute and cached.
+on it to 100% held-out exact match: the *base model* ``paca-demo``, built on first use (10-20 s) and cached
+under a key derived from the recipe, its code and the library versions (:func:`base_key`).
 
 The *new task* (stage 2, data ``paca-demo``) chains two of the operations, which the base never saw:
 
     next upper hello -> IFMMP    prev upper hello -> GDKKN    next next hello -> jgnnq    prev prev hello -> fcjjm
 
-The base scores 0% on it; adapting it with PaCA (150 steps) takes it to over 90% exact match on held-out
+The base scores 0% on it; adapting it with PaCA (150 steps) takes it to at least 95% exact match on held-out
 words (never seen in either stage), while the same budget from a random initialisation
 (``model=paca-demo-random``) stays at 0%, even with full fine-tuning: the adaptation reuses what stage 1
 taught (the alphabet, the case mapping, where each output letter comes from). Any one chain alone is
@@ -27,6 +28,7 @@ import os
 import random
 import shutil
 import string
+from typing import Optional
 
 LETTERS = string.ascii_lowercase
 WORD_LENGTH = 5
@@ -34,11 +36,12 @@ PRETRAIN_OPERATIONS = ("copy", "upper", "next", "prev")
 NEW_TASK = (("next", "upper"), ("prev", "upper"), ("next", "next"), ("prev", "prev"))  # left to right
 NEW_TASK_EXAMPLES = 4800 + 256  # 150 steps of 32, and the held-out set (eval_split=256)
 
-# Stage 1, fixed: changing any of it must change RECIPE_VERSION (the cache key).
-RECIPE_VERSION = "v1"
+# Stage 1. The cached base's key is derived from all of it, the code that trains it and the versions that
+# change its numbers (base_key), so an edit here rebuilds the base instead of reusing a stale one.
 BASE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
-PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR = 800, 32, 6e-3
+# 6e-3 (the first recipe) reaches only 91% on transformers 5.23+; 3e-3 reaches 100% with a loss 20x lower.
+PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, PRETRAIN_SEED = 800, 32, 3e-3, 0
 PRETRAIN_EXAMPLES = PRETRAIN_STEPS * PRETRAIN_BATCH + 256
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -136,8 +139,41 @@ def cache_root() -> str:
     return os.environ.get("PACA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "paca")
 
 
+# What the base's numbers depend on besides the recipe: the training code and these distributions.
+BASE_CODE = ("config.py", "data.py", "demo.py", "methods.py", "trainer.py")
+BASE_DISTRIBUTIONS = ("torch", "transformers", "accelerate", "tokenizers", "safetensors")
+
+
+def base_recipe() -> dict:
+    """Everything that determines the stage-1 base: recipe, training code (hashed) and library versions."""
+    import hashlib
+    import platform
+    from importlib import metadata
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = hashlib.sha256()
+    for name in BASE_CODE:
+        with open(os.path.join(here, name), "rb") as f:
+            code.update(f.read())
+    return {
+        "shape": BASE_SHAPE, "steps": PRETRAIN_STEPS, "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
+        "seed": PRETRAIN_SEED, "examples": PRETRAIN_EXAMPLES, "operations": PRETRAIN_OPERATIONS,
+        "word_length": WORD_LENGTH, "tokens": SPECIAL_TOKENS + list(CHARACTERS), "chat_template": CHAT_TEMPLATE,
+        "code_sha256": code.hexdigest(), "python": platform.python_version(),
+        "versions": {name: metadata.version(name) for name in BASE_DISTRIBUTIONS},
+    }
+
+
+def base_key(recipe: Optional[dict] = None) -> str:
+    """12 hex digits of the hash of :func:`base_recipe`: the cache key of the stage-1 base."""
+    import hashlib
+
+    text = json.dumps(recipe or base_recipe(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def base_dir() -> str:
-    return os.path.join(cache_root(), f"demo-base-{RECIPE_VERSION}")
+    return os.path.join(cache_root(), f"demo-base-{base_key()}")
 
 
 def base_summary() -> dict:
@@ -164,8 +200,10 @@ def ensure_base() -> str:
           f"{BASE_SHAPE['num_hidden_layers']}-layer model on {', '.join(PRETRAIN_OPERATIONS)}", flush=True)
     cfg = TrainConfig(model=DEMO_RANDOM, method="full", data="paca-demo-pretrain", max_steps=PRETRAIN_STEPS,
                       batch_size=PRETRAIN_BATCH, lr=PRETRAIN_LR, eval_split=256, output_dir=building,
-                      save_steps=0, logging_steps=100, seed=0)
+                      save_steps=0, logging_steps=100, seed=PRETRAIN_SEED)
     run(cfg, evaluate_before=False)
+    with open(os.path.join(building, "recipe.json"), "w") as f:  # what the cache key was derived from, for people
+        json.dump(base_recipe(), f, indent=1, sort_keys=True)
     try:
         os.replace(building, path)  # atomic: the cache holds a complete base or none
     except OSError:
