@@ -333,7 +333,11 @@ def test_gradient_accumulation_gives_the_update_of_the_large_batch(task_file, tm
 
 class RecordCheckpointing(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.enabled = model.get_base_model().is_activation_checkpointing
+        base = model.get_base_model()
+        # transformers 5.23 renamed is_gradient_checkpointing (kept as a deprecated alias) to is_activation_checkpointing
+        self.enabled = getattr(base, "is_activation_checkpointing", None)
+        if self.enabled is None:
+            self.enabled = base.is_gradient_checkpointing
 
 
 def test_gradient_checkpointing_is_on_and_gives_the_same_update(task_file, tmp_path):
