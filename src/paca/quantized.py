@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .ops import tuned_weight
 
-INSTALL_HINT = "install it with `pip install 'paca[quant]'` (bitsandbytes>=0.45)"
+INSTALL_HINT = "install it with `pip install 'paca[quant]'` (bitsandbytes>=0.50)"
 SUPPORTED_QUANTIZATION = "bitsandbytes 4-bit (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))"
 
 
