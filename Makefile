@@ -6,7 +6,7 @@ STAMP := .venv/.installed
 EXTRAS := .[quant,trl,test]
 TORCH := torch==2.13.0
 # Held back when `make lock` takes the newest releases, each for a known break:
-#   transformers 5.24 refuses peft < 0.22 (unreleased on 2026-12-01) in add_adapter / load_adapter.
+#   transformers 5.24 refuses peft < 0.22 (unreleased on 2026-12-01) in add_adapter.
 HOLD := transformers==5.23.0
 
 .PHONY: demo test bench test-latest lock clean

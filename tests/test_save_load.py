@@ -130,8 +130,21 @@ def test_indices_are_reproducible_from_seed_and_layer_name():
         assert torch.equal(idx, random_columns(d_in, 4, 0, n))
 
 
+def transformers_peft_integration_or_skip():
+    """Skip where the installed transformers refuses the installed peft in its own PEFT integration."""
+    import peft
+    from packaging.version import Version
+    from transformers.integrations import peft as integration
+
+    needed = getattr(integration, "MIN_PEFT_VERSION", "0")
+    if Version(peft.__version__) < Version(needed):
+        pytest.skip(f"transformers' add_adapter requires peft >= {needed}; peft {peft.__version__} "
+                    "is installed")
+
+
 def test_transformers_add_adapter_selects_the_same_columns_as_get_peft_model():
     """The layer name seeding the selection is the same whichever entry point injects the adapter."""
+    transformers_peft_integration_or_skip()
     cfg = dict(r=4, target_modules=["q_proj", "down_proj"], seed=3)
     peft_layers = paca_layers(get_peft_model(tiny_llama(), PacaConfig(**cfg)))
     plain = tiny_llama()

@@ -23,11 +23,15 @@ def canonical(name: str) -> str:
 
 
 def installed() -> dict[str, str]:
-    """Every distribution of this interpreter, by canonical name; local labels dropped (torch 2.13.0+cpu -> 2.13.0)."""
+    """Every distribution of this interpreter, by canonical name; local labels dropped (torch 2.13.0+cpu -> 2.13.0).
+
+    The first one on sys.path wins, as for imports: setuptools puts its vendored copies (packaging, wheel, ...)
+    on sys.path once imported, behind site-packages.
+    """
     found = {}
     for dist in metadata.distributions():
         name = canonical(dist.metadata["Name"])
-        if name not in SELF:
+        if name not in SELF and name not in found:
             found[name] = dist.version.split("+")[0]
     return found
 
