@@ -35,8 +35,9 @@ def _check_standard_packing(base: nn.Module, layer_name: str) -> None:
     state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
     if getattr(state, "packing_format_for_cpu", False):
         raise ValueError(f"module '{layer_name}': bitsandbytes has repacked this 4-bit weight for its CPU inference "
-                         "kernel (it ran in eval mode without gradients on the CPU), which rounds its scales to bfloat16 and "
-                         "cannot be undone exactly. Load the 4-bit model again and apply PaCA before running it.")
+                         "kernel (it ran in eval mode without gradients on the CPU), which rounds its scales to "
+                         "bfloat16 and cannot be undone exactly. Load the 4-bit model again and apply PaCA before "
+                         "running it.")
 
 
 def _packed_weight(base: nn.Module) -> Tensor:
