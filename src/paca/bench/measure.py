@@ -12,6 +12,7 @@ flash attention, which it does not know.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -22,6 +23,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .methods import Trainee
 
@@ -201,6 +203,37 @@ def peak_rss_bytes() -> Optional[int]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Dispatched operators
+# ----------------------------------------------------------------------------------------------------
+
+# Not counted: ops that only allocate or relabel memory and launch no kernel on a GPU.
+_NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
+                        "lift_fresh", "_unsafe_view", "_reshape_alias"})
+
+
+class DispatchedOperators(TorchDispatchMode):
+    """Counts the aten compute operators a region dispatches (views, detach and bare allocations excluded).
+
+    Each one is a kernel launch on a GPU, so in the launch-bound regime (small batches, many layers) this
+    count, not the FLOPs, sets the step time. Deterministic for a given model, input shape and torch version.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+# ----------------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------------
 
@@ -260,6 +293,7 @@ class Accounting:
     grad_bytes: int
     optimizer_state_bytes: int
     trainable_params: int
+    dispatched_ops: int  # aten compute operators of forward + backward (DispatchedOperators)
     process_peak_rss_bytes: Optional[int]
     transient_peak_bytes: Optional[int]  # CUDA: allocator peak during the step minus what was allocated before
     peak_allocated_bytes: Optional[int]  # CUDA: allocator peak during the step (everything resident)
@@ -271,12 +305,13 @@ class Accounting:
 
 
 def accounting_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, count_flops: bool = True) -> Accounting:
-    """Run one training step of ``trainee`` that counts FLOPs, saved bytes, gradient and state bytes."""
+    """Run one training step of ``trainee`` that counts FLOPs, dispatched operators, saved, gradient and state bytes."""
     from torch.utils.flop_counter import FlopCounterMode
 
     state = model_state_tensors(trainee.model)
     saved = SavedTensorBytes(exclude=state)
     flops = FlopCounterMode(display=False, custom_mapping=flop_formulas()) if count_flops else None
+    operators = DispatchedOperators()
     grads: list[int] = []
 
     def after_backward():
@@ -286,6 +321,7 @@ def accounting_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, cou
     during.enter_context(saved)
     if flops is not None:
         during.enter_context(flops)
+    during.enter_context(operators)  # innermost: it sees each operator once, as the device runs it
     rss_reset = reset_peak_rss()
     record = train_step(trainee, input_ids, dtype, during=during, after_backward=after_backward)
     return Accounting(
@@ -295,6 +331,7 @@ def accounting_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, cou
         grad_bytes=grads[0],
         optimizer_state_bytes=optimizer_state_bytes(trainee.optimizer),
         trainable_params=sum(p.numel() for p in trainee.trainable_parameters),
+        dispatched_ops=operators.total,
         process_peak_rss_bytes=peak_rss_bytes() if rss_reset else None,
         transient_peak_bytes=record.transient_peak_bytes,
         peak_allocated_bytes=record.peak_allocated_bytes,

@@ -293,6 +293,7 @@ class Run:
                 grad_bytes=a.grad_bytes,
                 optimizer_state_bytes=a.optimizer_state_bytes,
                 trainable_params=a.trainable_params,
+                dispatched_ops_per_step=a.dispatched_ops,
                 process_peak_rss_bytes=a.process_peak_rss_bytes,
                 step_times_s=[r.step_s for r in recs],
             )
