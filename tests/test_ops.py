@@ -160,6 +160,16 @@ def test_partial_linear_frozen_delta_gets_no_grad_and_input_grad_still_flows():
     assert delta.grad is None
 
 
+def test_partial_linear_on_an_input_without_tokens_gives_zero_delta_gradient():
+    """An empty batch (0 tokens) runs forward and backward; D's gradient is zero, of D's shape."""
+    _, w0, b, delta, idx = linear_case((3,), bias=True)
+    x = torch.zeros(0, 10, dtype=torch.float64, requires_grad=True)
+    y = partial_linear(x, w0, b, delta, idx, SCALE, False)
+    y.sum().backward()
+    assert y.shape == (0, 7) and x.grad.shape == (0, 10)
+    assert torch.equal(delta.grad, torch.zeros_like(delta))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_partial_linear_low_precision_is_close_to_float64_reference(dtype):
     """In float32 / bfloat16 the operator stays within the dtype's tolerance of the float64 reference."""
