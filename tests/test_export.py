@@ -131,6 +131,17 @@ def test_export_refuses_non_empty_output_directory(tmp_path, capsys):
     assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
+def test_export_to_lora_of_a_lora_adapter_says_it_is_one_already(tmp_path, capsys):
+    """`--to lora` given a LoRA adapter (here: one exported before) is a one-line error, not a KeyError."""
+    base_dir, adapter_dir, _ = make_adapter(tmp_path, "llama", target_modules=["q_proj"])
+    run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
+    assert paca_main(["export", "--adapter", str(tmp_path / "lora"), "--to", "lora", str(tmp_path / "again"),
+                      "--base", str(base_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "holds a LORA adapter, not PaCA; it is already a PEFT LoRA adapter" in err and "Traceback" not in err
+    assert not (tmp_path / "again").exists()
+
+
 def test_export_errors_name_the_missing_file_or_the_missing_base(tmp_path, capsys):
     """Exit code 1 and a message naming the missing adapter file, or asking for --base when none is known."""
     base_dir, adapter_dir, _ = make_adapter(tmp_path, "llama", target_modules=["q_proj"])

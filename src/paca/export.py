@@ -63,6 +63,11 @@ _LORA_BIAS = {"none": "none", "all": "all", "paca_only": "lora_only"}
 def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> str:
     """Write an exact PEFT LoRA adapter equivalent to the PaCA adapter in ``adapter_dir``."""
     config = read_adapter_config(adapter_dir)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "PACA":
+        raise ValueError(f"{adapter_dir}: adapter_config.json holds a {peft_type or 'untyped'} adapter, not PaCA; "
+                         + ("it is already a PEFT LoRA adapter, which serving engines load as it is."
+                            if peft_type == "LORA" else "--to lora converts PaCA adapters only."))
     tensors = load_adapter_tensors(adapter_dir)
     base = base or config.get("base_model_name_or_path")
     if not base:
