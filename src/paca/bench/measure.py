@@ -293,7 +293,7 @@ class Accounting:
     grad_bytes: int
     optimizer_state_bytes: int
     trainable_params: int
-    dispatched_ops: int  # aten compute operators of forward + backward (DispatchedOperators)
+    dispatched_ops: Optional[int]  # aten compute operators of forward + backward; None when not counted
     process_peak_rss_bytes: Optional[int]
     transient_peak_bytes: Optional[int]  # CUDA: allocator peak during the step minus what was allocated before
     peak_allocated_bytes: Optional[int]  # CUDA: allocator peak during the step (everything resident)
@@ -305,13 +305,14 @@ class Accounting:
 
 
 def accounting_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, count_flops: bool = True) -> Accounting:
-    """Run one training step of ``trainee`` that counts FLOPs, dispatched operators, saved, gradient and state bytes."""
+    """Run one training step of ``trainee`` that counts saved, gradient and state bytes, and with ``count_flops``
+    its FLOPs and dispatched operators (the memory searches leave both out: per-operator Python they do not need)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     state = model_state_tensors(trainee.model)
     saved = SavedTensorBytes(exclude=state)
     flops = FlopCounterMode(display=False, custom_mapping=flop_formulas()) if count_flops else None
-    operators = DispatchedOperators()
+    operators = DispatchedOperators() if count_flops else None
     grads: list[int] = []
 
     def after_backward():
@@ -321,7 +322,8 @@ def accounting_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, cou
     during.enter_context(saved)
     if flops is not None:
         during.enter_context(flops)
-    during.enter_context(operators)  # innermost: it sees each operator once, as the device runs it
+    if operators is not None:
+        during.enter_context(operators)  # innermost: it sees each operator once, as the device runs it
     rss_reset = reset_peak_rss()
     record = train_step(trainee, input_ids, dtype, during=during, after_backward=after_backward)
     return Accounting(
@@ -331,7 +333,7 @@ def accounting_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, cou
         grad_bytes=grads[0],
         optimizer_state_bytes=optimizer_state_bytes(trainee.optimizer),
         trainable_params=sum(p.numel() for p in trainee.trainable_parameters),
-        dispatched_ops=operators.total,
+        dispatched_ops=operators.total if operators is not None else None,
         process_peak_rss_bytes=peak_rss_bytes() if rss_reset else None,
         transient_peak_bytes=record.transient_peak_bytes,
         peak_allocated_bytes=record.peak_allocated_bytes,
