@@ -56,7 +56,7 @@ def randomize_delta(layer, adapter="default", seed=1, std=0.3):
 def dense_reference(layer, x, adapters=("default",)):
     """float64 output of the base layer with the listed adapters' columns applied densely."""
     base = layer.get_base_layer()
-    w = base.weight.detach().double()
+    w = layer.state_dict()["base_layer.weight"].detach().double()  # W0: read as the base
     for a in adapters:
         delta = layer.paca_delta[a].detach().double() * layer.scaling[a]
         delta = delta.t() if layer.in_dim == 0 else delta
@@ -107,9 +107,9 @@ def test_layer_gradients_match_dense_reference_and_base_gets_none(kind):
     base = layer.get_base_layer()
     base.bias.requires_grad_(True)
     x.requires_grad_(True)
+    w = base.weight.detach().clone()  # W0 (after a forward the tensor holds the tuned columns, see paca.ops.columns)
     layer(x).square().sum().backward()
 
-    w = base.weight.detach().clone()
     idx, s = layer.paca_indices["default"], layer.scaling["default"]
     delta = layer.paca_delta["default"].detach()
     w_eff = w.index_copy(layer.in_dim, idx, w.index_select(layer.in_dim, idx)
@@ -127,7 +127,7 @@ def test_layer_gradients_match_dense_reference_and_base_gets_none(kind):
     torch.testing.assert_close(layer.paca_delta["default"].grad, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
     assert base.weight.grad is None
-    assert torch.equal(base.weight, w)
+    assert torch.equal(layer.state_dict()["base_layer.weight"], w)  # read as the base: pretrained
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,13 +213,24 @@ def test_conv2d_unbatched_input_matches_batched(height):
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
-def test_base_weight_is_bit_exact_after_forward_and_backward(kind):
-    """The transient column write leaves the frozen base weight exactly as it was."""
+def test_base_weight_reads_as_pretrained_bit_for_bit_after_forward_and_backward(kind):
+    """Between calls the tensor holds W0 + s*D at idx (written once per call, not restored); read as the base
+    (state_dict, restore_base_weight) it is W0 bit for bit, and the next forward writes the columns again."""
     layer, x = make_layer(kind)
     randomize_delta(layer)
-    w = layer.get_base_layer().weight.detach().clone()
-    layer(x.requires_grad_(True)).sum().backward()
-    assert torch.equal(layer.get_base_layer().weight, w)
+    base = layer.get_base_layer()
+    w = base.weight.detach().clone()
+    out = layer(x.requires_grad_(True))
+    out.sum().backward()
+    idx, in_dim = layer.paca_indices["default"], layer.in_dim
+    written = w.index_copy(in_dim, idx, (w.index_select(in_dim, idx) + layer.scaling["default"]
+                                          * layer._delta_in_weight_layout(layer.paca_delta["default"].detach())))
+    assert torch.equal(base.weight, written)
+    assert torch.equal(layer.state_dict()["base_layer.weight"], w)
+    assert torch.equal(base.weight, w)  # the state_dict hook wrote W0 back into the tensor itself
+    assert torch.equal(layer(x), out)
+    layer.restore_base_weight()
+    assert torch.equal(base.weight, w)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,10 +258,12 @@ def test_disabled_adapter_gives_base_output_exactly(kind):
     """With adapters disabled the layer's output is the base layer's, bit for bit."""
     layer, x = make_layer(kind)
     randomize_delta(layer)
+    base_out = layer.get_base_layer()(x)
+    layer(x)  # leaves the tuned columns written: disabling must write W0 back
     layer.enable_adapters(False)
-    assert torch.equal(layer(x), layer.get_base_layer()(x))
+    assert torch.equal(layer(x), base_out)
     layer.enable_adapters(True)
-    assert not torch.equal(layer(x), layer.get_base_layer()(x))
+    assert not torch.equal(layer(x), base_out)
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -283,7 +296,7 @@ def test_bf16_base_with_fp32_delta_is_close_to_reference_and_grad_is_fp32(kind):
     torch.testing.assert_close(out.double(), dense_reference(layer, x), rtol=3e-2, atol=5e-2)
     out.float().square().mean().backward()
     assert layer.paca_delta["default"].grad.dtype == torch.float32
-    assert torch.equal(layer.get_base_layer().weight, w)
+    assert torch.equal(layer.state_dict()["base_layer.weight"], w)
 
 
 def test_bf16_model_through_get_peft_model_keeps_fp32_delta_and_matches_fp32_model(token_ids):

@@ -9,8 +9,8 @@ tuned columns are never quantized: with ``deq(Q)`` the dequantized weight in the
     backward:  dL/dx = g W                        (W dequantized again: no 16-bit copy is kept)
                dL/dD = s * g^T x[..., idx]        (only x[..., idx] and the packed Q are kept)
 
-Both passes write the columns into the transient dense copy with :func:`paca.ops.tuned_weight`, as
-16-bit PaCA does into its weight. ``D`` (``d_out x r``, float32 like every trainable adapter weight) is the only tensor beside the
+Both passes write the columns into the transient dense copy with :func:`paca.ops.write_into_copy`, rounded
+once to the compute dtype as 16-bit PaCA does into its weight. ``D`` (``d_out x r``, float32 like every trainable adapter weight) is the only tensor beside the
 4-bit weight; the base values of the tuned columns are reproduced bit for bit by each dequantization.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import tuned_weight
+from .ops import write_into_copy
 
 INSTALL_HINT = "install it with `pip install 'paca[quant]'` (bitsandbytes>=0.50)"
 SUPPORTED_QUANTIZATION = "bitsandbytes 4-bit (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))"
@@ -82,8 +82,7 @@ def dequantize(weight: Tensor, dtype: torch.dtype) -> Tensor:
 def _forward_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
                   scale: float) -> Tensor:
     dense = dequantize(weight, x.dtype)  # (d_out, d_in), transient: freed on return
-    with tuned_weight(dense, delta, idx, scale, 1, x.dtype) as w:
-        return F.linear(x, w, bias)  # (..., d_out)
+    return F.linear(x, write_into_copy(dense, delta, idx, scale, 1), bias)  # (..., d_out)
 
 
 class PartialLinear4bitFunction(torch.autograd.Function):
@@ -104,8 +103,7 @@ class PartialLinear4bitFunction(torch.autograd.Function):
         grad_input = grad_delta = grad_bias = None
         if ctx.needs_input_grad[0]:
             dense = dequantize(weight, grad.dtype)  # dequantized again, not kept from the forward
-            with tuned_weight(dense, delta, idx, ctx.scale, 1, grad.dtype) as w:
-                grad_input = grad @ w  # (..., d_in)
+            grad_input = grad @ write_into_copy(dense, delta, idx, ctx.scale, 1)  # (..., d_in)
         if x_selected is not None:
             g = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
             xs = x_selected.reshape(-1, x_selected.shape[-1]).to(grad.dtype)  # (N, r)

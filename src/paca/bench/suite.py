@@ -190,12 +190,14 @@ class Run:
         input_ids = self.tokens(s.batch, s.seq)
         accounts: dict[str, Accounting] = {}
         for m in list(trainees):
-            self.progress.update(f"fig2 {m}: accounting step (FLOPs, saved bytes), then {s.warmup} warm-up")
+            # Warm-up first: the accounting step then counts a steady step (PaCA copies each layer's pretrained
+            # columns once, in its first step).
+            self.progress.update(f"fig2 {m}: {s.warmup} warm-up, then an accounting step (FLOPs, saved bytes)")
+            for _ in range(s.warmup):
+                self._guarded(trainees, m, lambda t: train_step(t, input_ids, s.dtype))
             account = self._guarded(trainees, m, lambda t: accounting_step(t, input_ids, s.dtype))
             if account is not None:
                 accounts[m] = account
-            for _ in range(s.warmup):
-                self._guarded(trainees, m, lambda t: train_step(t, input_ids, s.dtype))
         records = {m: [] for m in trainees}
         started = time.perf_counter()
         for k in range(s.repeats):

@@ -3,9 +3,11 @@
     W[:, idx] = W0[:, idx] + (paca_alpha / r) * D        y = x W^T + b     (one matmul)
 
 State per adapter name: ``paca_delta`` (D, ``d_out x r``, or ``C_out x r x kh x kw`` for Conv2d) and
-``paca_indices`` (sorted int64 ``idx``). The frozen base weight is only changed by ``merge`` (and
-restored bit for bit by ``unmerge``); the forward writes the tuned columns transiently, see
-:mod:`paca.ops`.
+``paca_indices`` (sorted int64 ``idx``). Between calls the tuned columns stay written in the frozen weight
+(:mod:`paca.ops.columns`); the layer writes the pretrained columns back, bit for bit, before anything reads the
+weight as the base: its state_dict, load_state_dict, disabled adapters, merge, unload, a copy (deepcopy, pickle) or
+a conversion (``.to()``), and a new adapter's column selection. ``merge`` writes the merged columns for good (and
+``unmerge`` restores them bit for bit).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from .. import selection
-from ..ops import partial_conv2d, partial_linear
+from ..ops import ResidentColumns, partial_conv2d, partial_linear
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -48,6 +50,10 @@ class PacaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
+        self._columns = ResidentColumns(self.in_dim)
+        if isinstance(self, nn.Module):
+            self.register_state_dict_pre_hook(_restore_before_state_dict)
+            self.register_load_state_dict_pre_hook(_restore_before_load)
 
     # -- shapes -------------------------------------------------------------------------------------
     @property
@@ -76,6 +82,7 @@ class PacaLayer(BaseTunerLayer):
         where = f"module '{self.layer_name}'"
         if not isinstance(r, int) or r <= 0 or r > d_in:
             raise ValueError(f"{where}: r={r} must be between 1 and the layer's input dimension {d_in}.")
+        self._columns.restore()  # column selection (weight_norm) reads the base weight
         weight = self.get_base_layer().weight
         if indices is None:
             indices = self.select_columns(r, seed, selection_strategy, column_block)
@@ -112,6 +119,7 @@ class PacaLayer(BaseTunerLayer):
         """Replace the tuned columns of ``adapter_name`` (its delta is reset to zero)."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
         selection.check_indices(indices, self.in_features, self.r[adapter_name], f"module '{self.layer_name}'")
+        self._columns.restore()
         self.paca_indices[adapter_name] = indices.to(self.paca_indices[adapter_name].device)
         with torch.no_grad():
             self.paca_delta[adapter_name].zero_()
@@ -152,6 +160,7 @@ class PacaLayer(BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write the tuned columns into the base weight; the originals are kept for :meth:`unmerge`."""
+        self._columns.restore()
         storage = self.get_base_layer().weight.data
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.paca_delta:
@@ -175,7 +184,28 @@ class PacaLayer(BaseTunerLayer):
 
     def release_base_layer(self) -> nn.Module:
         """The base layer, handed back when this PaCA layer is removed from the model."""
+        self._columns.forget()
         return self.get_base_layer()
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool = False,
+                                           adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """PEFT's unload: the base layer, with the adapters merged if ``merge``, else exactly pretrained."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.release_base_layer()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled:
+            self._columns.restore()  # disable_adapter(): the base weight is read as the base from now on
+        super().enable_adapters(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._columns.forget()
+        super().delete_adapter(adapter_name)
+
+    def restore_base_weight(self) -> None:
+        """Write the pretrained columns back now (the next forward writes the tuned ones again)."""
+        self._columns.restore()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -183,10 +213,12 @@ class PacaLayer(BaseTunerLayer):
     def _base_forward(self, x: Tensor, *args, **kwargs) -> Optional[Tensor]:
         """The base layer's output when no adapter applies (disabled, merged or none active), else None."""
         if self.disable_adapters:
+            self._columns.restore()
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged or self._active_delta() is None:
+            self._columns.restore()
             return self.base_layer(x, *args, **kwargs)
         return None
 
@@ -199,7 +231,31 @@ class PacaLayer(BaseTunerLayer):
         return x
 
 
-class Linear(nn.Module, PacaLayer):
+def _restore_before_state_dict(module: "PacaLayer", prefix: str, keep_vars: bool) -> None:
+    module._columns.restore()  # a checkpoint stores the pretrained weight, never W0 + s * D
+
+
+def _restore_before_load(module: "PacaLayer", state_dict: dict, prefix: str, *args) -> None:
+    # New base weights make the copy of the pretrained columns stale; anything else keeps it (indices are versioned).
+    if any(key.startswith(prefix + "base_layer.") for key in state_dict):
+        module._columns.forget()
+    else:
+        module._columns.restore()
+
+
+class _ResidentModule(nn.Module):
+    """What nn.Module does to a layer's tensors, with the pretrained columns written back first."""
+
+    def _apply(self, fn, recurse=True):
+        self._columns.forget()  # .to(), .half(), .cuda(): convert the pretrained weight, read the columns again
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        self._columns.restore()  # deepcopy and pickle copy the pretrained weight
+        return super().__getstate__()
+
+
+class Linear(_ResidentModule, PacaLayer):
     """PaCA on nn.Linear (``W`` is ``d_out x d_in``) or GPT-2 Conv1D (``W`` stored ``d_in x d_out``).
 
     ``x -> x W^T + b`` with ``W[:, idx] = W0[:, idx] + (alpha / r) D``; inputs of any leading shape.
@@ -211,6 +267,7 @@ class Linear(nn.Module, PacaLayer):
         PacaLayer.__init__(self, base_layer, layer_name)
         self.is_transposed = _is_conv1d(self.get_base_layer())
         self.in_dim = 0 if self.is_transposed else 1
+        self._columns = ResidentColumns(self.in_dim)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
 
@@ -221,10 +278,10 @@ class Linear(nn.Module, PacaLayer):
         delta, idx, scale = self._active_delta()
         base = self.get_base_layer()
         return partial_linear(self._autocast_input(x), base.weight, base.bias, delta, idx, scale,
-                              self.is_transposed)
+                              self.is_transposed, self._columns)
 
 
-class Conv2d(nn.Module, PacaLayer):
+class Conv2d(_ResidentModule, PacaLayer):
     """PaCA on nn.Conv2d: tunes ``r`` input channels (all kernel taps of each), as in the paper's appendix B."""
 
     def __init__(self, base_layer: nn.Conv2d, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
@@ -258,4 +315,4 @@ class Conv2d(nn.Module, PacaLayer):
         delta, idx, scale = self._active_delta()
         conv = self.get_base_layer()
         return partial_conv2d(self._autocast_input(x), conv.weight, conv.bias, delta, idx, scale, conv.stride,
-                              self.padding, conv.dilation)
+                              self.padding, conv.dilation, self._columns)

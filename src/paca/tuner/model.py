@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -73,6 +75,7 @@ class PacaModel(BaseTuner):
             remove_adapter_layers(model, adapter_name)
             _restore_requires_grad(self._requires_grad_before_inject.pop(adapter_name))
             raise
+        mark_shared_weights(model)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """Add ``adapter_name`` = sum of ``weights[i] * adapters[i]``, exact (see :func:`paca.switching.add_weighted_adapter`)."""
@@ -145,6 +148,24 @@ def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict):
         configs.pop(adapter_name, None)
+
+
+def mark_shared_weights(model: nn.Module) -> None:
+    """Make PaCA layers whose base weight another module also holds (tied embeddings and head) restore it after
+    every call, so the tuned columns never reach the other module."""
+    owners = collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    for layer in model.modules():
+        if isinstance(layer, PacaLayer):
+            layer._columns.transient = owners[id(layer.get_base_layer().weight)] > 1
+
+
+def restore_base_weights(model: nn.Module) -> None:
+    """Write the pretrained columns back into every PaCA layer's base weight, for code that reads the base
+    weights directly (the next forward writes the tuned columns again). state_dict, disable_adapter, merge,
+    unload, copies and ``.to()`` do this by themselves."""
+    for layer in model.modules():
+        if isinstance(layer, PacaLayer):
+            layer.restore_base_weight()
 
 
 def paca_layers(model: nn.Module) -> dict[str, PacaLayer]:

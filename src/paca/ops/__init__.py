@@ -1,0 +1,27 @@
+"""The algorithm: partial-connection layers as autograd-aware operators, one module per operator family.
+
+A PaCA layer with frozen weight ``W0`` (``d_out x d_in``), tuned input columns ``idx`` (``r`` of them)
+and delta ``D`` (``d_out x r``) computes with the effective weight
+
+    W = W0,  W[:, idx] = W0[:, idx] + s * D,   s = paca_alpha / r
+
+    forward:   y      = x W^T + b                      (one matmul, no adapter branch)
+    backward:  dL/dx  = g W
+               dL/dD  = s * g^T x[..., idx]           (only x[..., idx] is kept for backward)
+
+``W`` is never materialised as a second weight-sized tensor: the ``r`` tuned columns are written into the
+frozen weight's storage (``O(d_out * r)``, next to the ``O(N * d_out * d_in)`` matmul) and stay there between
+calls; the tuner layer writes ``W0``'s columns back before anyone reads the weight as the base
+(:mod:`paca.ops.columns`). Every forward reads the *current* ``D``, however it was changed.
+
+- :mod:`paca.ops.columns`  the column write, its record and restore
+- :mod:`paca.ops.linear`   nn.Linear and GPT-2 Conv1D (autograd Function; torch.library custom ops under torch.compile)
+- :mod:`paca.ops.conv`     nn.Conv2d (autograd Function)
+- :mod:`paca.quantized`    the 4-bit (QPaCA) operator over bitsandbytes weights
+"""
+
+from .columns import ResidentColumns, write_into_copy
+from .conv import partial_conv2d
+from .linear import partial_linear
+
+__all__ = ["ResidentColumns", "partial_conv2d", "partial_linear", "write_into_copy"]

@@ -1,0 +1,180 @@
+"""How the tuned columns get into the frozen weight: written once per call, left there between calls.
+
+A PaCA layer computes with ``W[:, idx] = P + s * D`` where ``P = W0[:, idx]`` is the pretrained value of
+the ``r`` tuned columns. :class:`ResidentColumns` copies ``P`` once (``d_out x r``) and then writes
+``P + s * D`` into the weight's storage with two operators (an ``add`` into a reused buffer and an
+``index_copy_``). Because every write starts from the copy of ``P``, a write is idempotent: whatever those
+columns hold at the time (their last write, or ``W0`` again after a restore or a re-gather by FSDP2 or
+ZeRO-3) the result is the same. So the columns stay written after an operator returns:
+
+    forward    write P + s * D (always: it reads the current D, however D was changed), one matmul
+    backward   one matmul, no write when the weight still holds exactly what its forward wrote
+    restore    write P back (one ``index_copy_``) for anyone who reads the weight as the base
+
+Who restores: the tuner layer, before anything reads its base weight as pretrained (state_dict,
+load_state_dict, disable_adapter, merge, unload, deepcopy/pickle, ``.to()``, a new adapter's column
+selection). A weight shared with another module (tied embeddings and head) is *transient*: restored
+before each operator returns, so the other module never sees the tuned columns. Writes go through
+``.data``: they must not bump the version counter autograd checks on the saved weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_REGISTRY: "weakref.WeakValueDictionary[int, ResidentColumns]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def regathered(weight: Tensor) -> bool:
+    """Whether a sharding framework may re-gather ``weight`` (pristine) between a forward and its backward.
+
+    DeepSpeed ZeRO-3 (``ds_id``), FSDP1 (flattened parameters) and FSDP2 (any composable state in the
+    process) free the unsharded weight after forward and gather it again, often at the same address and
+    with the same version counter, so "still written" cannot be told from the tensor: backward rewrites.
+    """
+    if hasattr(weight, "ds_id") or getattr(weight, "_fsdp_flattened", False):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed import _composable_state
+
+    return len(_composable_state._module_state_mapping) > 0
+
+
+class ResidentColumns:
+    """The tuned columns of one frozen weight: ``P = W0[:, idx]`` and what is written there now.
+
+    Args:
+        in_dim: the weight dimension the columns index (1 for ``(d_out, d_in)`` weights and convolutions,
+            0 for GPT-2's ``(d_in, d_out)`` Conv1D).
+        transient: restore ``P`` before each operator returns (a weight shared with another module).
+    """
+
+    def __init__(self, in_dim: int, transient: bool = False):
+        self.in_dim = in_dim
+        self.transient = transient
+        self.key = next(_KEYS)  # how a torch.compile'd custom op finds this object again at run time
+        _REGISTRY[self.key] = self
+        self._pretrained: Optional[Tensor] = None  # P, the weight's dtype and layout with r along in_dim
+        self._sum: Optional[Tensor] = None  # P + s * D, reused by every write
+        self._idx: Optional[Tensor] = None  # private copy of the indices P was read at (restore needs them)
+        self._idx_source: Optional[Tensor] = None  # the index tensor the layer passes, and its version then
+        self._idx_version = -1
+        self._weight: Optional[Tensor] = None  # the tensor P + s * D was last written into
+        self._written: Optional[tuple] = None  # what that write was; None when the storage holds W0 there
+
+    def __deepcopy__(self, memo):
+        # A copied layer gets its own record (and key): it writes into its own, copied, weight.
+        return ResidentColumns(self.in_dim, self.transient)
+
+    def __reduce__(self):
+        return ResidentColumns, (self.in_dim, self.transient)
+
+    @staticmethod
+    def find(key: int) -> Optional["ResidentColumns"]:
+        return _REGISTRY.get(key) if key >= 0 else None
+
+    # -- the write ---------------------------------------------------------------------------------------
+    def write(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
+        """Write ``P + scale * delta`` into columns ``idx`` of ``weight``; return the storage (no autograd).
+
+        ``delta`` is ``(d_out, r, ...)``; for ``in_dim`` 0 it is transposed to the weight's ``(r, d_out)``.
+        """
+        storage = weight.data
+        if not self._holds_pretrained_for(storage, idx):
+            self.restore()  # another column set may be written: give those columns back first
+            self._read_pretrained(storage, idx)
+        shift = delta.detach().t() if self.in_dim == 0 else delta.detach()
+        torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
+        storage.index_copy_(self.in_dim, idx, self._sum)
+        self._weight = weight
+        self._written = (weight.data_ptr(), weight._version, delta, delta._version, delta.data_ptr(), scale, idx)
+        return storage
+
+    def holds(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> bool:
+        """Whether ``weight`` still holds exactly the last write, made from this ``delta`` at its current version.
+
+        The last write's ``delta`` and ``idx`` are kept referenced, so their addresses cannot have been reused.
+        """
+        if self._written is None or self.transient or regathered(weight):
+            return False
+        ptr, version, _, delta_version, delta_ptr, written_scale, written_idx = self._written
+        # Storage addresses, not object identity: autograd may hand backward an alias of the saved delta.
+        return (weight.data_ptr() == ptr and weight._version == version and delta.data_ptr() == delta_ptr
+                and delta._version == delta_version and scale == written_scale and _same(idx, written_idx))
+
+    @contextlib.contextmanager
+    def written(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float, dtype: torch.dtype,
+                reuse: bool = False) -> Iterator[Tensor]:
+        """Yield ``weight`` with the tuned columns written, in ``dtype`` (cast after the write if it differs).
+
+        ``reuse``: skip the write when :meth:`holds` says the storage still holds it (backward).
+        """
+        storage = weight.data if reuse and self.holds(weight, delta, idx, scale) else self.write(weight, delta, idx,
+                                                                                                 scale)
+        try:
+            yield storage if storage.dtype == dtype else storage.to(dtype)
+        finally:
+            if self.transient:
+                self.restore()
+
+    # -- the pretrained copy -----------------------------------------------------------------------------
+    def _holds_pretrained_for(self, storage: Tensor, idx: Tensor) -> bool:
+        p = self._pretrained
+        return (p is not None and _same(idx, self._idx_source) and idx._version == self._idx_version
+                and p.device == storage.device and p.dtype == storage.dtype)
+
+    def _read_pretrained(self, storage: Tensor, idx: Tensor) -> None:
+        # The storage holds W0 at idx now: nothing is written (restored above) or this is the first write.
+        self._pretrained = storage.index_select(self.in_dim, idx)  # (d_out, r, ...): one copy per column set
+        self._sum = torch.empty_like(self._pretrained)
+        self._idx = idx.clone()
+        self._idx_source, self._idx_version = idx, idx._version
+
+    def restore(self) -> None:
+        """Write ``P`` back where the last write went (no-op when nothing is written or the storage is gone).
+
+        Under FSDP2/ZeRO-3 the written tensor may have been freed (its storage resized to 0) or re-gathered
+        pristine; writing ``P`` into a re-gathered storage changes nothing, so it is safe either way.
+        """
+        if self._written is None:
+            return
+        self._written = None
+        weight, self._weight = self._weight, None
+        storage = weight.data
+        p = self._pretrained
+        if (storage.untyped_storage().nbytes() == 0 or storage.dim() != p.dim() or storage.dtype != p.dtype
+                or storage.device != p.device):
+            return  # freed (FSDP2 reshard, ZeRO-3 placeholder) or converted: it holds no write of ours
+        storage.index_copy_(self.in_dim, self._idx, p)
+
+    def forget(self) -> None:
+        """Restore, then drop ``P``: the base weight is about to be replaced, converted or copied."""
+        self.restore()
+        self._pretrained = self._sum = self._idx = self._idx_source = None
+        self._idx_version = -1
+
+    @property
+    def is_written(self) -> bool:
+        return self._written is not None
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """``a`` is ``b`` or an alias of it (``b`` is kept referenced, so no other tensor can have its address)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+
+def write_into_copy(dense: Tensor, delta: Tensor, idx: Tensor, scale: float, in_dim: int) -> Tensor:
+    """``dense`` (a fresh copy nobody else reads, e.g. a dequantized 4-bit weight) with columns ``idx`` shifted
+    by ``scale * delta``, in place: the sum is rounded once to ``dense``'s dtype, as :class:`ResidentColumns` does."""
+    columns = dense.index_select(in_dim, idx)
+    torch.add(columns, delta.detach(), alpha=scale, out=columns)
+    return dense.index_copy_(in_dim, idx, columns)
