@@ -20,10 +20,8 @@ before each operator returns, so the other module never sees the tuned columns. 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
-from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -33,6 +31,17 @@ _REGISTRY: "weakref.WeakValueDictionary[int, ResidentColumns]" = weakref.WeakVal
 _KEYS = itertools.count()
 
 
+def _composable_states() -> dict:
+    if not torch.distributed.is_available():
+        return {}
+    from torch.distributed import _composable_state
+
+    return _composable_state._module_state_mapping
+
+
+_COMPOSABLE_STATES = _composable_states()  # FSDP2's per-module states (a weak mapping, filled by fully_shard)
+
+
 def regathered(weight: Tensor) -> bool:
     """Whether a sharding framework may re-gather ``weight`` (pristine) between a forward and its backward.
 
@@ -40,13 +49,7 @@ def regathered(weight: Tensor) -> bool:
     process) free the unsharded weight after forward and gather it again, often at the same address and
     with the same version counter, so "still written" cannot be told from the tensor: backward rewrites.
     """
-    if hasattr(weight, "ds_id") or getattr(weight, "_fsdp_flattened", False):
-        return True
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed import _composable_state
-
-    return len(_composable_state._module_state_mapping) > 0
+    return len(_COMPOSABLE_STATES) > 0 or hasattr(weight, "ds_id") or getattr(weight, "_fsdp_flattened", False)
 
 
 class ResidentColumns:
@@ -92,7 +95,7 @@ class ResidentColumns:
         if not self._holds_pretrained_for(storage, idx):
             self.restore()  # another column set may be written: give those columns back first
             self._read_pretrained(storage, idx)
-        shift = delta.detach().t() if self.in_dim == 0 else delta.detach()
+        shift = delta.t() if self.in_dim == 0 else delta  # operators run without autograd: no detach needed
         torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
         storage.index_copy_(self.in_dim, idx, self._sum)
         self._weight = weight
@@ -111,26 +114,22 @@ class ResidentColumns:
         return (weight.data_ptr() == ptr and weight._version == version and delta.data_ptr() == delta_ptr
                 and delta._version == delta_version and scale == written_scale and _same(idx, written_idx))
 
-    @contextlib.contextmanager
     def written(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float, dtype: torch.dtype,
-                reuse: bool = False) -> Iterator[Tensor]:
-        """Yield ``weight`` with the tuned columns written, in ``dtype`` (cast after the write if it differs).
+                reuse: bool = False) -> Tensor:
+        """``weight``'s storage with the tuned columns written, in ``dtype`` (cast after the write if it differs).
 
-        ``reuse``: skip the write when :meth:`holds` says the storage still holds it (backward).
+        ``reuse``: skip the write when :meth:`holds` says the storage still holds it (backward). A transient record
+        must be given :meth:`restore` once the returned tensor has been used.
         """
         storage = weight.data if reuse and self.holds(weight, delta, idx, scale) else self.write(weight, delta, idx,
                                                                                                  scale)
-        try:
-            yield storage if storage.dtype == dtype else storage.to(dtype)
-        finally:
-            if self.transient:
-                self.restore()
+        return storage if storage.dtype == dtype else storage.to(dtype)
 
     # -- the pretrained copy -----------------------------------------------------------------------------
     def _holds_pretrained_for(self, storage: Tensor, idx: Tensor) -> bool:
-        p = self._pretrained
-        return (p is not None and _same(idx, self._idx_source) and idx._version == self._idx_version
-                and p.device == storage.device and p.dtype == storage.dtype)
+        # Devices and dtypes change only through .to() and friends, which drop P (the layer's _apply).
+        return (self._pretrained is not None and _same(idx, self._idx_source) and idx._version == self._idx_version
+                and self._pretrained.dtype == storage.dtype)
 
     def _read_pretrained(self, storage: Tensor, idx: Tensor) -> None:
         # The storage holds W0 at idx now: nothing is written (restored above) or this is the first write.

@@ -21,8 +21,11 @@ def _columns_for(columns: Optional[ResidentColumns]) -> ResidentColumns:
 
 def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
                   stride, padding, dilation, columns: ResidentColumns) -> Tensor:
-    with columns.written(weight, delta, idx, scale, x.dtype) as w:
-        return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    w = columns.written(weight, delta, idx, scale, x.dtype)
+    y = F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    if columns.transient:
+        columns.restore()
+    return y
 
 
 def _conv_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor, idx: Tensor,
@@ -31,8 +34,10 @@ def _conv_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, d
     """``(dL/dx, scale * conv2d_weight(x[:, idx], g))``; None for a gradient not asked for."""
     grad_input = grad_delta = None
     if needs_input_grad:
-        with columns.written(weight, delta, idx, scale, grad.dtype, reuse=True) as w:
-            grad_input = torch.nn.grad.conv2d_input(input_shape, w, grad, stride, padding, dilation)
+        w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
+        grad_input = torch.nn.grad.conv2d_input(input_shape, w, grad, stride, padding, dilation)
+        if columns.transient:
+            columns.restore()
     if x_selected is not None:
         grad_delta = torch.nn.grad.conv2d_weight(x_selected.to(grad.dtype), delta.shape, grad, stride, padding,
                                                  dilation)

@@ -26,8 +26,11 @@ def _columns_for(columns: Optional[ResidentColumns], transposed: bool) -> Reside
 
 def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
                     transposed: bool, columns: ResidentColumns) -> Tensor:
-    with columns.written(weight, delta, idx, scale, x.dtype) as w:
-        return F.linear(x, w.t() if transposed else w, None if bias is None else bias.to(x.dtype))
+    w = columns.written(weight, delta, idx, scale, x.dtype)
+    y = F.linear(x, w.t() if transposed else w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
+    if columns.transient:
+        columns.restore()
+    return y
 
 
 def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor, idx: Tensor,
@@ -36,11 +39,15 @@ def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor,
     """``(g W, scale * g^T x[..., idx])``; None for a gradient not asked for (``x_selected`` None: no delta grad)."""
     grad_input = grad_delta = None
     if needs_input_grad:
-        with columns.written(weight, delta, idx, scale, grad.dtype, reuse=True) as w:
-            grad_input = grad @ (w.t() if transposed else w)  # (..., d_in)
+        w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
+        grad_input = grad @ (w.t() if transposed else w)  # (..., d_in)
+        if columns.transient:
+            columns.restore()
     if x_selected is not None:
         g = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
-        xs = x_selected.reshape(-1, x_selected.shape[-1]).to(grad.dtype)  # (N, r)
+        xs = x_selected.reshape(-1, x_selected.shape[-1])  # (N, r)
+        if xs.dtype != grad.dtype:
+            xs = xs.to(grad.dtype)
         if g.shape[0] == 0:  # no tokens: the one-row views below would be empty
             return grad_input, torch.zeros_like(delta)
         # One addmm with alpha = scale (beta = 0 ignores the one-row input, there only for its shape and dtype).
@@ -50,7 +57,8 @@ def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor,
             # On CPU, (r, N) @ (N, d_out) runs 2-10x faster than g^T x_sel, whose output rows have only r values
             # (measured above a few thousand N * d_out); then one copy to the (d_out, r) layout of the delta.
             grad_delta = torch.addmm(g[:1], xs.t(), g, beta=0, alpha=scale).t().contiguous()  # (d_out, r)
-        grad_delta = grad_delta.to(delta.dtype)
+        if grad_delta.dtype != delta.dtype:
+            grad_delta = grad_delta.to(delta.dtype)
     return grad_input, grad_delta
 
 

@@ -134,6 +134,12 @@ class PacaLayer(BaseTunerLayer):
 
     def _combined_delta(self, adapter_names: list[str]) -> Optional[tuple[Tensor, Tensor, float]]:
         """(delta, idx, scale) of ``adapter_names`` added up, as for :meth:`_active_delta`; None if none is here."""
+        if len(adapter_names) == 1:  # the common case, once per layer call: plain dict lookups, no module __getattr__
+            delta = self._modules["paca_delta"]._parameters.get(adapter_names[0])
+            if delta is None:
+                return None
+            name = adapter_names[0]
+            return delta, self._modules["paca_indices"]._buffers[name], self.scaling[name]
         active = [a for a in adapter_names if a in self.paca_delta]
         if not active:
             return None
@@ -210,17 +216,18 @@ class PacaLayer(BaseTunerLayer):
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
 
-    def _base_forward(self, x: Tensor, *args, **kwargs) -> Optional[Tensor]:
-        """The base layer's output when no adapter applies (disabled, merged or none active), else None."""
-        if self.disable_adapters:
-            self._columns.restore()
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged or self._active_delta() is None:
-            self._columns.restore()
-            return self.base_layer(x, *args, **kwargs)
-        return None
+    def _applied_delta(self) -> Optional[tuple[Tensor, Tensor, float]]:
+        """(delta, idx, scale) the forward applies; None when it is the base layer's (disabled, merged, none active)."""
+        if self._disable_adapters or self.merged_adapters:
+            return None
+        return self._active_delta()
+
+    def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The base layer's output, with W0 in the tuned columns (merged columns when merged and enabled)."""
+        self._columns.restore()
+        if self._disable_adapters and self.merged_adapters:
+            self.unmerge()
+        return self.base_layer(x, *args, **kwargs)
 
     @staticmethod
     def _autocast_input(x: Tensor) -> Tensor:
@@ -272,11 +279,11 @@ class Linear(_ResidentModule, PacaLayer):
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self._base_forward(x, *args, **kwargs)
-        if result is not None:
-            return result
-        delta, idx, scale = self._active_delta()
-        base = self.get_base_layer()
+        applied = self._applied_delta()
+        if applied is None:
+            return self._base_forward(x, *args, **kwargs)
+        delta, idx, scale = applied
+        base = self._modules["base_layer"]
         return partial_linear(self._autocast_input(x), base.weight, base.bias, delta, idx, scale,
                               self.is_transposed, self._columns)
 
@@ -309,10 +316,10 @@ class Conv2d(_ResidentModule, PacaLayer):
         return tuple(conv.padding)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self._base_forward(x, *args, **kwargs)
-        if result is not None:
-            return result
-        delta, idx, scale = self._active_delta()
-        conv = self.get_base_layer()
+        applied = self._applied_delta()
+        if applied is None:
+            return self._base_forward(x, *args, **kwargs)
+        delta, idx, scale = applied
+        conv = self._modules["base_layer"]
         return partial_conv2d(self._autocast_input(x), conv.weight, conv.bias, delta, idx, scale, conv.stride,
                               self.padding, conv.dilation, self._columns)
