@@ -203,3 +203,29 @@ def test_benchmark_steps_leave_the_shared_base_weights_pretrained():
     for _ in range(2):
         train_step(trainee, ids, torch.float32)
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+
+
+def test_trl_dpo_pattern_policy_then_reference_with_adapters_disabled_then_backward(token_ids):
+    """TRL's DPOTrainer without precomputed reference log-probs: the reference forward (adapters disabled) runs
+    between the policy's forward and backward. It must see the base model, and the policy's gradients are as if
+    it had not run."""
+    base = tiny_llama()
+    with torch.no_grad():
+        base_logits = base(input_ids=token_ids).logits
+    model = get_peft_model(base, PacaConfig(r=4))
+    with torch.no_grad():
+        for layer in paca_layers(model).values():
+            layer.paca_delta["default"].normal_(std=0.1)
+    model.train()
+    model(input_ids=token_ids).logits.square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    policy = model(input_ids=token_ids).logits
+    with torch.no_grad(), model.disable_adapter():
+        reference = model(input_ids=token_ids).logits
+    policy.square().mean().backward()
+    torch.testing.assert_close(reference, base_logits, rtol=0, atol=0)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -33,6 +33,10 @@ SUITES = {
     "cpu": dict(preset="cpu", methods="floor,paca,lora,dora,full", batch=4, seq=256, repeats=11, threads=1,
                 parts="fig2,table4,fig3", memory_cap_gib=0.5, max_seq=16384, seq_granularity=128, fig3_seq=512,
                 max_batch=16),
+    # The launch-bound regime: a model so small that per-operator overhead, not FLOPs, sets the step time, as
+    # kernel launches do on a GPU at small batches. One thread, many rounds: each step takes milliseconds.
+    "launch": dict(preset="tiny", methods="floor,paca,lora,dora", batch=1, seq=32, repeats=41, threads=1,
+                   parts="fig2"),
     "gpu": dict(preset="llama3-8b", device="cuda", dtype="bf16", methods="full,lora,dora,paca,floor", batch=2,
                 seq=512, repeats=10, warmup=2, parts="fig2,table4,fig3", memory_cap_gib=80.0, max_seq=65536,
                 seq_granularity=128, fig3_seq=512, max_batch=256),
@@ -42,7 +46,7 @@ SUITES = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paca bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=SUITES, help="a set of defaults: quick, cpu or gpu (see docs/BENCHMARKS.md)")
+    p.add_argument("--suite", choices=SUITES, help="a set of defaults: quick, cpu, launch or gpu (see docs/BENCHMARKS.md)")
     p.add_argument("--quick", action="store_true", help="same as --suite quick: the CI smoke test")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", help=f"model shape with random weights: {', '.join(PRESETS)} (default cpu)")
