@@ -8,7 +8,8 @@ per layer, with no arithmetic on the rest of the weight:
 
 LoRA's merge and unmerge each form the dense ``B A`` (``O(d_out * d_in * r)``) and rewrite the whole
 weight. Without merging, ``set_adapter`` switches in ``O(1)``: every PaCA forward writes the active
-adapter's columns transiently anyway. On a 4-bit base the weight is never rewritten (see
+adapter's columns anyway (the next one gives the previous adapter's columns back first, see
+:mod:`paca.ops.columns`). On a 4-bit base the weight is never rewritten (see
 :mod:`paca.tuner.quantized`), so both ways cost ``O(1)``.
 
 A weighted combination of adapters is exact, overlapping columns or not:

@@ -1,0 +1,55 @@
+"""PaCA layers on a CUDA device (skipped without one): fp32 and bf16 against the float64 CPU reference, the
+delta gradient as one addmm, the base weight read back as pretrained. Run them on a GPU with
+``pytest tests/test_cuda.py``.
+"""
+
+import pytest
+import torch
+from test_columns import reference_grads
+from test_layers import LAYER_KINDS, dense_reference, make_layer, randomize_delta
+
+from paca.bench.measure import DispatchedOperators
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_cuda_layer_matches_the_float64_reference_forward_and_backward(kind, dtype):
+    layer, x = make_layer(kind, dtype=torch.float64)
+    randomize_delta(layer)
+    w0 = layer.state_dict()["base_layer.weight"].clone()
+    expected_out = dense_reference(layer, x)
+    expected_x, expected_delta = reference_grads(layer, x)
+    layer.to("cuda", dtype)
+    layer.paca_delta["default"].data = layer.paca_delta["default"].data.float()  # fp32 delta, as PEFT keeps it
+    xc = x.to("cuda", dtype).requires_grad_(True)
+    for _ in range(2):  # the second step runs on columns already written
+        layer.zero_grad()
+        xc.grad = None
+        out = layer(xc)
+        out.float().square().sum().backward()
+    tol = TOLERANCE[dtype]
+    scale = expected_out.abs().max().item()
+    torch.testing.assert_close(out.double().cpu(), expected_out, rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(xc.grad.double().cpu(), expected_x, rtol=tol, atol=tol * expected_x.abs().max().item())
+    grad_delta = layer.paca_delta["default"].grad
+    assert grad_delta.dtype == torch.float32
+    torch.testing.assert_close(grad_delta.double().cpu(), expected_delta, rtol=tol,
+                               atol=tol * expected_delta.abs().max().item())
+    assert torch.equal(layer.state_dict()["base_layer.weight"].cpu(), w0.to(dtype))
+
+
+def test_cuda_delta_gradient_is_one_addmm_and_backward_writes_nothing():
+    layer, x = make_layer("linear")
+    layer.to("cuda")
+    randomize_delta(layer)
+    x = x.cuda().requires_grad_(True)
+    layer(x)
+    y = layer(x)
+    with DispatchedOperators() as ops:
+        y.square().sum().backward()
+    counts = dict(ops.counts)
+    assert counts.get("addmm") == 1 and "clone" not in counts and "index_copy_" not in counts, counts
