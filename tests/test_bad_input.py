@@ -13,7 +13,7 @@ from conftest import tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from paca import PacaConfig
+from paca import PacaConfig, paca_layers
 
 WEIGHTS = "adapter_model.safetensors"
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -67,15 +67,25 @@ def test_non_positive_or_non_integer_r_is_rejected_by_the_config(r):
         PacaConfig(r=r, target_modules=["q_proj"])
 
 
-def test_r_larger_than_input_dimension_names_the_module_and_rolls_back():
-    """r > d_in in a later layer: ValueError naming that module; layers injected before it are undone."""
-    model = tiny_llama()
-    before = snapshot(model)
-    # layer 0 down_proj (d_in 64) accepts r=40 and is injected first; layer 1 q_proj (d_in 32) cannot.
+def test_r_larger_than_a_layers_input_tunes_all_its_columns_and_says_so_once(tmp_path, token_ids):
+    """r > d_in on one layer (an image stem's 3 channels, here a 32-wide q_proj under r=40) never fails the model:
+    that layer tunes all its input columns at the adapter's scale, one warning names it, and it saves and loads."""
     cfg = PacaConfig(r=40, target_modules=r"model\.layers\.(0\.mlp\.down_proj|1\.self_attn\.q_proj)")
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj.*r=40.*32"):
-        get_peft_model(model, cfg)
-    assert_unchanged(before, model)
+    with pytest.warns(UserWarning, match=r"r=40 exceeds the input dimension of 1 layer\(s\): "
+                                         r"model\.layers\.1\.self_attn\.q_proj \(32\)") as caught:
+        model = get_peft_model(tiny_llama(), cfg)
+    assert len([w for w in caught if "exceeds the input dimension" in str(w.message)]) == 1
+    layers = paca_layers(model)
+    narrow, wide = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.0.mlp.down_proj"]
+    assert narrow.r["default"] == 32 and torch.equal(narrow.paca_indices["default"], torch.arange(32))
+    assert narrow.scaling["default"] == wide.scaling["default"] == cfg.paca_alpha / 40
+    with torch.no_grad():
+        narrow.paca_delta["default"].normal_()
+    logits = model(input_ids=token_ids).logits
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="exceeds the input dimension"):
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(loaded(input_ids=token_ids).logits, logits)
 
 
 def test_no_matching_target_module_is_an_error_naming_the_targets():
@@ -99,12 +109,12 @@ def test_unsupported_layer_type_is_a_type_error_naming_module_and_type(target, t
 
 
 def test_bad_second_adapter_leaves_existing_paca_model_unchanged(token_ids):
-    """add_adapter with r > d_in on a PaCA model: error names the module; the first adapter is intact."""
+    """add_adapter failing on a later module (a norm): error names the module; the first adapter is intact."""
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules=["q_proj", "down_proj"]))
     logits = model(token_ids).logits
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"model\.layers\.\d\.self_attn\.q_proj"):
-        model.add_adapter("big", PacaConfig(r=40, target_modules=["down_proj", "q_proj"]))
+    with pytest.raises(TypeError, match=r"model\.layers\.\d\.post_attention_layernorm"):
+        model.add_adapter("big", PacaConfig(r=4, target_modules=["down_proj", "post_attention_layernorm"]))
     assert_unchanged(before, model)
     assert set(model.peft_config) == {"default"}
     assert torch.equal(model(token_ids).logits, logits)

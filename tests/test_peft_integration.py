@@ -5,6 +5,7 @@ unload) or a dense float64 re-computation of the tuned columns.
 """
 
 import contextlib
+import copy
 import io
 
 import pytest
@@ -228,6 +229,51 @@ def test_unload_restores_base_model_bit_for_bit(merge_first, token_ids):
     assert not any(isinstance(m, PacaLayer) for m in plain.modules())
     assert_state_equal(before, plain)
     assert torch.equal(plain(token_ids).logits, reference(token_ids).logits)
+
+
+def tiny_roberta_classifier():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           vocab_size=64, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    return RobertaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("case", ["roberta_seq_cls_head", "llama_mlp_block"])
+def test_unload_and_merge_keep_a_trained_modules_to_save_module_that_has_no_weight(case, token_ids):
+    """modules_to_save holding a module without a ``weight`` of its own (RoBERTa's classification head, a Llama MLP
+    block): merge_and_unload keeps the trained copy with the PaCA model's outputs; unload keeps it too."""
+    if case == "roberta_seq_cls_head":
+        make, cfg = tiny_roberta_classifier, PacaConfig(r=4, task_type="SEQ_CLS", target_modules=["query", "value"])
+        ids = token_ids[:, 1:]  # RoBERTa's position ids start after the padding index
+    else:
+        make, cfg = tiny_llama, PacaConfig(r=4, target_modules=["q_proj"], modules_to_save=["layers.0.mlp"])
+        ids = token_ids
+    model = get_peft_model(make(), cfg).eval()
+    randomize_deltas(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.05)
+    expected = model(ids).logits
+    unloaded = copy.deepcopy(model).unload()
+    assert not any(isinstance(m, PacaLayer) for m in unloaded.modules())
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, PacaLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    base_without_trained_copy = make()(ids).logits
+    assert not torch.allclose(unloaded(ids).logits, base_without_trained_copy)  # the trained copy stayed
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layers_report_in_and_out_features_of_their_base(arch):
+    make = tiny_llama if arch == "llama" else tiny_gpt2
+    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear"))
+    for layer in paca_layers(model).values():
+        weight = layer.get_base_layer().weight
+        d_out, d_in = (weight.shape[1], weight.shape[0]) if layer.is_transposed else weight.shape
+        assert (layer.in_features, layer.out_features) == (d_in, d_out)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -85,6 +85,21 @@ def test_loaded_adapter_gives_equal_outputs_right_after_from_pretrained(tmp_path
     assert not any(p.requires_grad for p in loaded.parameters()), "inference-mode load must be frozen"
 
 
+def test_adapter_saved_without_safetensors_loads_and_is_checked(tmp_path, token_ids):
+    """save_pretrained(safe_serialization=False) writes PEFT's adapter_model.bin: it loads like the .safetensors,
+    and a damaged one is refused naming the file."""
+    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")).eval()
+    randomize(model)
+    expected = model(token_ids).logits
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(loaded(token_ids).logits, expected)
+    (tmp_path / "adapter_model.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin: cannot read adapter weights"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
 def test_loaded_adapter_is_trainable_with_is_trainable(tmp_path, token_ids):
     """from_pretrained(..., is_trainable=True) gives trainable deltas that train from the saved values."""
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear"))

@@ -14,6 +14,7 @@ from .selection import check_indices
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # save_pretrained(..., safe_serialization=False)
 
 
 class AdapterFileError(ValueError):
@@ -45,21 +46,38 @@ def _check_safetensors_header(path: str) -> None:
                                f"file has {size}. Save it again.")
 
 
+def _read_tensors(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(path, tensors) of the adapter weights: ``adapter_model.safetensors``, else PEFT's ``adapter_model.bin``
+    (read with ``weights_only=True``: tensors only, no code)."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        _check_safetensors_header(path)
+        try:
+            return path, load_file(path)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterFileError(f"{path}: cannot read adapter weights: {err}") from None
+    pickled = os.path.join(directory, PICKLE_WEIGHTS_NAME)
+    if os.path.isfile(pickled):
+        try:
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many types for a damaged file; all mean "unreadable"
+            raise AdapterFileError(f"{pickled}: cannot read adapter weights: {type(err).__name__}: {err}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterFileError(f"{pickled}: not a dict of tensors (a PEFT adapter_model.bin holds one).")
+        return pickled, tensors
+    raise AdapterFileError(f"{path}: adapter weights not found (expected {WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME} in "
+                           f"{directory}).")
+
+
 def load_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``directory/adapter_model.safetensors``, checked for consistency.
+    """The tensors of ``directory``'s adapter weights (``adapter_model.safetensors`` or ``.bin``), checked for
+    consistency.
 
     Raises:
         AdapterFileError: missing or unreadable file, truncation, or PaCA entries whose delta and
             indices disagree (count, order, duplicates).
     """
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise AdapterFileError(f"{path}: adapter weights not found (expected {WEIGHTS_NAME} in {directory}).")
-    _check_safetensors_header(path)
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{path}: cannot read adapter weights: {err}") from None
+    path, tensors = _read_tensors(directory)
     for key, delta in tensors.items():
         if not key.endswith(".paca_delta"):
             continue

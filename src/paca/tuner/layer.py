@@ -60,6 +60,10 @@ class PacaLayer(BaseTunerLayer):
     def in_features(self) -> int:
         return self.get_base_layer().weight.shape[self.in_dim]
 
+    @property
+    def out_features(self) -> int:
+        return self.get_base_layer().weight.shape[1 - self.in_dim]  # d_out (C_out for a convolution)
+
     def delta_shape(self, r: int) -> tuple[int, ...]:
         """Shape of D for this layer: the weight's, with r in place of d_in, d_out first."""
         shape = list(self.get_base_layer().weight.shape)

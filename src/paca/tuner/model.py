@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import warnings
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -17,6 +19,17 @@ from .layer import Conv2d, Linear, PacaLayer, _is_conv1d
 from .quantized import Linear4bit
 
 SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d, bitsandbytes Linear4bit (NF4/FP4)"
+
+
+def _input_dim(module: nn.Module) -> Optional[int]:
+    """d_in of a layer PaCA can tune (None for other modules: they are refused by type later)."""
+    if isinstance(module, PacaLayer) or is_bnb_4bit(module):
+        return module.in_features
+    if _is_conv1d(module):
+        return module.weight.shape[0]
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return module.weight.shape[1]
+    return None
 
 
 def _layer_class(base: nn.Module):
@@ -51,6 +64,12 @@ class PacaModel(BaseTuner):
             kwargs.update(selection.structured_layer_kwargs(getattr(self.model, "config", None), config.r,
                                                             config.paca_alpha, layer_name, target_name, parent,
                                                             target))
+        d_in = _input_dim(target)
+        if d_in is not None and kwargs["r"] > d_in:
+            # All of a narrow layer's columns (an image stem's 3 channels), at the adapter's scale alpha / r.
+            kwargs["paca_alpha"] = kwargs["paca_alpha"] * d_in / kwargs["r"]
+            kwargs["r"] = d_in
+            self._narrow_layers.setdefault(adapter_name, []).append(f"{layer_name} ({d_in})")
         if isinstance(target, PacaLayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -64,11 +83,19 @@ class PacaModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put ``new_module`` where ``child`` was. A new PaCA layer holds its base layer (its adapter tensors were put
+        on the base weight's device by ``update_layer``), and what unloading puts back (a base layer, the trained copy
+        of a ``modules_to_save`` module) holds its own weights: nothing to copy over. PEFT's generic version copies
+        ``child.weight``, which a classification head or an MLP block does not have."""
+        setattr(parent, child_name, new_module)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject ``adapter_name``; on any error, undo what was injected so the model is left as it was."""
         check_quantization(model)  # 8-bit, GPTQ, AWQ...: refused by name, before any layer is replaced
         # Injection freezes the base model; if injecting or, later, loading the weights fails, these flags come back.
         self._requires_grad_before_inject = {adapter_name: {p: p.requires_grad for p in model.parameters()}}
+        self._narrow_layers: dict[str, list[str]] = {}
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
@@ -76,6 +103,12 @@ class PacaModel(BaseTuner):
             _restore_requires_grad(self._requires_grad_before_inject.pop(adapter_name))
             raise
         mark_shared_weights(model)
+        narrow = self._narrow_layers.pop(adapter_name, [])
+        if narrow:
+            r = self.peft_config[adapter_name].r
+            warnings.warn(f"PaCA adapter '{adapter_name}': r={r} exceeds the input dimension of {len(narrow)} "
+                          f"layer(s): {', '.join(narrow)}; each tunes all its input columns, at the adapter's "
+                          "scale paca_alpha / r.", stacklevel=2)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """Add ``adapter_name`` = sum of ``weights[i] * adapters[i]``, exact (see :func:`paca.switching.add_weighted_adapter`)."""

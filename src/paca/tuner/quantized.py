@@ -79,6 +79,10 @@ class Linear4bit(nn.Module, PacaLayer):
     def in_features(self) -> int:
         return self.get_base_layer().in_features
 
+    @property
+    def out_features(self) -> int:
+        return self.get_base_layer().out_features
+
     def delta_shape(self, r: int) -> tuple[int, ...]:
         return (self.get_base_layer().out_features, r)
 
