@@ -71,8 +71,8 @@ def test_r_larger_than_a_layers_input_tunes_all_its_columns_and_says_so_once(tmp
     """r > d_in on one layer (an image stem's 3 channels, here a 32-wide q_proj under r=40) never fails the model:
     that layer tunes all its input columns at the adapter's scale, one warning names it, and it saves and loads."""
     cfg = PacaConfig(r=40, target_modules=r"model\.layers\.(0\.mlp\.down_proj|1\.self_attn\.q_proj)")
-    with pytest.warns(UserWarning, match=r"r=40 exceeds the input dimension of 1 layer\(s\): "
-                                         r"model\.layers\.1\.self_attn\.q_proj \(32\)") as caught:
+    with pytest.warns(UserWarning, match=r"r exceeds the input dimension of 1 layer\(s\): "
+                                         r"model\.layers\.1\.self_attn\.q_proj \(r=40, d_in=32\)") as caught:
         model = get_peft_model(tiny_llama(), cfg)
     assert len([w for w in caught if "exceeds the input dimension" in str(w.message)]) == 1
     layers = paca_layers(model)

@@ -69,6 +69,34 @@ def test_export_lora_loads_as_plain_peft_lora_adapter_with_equal_outputs(tmp_pat
     torch.testing.assert_close(lora(token_ids).logits, model(token_ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [dict(rank_pattern={"down_proj": 8}, alpha_pattern={"down_proj": 4.0,
+                                                                                     r"layers\.1\..*q_proj": 2.0}),
+                                    dict(r=40, target_modules=["q_proj", "down_proj"])],
+                         ids=["rank_and_alpha_pattern", "r_above_a_layers_width"])
+@pytest.mark.filterwarnings("ignore:PaCA adapter 'default'. r exceeds:UserWarning")  # pinned in test_bad_input
+def test_export_lora_of_layers_with_their_own_r_and_scale_is_exact(tmp_path, config, token_ids):
+    """rank_pattern / alpha_pattern, and layers narrower than r (which tune all their columns): each layer has its
+    own r and scale; merged and LoRA exports reproduce the PaCA model's logits."""
+    base_dir, adapter_dir, model = make_adapter(tmp_path, "llama", **config)
+    layers = paca_layers(model)
+    if "rank_pattern" in config:
+        down, q1, q0 = (layers[f"model.layers.{i}.{n}"] for i, n in ((0, "mlp.down_proj"), (1, "self_attn.q_proj"),
+                                                                     (0, "self_attn.q_proj")))
+        assert (down.r["default"], down.scaling["default"]) == (8, 4.0 / 8)
+        assert (q1.r["default"], q1.scaling["default"]) == (4, 2.0 / 4)
+        assert (q0.r["default"], q0.scaling["default"]) == (4, 16.0 / 4)
+    else:
+        assert {layer.r["default"] for layer in layers.values()} == {32, 40}
+        assert {layer.scaling["default"] for layer in layers.values()} == {16.0 / 40}
+    run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
+    run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    expected = model(token_ids).logits
+    torch.testing.assert_close(lora(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged(token_ids).logits, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bias", ["all", "paca_only"])
 def test_export_lora_carries_trained_biases_and_modules_to_save(tmp_path, bias, token_ids):
     """Biases (bias='all' / 'paca_only') and modules_to_save travel into the LoRA adapter; outputs still equal."""

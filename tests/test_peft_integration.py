@@ -266,6 +266,30 @@ def test_unload_and_merge_keep_a_trained_modules_to_save_module_that_has_no_weig
     assert not torch.allclose(unloaded(ids).logits, base_without_trained_copy)  # the trained copy stayed
 
 
+def test_init_weights_false_starts_with_a_small_nonzero_delta(token_ids):
+    """PEFT's convention for tests: init_weights=False gives an adapter that changes the outputs from the start,
+    the same one for the same seed."""
+    base_logits = tiny_llama()(token_ids).logits
+    models = [get_peft_model(tiny_llama(), PacaConfig(r=4, init_weights=False)) for _ in range(2)]
+    deltas = [[p.detach() for n, p in m.named_parameters() if "paca_delta" in n] for m in models]
+    assert all(0 < d.abs().max() < 0.2 for d in deltas[0])
+    assert all(torch.equal(a, b) for a, b in zip(*deltas))
+    assert not torch.allclose(models[0](token_ids).logits, base_logits)
+    assert torch.equal(get_peft_model(tiny_llama(), PacaConfig(r=4))(token_ids).logits, base_logits)
+
+
+def test_safe_merge_of_a_broken_adapter_says_what_peft_methods_say_and_leaves_that_layer_unmerged():
+    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    layer = paca_layers(model)["model.layers.1.self_attn.v_proj"]
+    weight = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        layer.paca_delta["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaNs detected in the merged weights\. The adapter default seems to be "
+                                         r"broken \(module 'model\.layers\.1\.self_attn\.v_proj'"):
+        model.merge_adapter(safe_merge=True)
+    assert not layer.merged and torch.equal(layer.get_base_layer().weight, weight)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_layers_report_in_and_out_features_of_their_base(arch):
     make = tiny_llama if arch == "llama" else tiny_gpt2

@@ -68,13 +68,14 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         raise ValueError(f"{adapter_dir}: adapter_config.json holds a {peft_type or 'untyped'} adapter, not PaCA; "
                          + ("it is already a PEFT LoRA adapter, which serving engines load as it is."
                             if peft_type == "LORA" else "--to lora converts PaCA adapters only."))
+    from .tuner.config import layer_r_and_alpha
+
     tensors = load_adapter_tensors(adapter_dir)
     base = base or config.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{adapter_dir}: adapter_config.json names no base model; pass --base.")
     model = load_model(base, config.get("task_type"), empty=True)  # shapes only, no weights read
     modules = dict(model.named_modules())
-    scale = float(config["paca_alpha"]) / int(config["r"])
     lora_tensors, targets, rank_pattern, alpha_pattern, fan_in_fan_out = {}, [], {}, {}, False
     for key, delta in tensors.items():
         if not key.endswith(".paca_delta"):
@@ -87,6 +88,9 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         if module is None:
             raise ValueError(f"{adapter_dir}: module '{name}' of the adapter is not in base model '{base}'.")
         idx = tensors[prefix + ".paca_indices"]
+        r, alpha = layer_r_and_alpha(int(config["r"]), float(config["paca_alpha"]), config.get("rank_pattern"),
+                                     config.get("alpha_pattern"), name)
+        scale = alpha / r  # the layer's scale (a layer narrower than r keeps it too)
         is_conv2d = isinstance(module, torch.nn.Conv2d)
         is_conv1d = type(module).__name__ == "Conv1D"
         if targets and fan_in_fan_out != is_conv1d:

@@ -47,6 +47,18 @@ class PacaConfig(PeftConfig):
         default="none", metadata={"help": "Biases to train and save: 'none', 'all', or 'paca_only' (those of tuned layers)."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter (e.g. a classifier head)."})
+    rank_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-layer r, as LoRA's: {name or regex: r}, matched against the end of the module name "
+                          "(e.g. {'down_proj': 16}); other layers use r."})
+    alpha_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-layer paca_alpha, as LoRA's: {name or regex: alpha}; the layer's scale is its "
+                          "alpha / its r."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: the delta starts at zero (the model starts as the base). False: a small random "
+                          "delta, for tests that need the adapter to change the outputs (PEFT's convention)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,6 +74,12 @@ class PacaConfig(PeftConfig):
         if self.selection not in ("random", "weight_norm", "gradient", "structured"):
             raise ValueError(f"PacaConfig.selection must be one of random, weight_norm, gradient, structured; "
                              f"got {self.selection!r}.")
+        for name, value in self.rank_pattern.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"PacaConfig.rank_pattern['{name}'] must be a positive integer, got {value!r}.")
+        for name, value in self.alpha_pattern.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"PacaConfig.alpha_pattern['{name}'] must be a number, got {value!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("PacaConfig.layers_pattern is only used with layers_to_transform; set both or neither.")
 
@@ -78,7 +96,21 @@ class PacaConfig(PeftConfig):
             load_adapter_tensors(path)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
+    def layer_r_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """(r, paca_alpha) of the layer named ``module_name``: rank_pattern / alpha_pattern, else r / paca_alpha."""
+        return layer_r_and_alpha(self.r, self.paca_alpha, self.rank_pattern, self.alpha_pattern, module_name)
+
     @property
     def scaling(self) -> float:
         """The factor s = paca_alpha / r applied to the delta."""
         return self.paca_alpha / self.r
+
+
+def layer_r_and_alpha(r: int, paca_alpha: float, rank_pattern: dict, alpha_pattern: dict,
+                      module_name: str) -> tuple[int, float]:
+    """(r, paca_alpha) of one layer, the patterns matched as PEFT's LoRA matches them (also from a saved config)."""
+    from peft.utils.other import get_pattern_key
+
+    r_key = get_pattern_key((rank_pattern or {}).keys(), module_name)
+    alpha_key = get_pattern_key((alpha_pattern or {}).keys(), module_name)
+    return (rank_pattern or {}).get(r_key, r), float((alpha_pattern or {}).get(alpha_key, paca_alpha))

@@ -76,7 +76,8 @@ class PacaLayer(BaseTunerLayer):
     # -- adapters -----------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: int = 0,
                      selection_strategy: str = "random", indices: Optional[Tensor] = None,
-                     inference_mode: bool = False, column_block: int = 1, **kwargs) -> None:
+                     inference_mode: bool = False, column_block: int = 1, init_weights: bool = True,
+                     **kwargs) -> None:
         """Add adapter ``adapter_name``: choose its columns and create a zero delta.
 
         Raises:
@@ -96,8 +97,11 @@ class PacaLayer(BaseTunerLayer):
         self.paca_alpha[adapter_name] = paca_alpha
         self.scaling[adapter_name] = paca_alpha / r
         self.paca_indices[adapter_name] = indices.to(weight.device)
-        self.paca_delta[adapter_name] = nn.Parameter(
-            torch.zeros(self.delta_shape(r), dtype=torch.float32, device=weight.device))
+        delta = torch.zeros(self.delta_shape(r), dtype=torch.float32, device=weight.device)
+        if not init_weights:  # PEFT's convention for tests: an adapter that changes the outputs from the start
+            generator = torch.Generator().manual_seed(seed)
+            delta.copy_(torch.randn(delta.shape, generator=generator) * 0.02)
+        self.paca_delta[adapter_name] = nn.Parameter(delta)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -180,7 +184,7 @@ class PacaLayer(BaseTunerLayer):
             delta = self._delta_in_weight_layout(self.paca_delta[name].detach())
             merged = torch.add(original, delta, alpha=self.scaling[name]).to(storage.dtype)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"module '{self.layer_name}': adapter '{name}' has non-finite values; not merged.")
+                raise broken_adapter_error(name, self.layer_name)
             self._premerge_columns[name] = original
             storage.index_copy_(self.in_dim, idx, merged)
             self.merged_adapters.append(name)
@@ -240,6 +244,12 @@ class PacaLayer(BaseTunerLayer):
         if torch.is_autocast_enabled(device_type):
             return x.to(torch.get_autocast_dtype(device_type))
         return x
+
+
+def broken_adapter_error(adapter_name: str, layer_name: str) -> ValueError:
+    """safe_merge's error, worded as PEFT's methods word it, with the module."""
+    return ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken "
+                      f"(module '{layer_name}'; nothing of it was merged).")
 
 
 def _restore_before_state_dict(module: "PacaLayer", prefix: str, keep_vars: bool) -> None:

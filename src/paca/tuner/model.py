@@ -57,19 +57,19 @@ class PacaModel(BaseTuner):
 
     def _create_and_replace(self, config: PacaConfig, adapter_name, target, target_name, parent, current_key,
                             **optional_kwargs) -> None:
-        kwargs = dict(r=config.r, paca_alpha=config.paca_alpha, seed=config.seed,
-                      selection_strategy=config.selection, inference_mode=config.inference_mode)
         layer_name = current_key.removeprefix("base_model.model.")
+        r, paca_alpha = config.layer_r_and_alpha(layer_name)
+        kwargs = dict(r=r, paca_alpha=paca_alpha, seed=config.seed, selection_strategy=config.selection,
+                      inference_mode=config.inference_mode, init_weights=config.init_weights)
         if config.selection == "structured":  # whole heads / channels: the layout comes from the model config
-            kwargs.update(selection.structured_layer_kwargs(getattr(self.model, "config", None), config.r,
-                                                            config.paca_alpha, layer_name, target_name, parent,
-                                                            target))
+            kwargs.update(selection.structured_layer_kwargs(getattr(self.model, "config", None), r, paca_alpha,
+                                                            layer_name, target_name, parent, target))
         d_in = _input_dim(target)
         if d_in is not None and kwargs["r"] > d_in:
             # All of a narrow layer's columns (an image stem's 3 channels), at the adapter's scale alpha / r.
             kwargs["paca_alpha"] = kwargs["paca_alpha"] * d_in / kwargs["r"]
             kwargs["r"] = d_in
-            self._narrow_layers.setdefault(adapter_name, []).append(f"{layer_name} ({d_in})")
+            self._narrow_layers.setdefault(adapter_name, []).append(f"{layer_name} (r={r}, d_in={d_in})")
         if isinstance(target, PacaLayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -105,10 +105,9 @@ class PacaModel(BaseTuner):
         mark_shared_weights(model)
         narrow = self._narrow_layers.pop(adapter_name, [])
         if narrow:
-            r = self.peft_config[adapter_name].r
-            warnings.warn(f"PaCA adapter '{adapter_name}': r={r} exceeds the input dimension of {len(narrow)} "
-                          f"layer(s): {', '.join(narrow)}; each tunes all its input columns, at the adapter's "
-                          "scale paca_alpha / r.", stacklevel=2)
+            warnings.warn(f"PaCA adapter '{adapter_name}': r exceeds the input dimension of {len(narrow)} layer(s): "
+                          f"{', '.join(narrow)}; each tunes all its input columns, at its scale paca_alpha / r.",
+                          stacklevel=2)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """Add ``adapter_name`` = sum of ``weights[i] * adapters[i]``, exact (see :func:`paca.switching.add_weighted_adapter`)."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import selection
 from ..quantized import dequantize, import_bitsandbytes, partial_linear_4bit
-from .layer import PacaLayer
+from .layer import PacaLayer, broken_adapter_error
 
 
 def _check_standard_packing(base: nn.Module, layer_name: str) -> None:
@@ -112,7 +112,7 @@ class Linear4bit(nn.Module, PacaLayer):
             if name not in self.paca_delta:
                 continue
             if safe_merge and not torch.isfinite(self.paca_delta[name]).all():
-                raise ValueError(f"module '{self.layer_name}': adapter '{name}' has non-finite values; not merged.")
+                raise broken_adapter_error(name, self.layer_name)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
