@@ -149,6 +149,45 @@ def test_named_adapters_each_give_their_own_outputs(token_ids):
     assert trainable and all(n.endswith("paca_delta.b") for n in trainable)
 
 
+def test_mixed_adapter_batch_gives_each_row_its_own_adapter(token_ids):
+    """model(..., adapter_names=[...]) as PEFT's LoRA offers it: row i runs with adapter_names[i] ("__base__": no
+    adapter), equal to running that adapter on the whole batch; also through generate(); training mode, unknown
+    names and merged adapters are refused."""
+    # PEFT's modules_to_save wrapper needs every named adapter to have its copy: both train the head.
+    cfg_a = PacaConfig(r=4, target_modules=["q_proj", "v_proj"], seed=1, modules_to_save=["lm_head"])
+    cfg_b = PacaConfig(r=2, paca_alpha=4.0, target_modules=["v_proj", "down_proj"], seed=2,
+                       modules_to_save=["lm_head"])
+    model = get_peft_model(tiny_llama(), cfg_a)
+    model.add_adapter("b", cfg_b)
+    randomize_deltas(model, seed=5, std=0.3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save.b" in name:
+                p.add_(0.1)
+    model.eval()
+    one = token_ids[:1]
+    ids = torch.cat([one, one.flip(1), one.roll(1, 1)])  # 3 rows
+    per_adapter = {}
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        per_adapter[name] = model(ids).logits
+    with model.disable_adapter():
+        per_adapter["__base__"] = model(ids).logits
+    names = ["b", "__base__", "default"]
+    mixed = model(ids, adapter_names=names).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], per_adapter[name][row], rtol=1e-6, atol=1e-6)
+    generated = model.generate(ids[:2, :4], adapter_names=["default", "__base__"], max_new_tokens=3, do_sample=False)
+    model.set_adapter("default")
+    alone = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated[0], alone[0])
+    with pytest.raises(ValueError, match="non-existing adapter.*nope"):
+        model(ids, adapter_names=["nope", "b", "b"])
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(ids, adapter_names=names)
+
+
 def test_delete_adapter_removes_its_state_and_keeps_the_other(token_ids):
     """delete_adapter drops every tensor of that adapter; the remaining adapter's outputs are unchanged."""
     cfg = PacaConfig(r=4, target_modules=["q_proj", "v_proj"])

@@ -230,6 +230,31 @@ class PacaLayer(BaseTunerLayer):
             return None
         return self._active_delta()
 
+    def _mixed_batch_forward(self, x: Tensor, *args, adapter_names: list[str], **kwargs) -> Tensor:
+        """Each row of the batch (dim 0) through its own adapter (``"__base__"``: none), as PEFT's
+        ``model(..., adapter_names=[...])``: rows are grouped by adapter, each group runs with its columns."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"module '{self.layer_name}': {len(adapter_names)} adapter_names for a batch of "
+                             f"{x.shape[0]} rows; pass one name per row.")
+        if self.merged_adapters:
+            raise ValueError(f"module '{self.layer_name}': adapter_names cannot be used while adapters are merged "
+                             f"({self.merged_adapters}); unmerge_adapter() first.")
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(row)
+        result = None
+        for name, rows in groups.items():
+            applied = None if self._disable_adapters or name == "__base__" else self._combined_delta([name])
+            part = x[rows]
+            out = self._base_forward(part, *args, **kwargs) if applied is None else self._partial_forward(part, *applied)
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result[rows] = out
+        return result
+
+    def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
+        raise NotImplementedError
+
     def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The base layer's output, with W0 in the tuned columns (merged columns when merged and enabled)."""
         self._columns.restore()
@@ -293,10 +318,14 @@ class Linear(_ResidentModule, PacaLayer):
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if "adapter_names" in kwargs:
+            return self._mixed_batch_forward(x, *args, **kwargs)
         applied = self._applied_delta()
         if applied is None:
             return self._base_forward(x, *args, **kwargs)
-        delta, idx, scale = applied
+        return self._partial_forward(x, *applied)
+
+    def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         base = self._modules["base_layer"]
         return partial_linear(self._autocast_input(x), base.weight, base.bias, delta, idx, scale,
                               self.is_transposed, self._columns)
@@ -330,10 +359,14 @@ class Conv2d(_ResidentModule, PacaLayer):
         return tuple(conv.padding)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if "adapter_names" in kwargs:
+            return self._mixed_batch_forward(x, *args, **kwargs)
         applied = self._applied_delta()
         if applied is None:
             return self._base_forward(x, *args, **kwargs)
-        delta, idx, scale = applied
+        return self._partial_forward(x, *applied)
+
+    def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         conv = self._modules["base_layer"]
         return partial_conv2d(self._autocast_input(x), conv.weight, conv.bias, delta, idx, scale, conv.stride,
                               self.padding, conv.dilation, self._columns)

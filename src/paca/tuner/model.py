@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import warnings
 from typing import Optional
 
@@ -83,6 +85,37 @@ class PacaModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
         self._replace_module(parent, target_name, new_module, target)
 
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """``model(..., adapter_names=[...])``: one adapter per row (``"__base__"``: the base model), in eval mode,
+        as PEFT's LoRA offers; the names reach each PaCA layer and modules_to_save copy through a pre-forward hook."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = set()
+        for layer in self.model.modules():
+            if isinstance(layer, PacaLayer):
+                known |= set(layer.paca_delta.keys())
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        beams = kwargs.get("num_beams")
+        if isinstance(beams, int) and beams > 1:  # generate() repeats each row num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(beams)]
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        handles = [module.register_forward_pre_hook(functools.partial(_inject_adapter_names, names=adapter_names),
+                                                    with_kwargs=True)
+                   for module in self.model.modules() if isinstance(module, (PacaLayer, AuxiliaryTrainingWrapper))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put ``new_module`` where ``child`` was. A new PaCA layer holds its base layer (its adapter tensors were put
         on the base weight's device by ``update_layer``), and what unloading puts back (a base layer, the trained copy
@@ -134,6 +167,11 @@ class PacaModel(BaseTuner):
                     _restore_requires_grad(getattr(tuner, "_requires_grad_before_inject", {}).pop(adapter_name, {}))
             raise
         return remapped
+
+
+def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]):
+    kwargs["adapter_names"] = names
+    return args, kwargs
 
 
 def _restore_requires_grad(flags: dict) -> None:

@@ -139,6 +139,8 @@ class Linear4bit(nn.Module, PacaLayer):
         return base
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if "adapter_names" in kwargs:
+            return self._mixed_batch_forward(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -150,7 +152,9 @@ class Linear4bit(nn.Module, PacaLayer):
             applied = self._active_delta()
         if applied is None:
             return self.base_layer(x, *args, **kwargs)
-        delta, idx, scale = applied
+        return self._partial_forward(x, *applied)
+
+    def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         base = self.get_base_layer()
         if torch.is_autocast_enabled(x.device.type):
             compute_dtype = torch.get_autocast_dtype(x.device.type)
