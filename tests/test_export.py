@@ -184,3 +184,38 @@ def test_export_errors_name_the_missing_file_or_the_missing_base(tmp_path, capsy
     assert paca_main(["export", "--adapter", str(adapter_dir), "--to", "lora", str(tmp_path / "x"),
                       "--base", str(base_dir)]) == 1
     assert str(adapter_dir / "adapter_model.safetensors") in capsys.readouterr().err
+
+
+def tiny_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                     image_token_index=63)).eval()
+
+
+def test_export_of_a_vision_language_adapter_trained_as_causal_lm(tmp_path, token_ids):
+    """LLaVA tuned with task_type='CAUSAL_LM' (TRL's recipe): the model type has no causal-LM class, so both
+    exports load the saved architecture; merged and LoRA reproduce the PaCA model's logits."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llava().save_pretrained(base_dir)
+    model = get_peft_model(tiny_llava(), PacaConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    model.eval().save_pretrained(adapter_dir)
+    ids = token_ids.clamp(max=62)  # no image tokens: a text-only forward
+    expected = model(input_ids=ids).logits
+    run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
+    run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
+    from transformers import LlavaForConditionalGeneration
+
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-6, atol=1e-6)
+    lora = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir), tmp_path / "lora")
+    torch.testing.assert_close(lora.eval()(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

@@ -19,12 +19,23 @@ _AUTO_CLASS_BY_TASK = {
 
 
 def auto_class(task_type: Optional[str], config=None):
-    """The transformers class for a PEFT task type; without one, the architecture the model was saved with."""
+    """The transformers class for a PEFT task type; without one, the architecture the model was saved with.
+
+    A vision-language model (Qwen2-VL, LLaVA) tuned with ``task_type="CAUSAL_LM"``, as TRL's recipes do, has no
+    causal-LM class: it is loaded as the architecture it was saved with (else as an image-text-to-text model),
+    whose module names are the ones its adapter was trained on.
+    """
     import transformers
 
     name = _AUTO_CLASS_BY_TASK.get(str(task_type or "").upper())
-    if name is None and config is not None and getattr(config, "architectures", None):
-        name = config.architectures[0]
+    saved = getattr(config, "architectures", None) if config is not None else None
+    if name == "AutoModelForCausalLM" and config is not None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            name = saved[0] if saved and hasattr(transformers, saved[0]) else "AutoModelForImageTextToText"
+    if name is None and saved:
+        name = saved[0]
     return getattr(transformers, name or "AutoModel")
 
 
