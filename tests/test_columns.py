@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from peft import get_peft_model
-from test_layers import LAYER_KINDS, dense_reference, make_layer, randomize_delta
+from test_layers import LAYER_KINDS, dense_reference, make_layer, randomize_delta, reference_forward
 
 from paca import PacaConfig, paca_layers
 from paca.bench.measure import DispatchedOperators
@@ -35,21 +35,8 @@ def reference_grads(layer, x, adapter="default"):
     w = layer.state_dict()["base_layer.weight"].detach().double()
     shift = d.t() if layer.in_dim == 0 else d
     w = w.index_add(layer.in_dim, layer.paca_indices[adapter], shift * layer.scaling[adapter])
-    b = base.bias.detach().double()
-    if kind_of(layer) == "conv2d":
-        y = torch.nn.functional.conv2d(xr, w, b, base.stride, layer.padding, base.dilation)
-    elif kind_of(layer) == "gpt2_conv1d":
-        y = xr @ w + b
-    else:
-        y = torch.nn.functional.linear(xr, w, b)
-    y.square().sum().backward()
+    reference_forward(layer, xr, w, base.bias.detach().double()).square().sum().backward()
     return xr.grad, d.grad
-
-
-def kind_of(layer):
-    if isinstance(layer.get_base_layer(), torch.nn.Conv2d):
-        return "conv2d"
-    return "gpt2_conv1d" if layer.is_transposed else "linear"
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)

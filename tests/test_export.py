@@ -116,10 +116,10 @@ def test_export_lora_carries_trained_biases_and_modules_to_save(tmp_path, bias, 
 @pytest.mark.parametrize("kernel", [(1, 1), (3, 2)])
 def test_lora_factors_reproduce_the_dense_delta_of_a_conv2d_layer(kernel):
     """For Conv2d, B (C_out, R, 1, 1) composed with A (R, C_in, kh, kw) equals the dense PaCA delta."""
-    from paca.tuner import Conv2d as PacaConv2d
+    from paca.tuner import Conv as PacaConv
 
     torch.manual_seed(0)
-    layer = PacaConv2d(torch.nn.Conv2d(6, 4, kernel), "default", "conv", r=2, paca_alpha=5.0)
+    layer = PacaConv(torch.nn.Conv2d(6, 4, kernel), "default", "conv", r=2, paca_alpha=5.0)
     with torch.no_grad():
         layer.paca_delta["default"].normal_()
     a, b = lora_factors(layer.paca_delta["default"].detach(), layer.paca_indices["default"],

@@ -18,10 +18,11 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from paca import PacaConfig
-from paca.tuner import Conv2d as PacaConv2d
+from paca.tuner import Conv as PacaConv
 from paca.tuner import Linear as PacaLinear
 
-LAYER_KINDS = ["linear", "gpt2_conv1d", "conv2d"]
+LAYER_KINDS = ["linear", "gpt2_conv1d", "conv2d", "conv1d", "conv3d", "grouped_conv2d"]
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 
@@ -31,6 +32,15 @@ def make_layer(kind, dtype=torch.float32, bias=True, r=3, alpha=6.0, seed=0, d_i
     if kind == "conv2d":
         base = torch.nn.Conv2d(d_in, d_out, 3, stride=(2, 1), padding=1, dilation=(1, 2), bias=bias)
         x = torch.randn(2, d_in, 6, 7)
+    elif kind == "conv1d":
+        base = torch.nn.Conv1d(d_in, d_out, 3, stride=2, padding=1, bias=bias)
+        x = torch.randn(2, d_in, 9)
+    elif kind == "conv3d":
+        base = torch.nn.Conv3d(d_in, d_out, (2, 3, 1), stride=(1, 2, 1), padding=(1, 0, 0), bias=bias)
+        x = torch.randn(2, d_in, 4, 5, 3)
+    elif kind == "grouped_conv2d":  # 2 groups of 8 input channels: r local channels of every group
+        base = torch.nn.Conv2d(d_in, d_out, 3, padding=1, groups=2, bias=bias)
+        x = torch.randn(2, d_in, 5, 6)
     elif kind == "gpt2_conv1d":
         base = Conv1D(d_out, d_in)
         if not bias:
@@ -41,7 +51,7 @@ def make_layer(kind, dtype=torch.float32, bias=True, r=3, alpha=6.0, seed=0, d_i
         base = torch.nn.Linear(d_in, d_out, bias=bias)
         x = torch.randn(2, 5, d_in)
     base = base.to(dtype).requires_grad_(False)
-    layer_cls = PacaConv2d if kind == "conv2d" else PacaLinear
+    layer_cls = PacaConv if isinstance(base, CONVOLUTIONS) else PacaLinear
     layer = layer_cls(base, "default", "layer", r=r, paca_alpha=alpha)
     return layer, x.to(dtype)
 
@@ -62,9 +72,15 @@ def dense_reference(layer, x, adapters=("default",)):
         delta = delta.t() if layer.in_dim == 0 else delta
         w = w.index_add(layer.in_dim, layer.paca_indices[a], delta)
     b = None if base.bias is None else base.bias.detach().double()
-    x = x.detach().double()
-    if isinstance(base, torch.nn.Conv2d):
-        return F.conv2d(x, w, b, base.stride, base.padding, base.dilation)
+    return reference_forward(layer, x.detach().double(), w, b)
+
+
+def reference_forward(layer, x, w, b):
+    """The base layer's operation with weight ``w`` and bias ``b`` (any dtype, differentiable)."""
+    base = layer.get_base_layer()
+    if isinstance(base, CONVOLUTIONS):
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+        return conv(x, w, b, base.stride, layer.padding, base.dilation, base.groups)
     if isinstance(base, Conv1D):
         return x @ w + (0 if b is None else b)
     return F.linear(x, w, b)
@@ -115,13 +131,7 @@ def test_layer_gradients_match_dense_reference_and_base_gets_none(kind):
     w_eff = w.index_copy(layer.in_dim, idx, w.index_select(layer.in_dim, idx)
                          + s * (delta.t() if layer.in_dim == 0 else delta)).requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
-    if kind == "conv2d":
-        yr = F.conv2d(xr, w_eff, base.bias.detach(), base.stride, base.padding, base.dilation)
-    elif kind == "gpt2_conv1d":
-        yr = xr @ w_eff + base.bias.detach()
-    else:
-        yr = F.linear(xr, w_eff, base.bias.detach())
-    yr.square().sum().backward()
+    reference_forward(layer, xr, w_eff, base.bias.detach()).square().sum().backward()
     grad_cols = w_eff.grad.index_select(layer.in_dim, idx)
     expected = s * (grad_cols.t() if layer.in_dim == 0 else grad_cols)
     torch.testing.assert_close(layer.paca_delta["default"].grad, expected, rtol=1e-10, atol=1e-10)
@@ -186,7 +196,7 @@ def test_output_reflects_manual_in_place_edit_of_delta(kind, mode, edit):
 def test_conv2d_padding_modes_match_reference(padding):
     """Conv2d with padding='same' / 'valid' / explicit pairs gives the dense reference's output."""
     torch.manual_seed(0)
-    layer = PacaConv2d(torch.nn.Conv2d(6, 4, 3, padding=padding), "default", "conv", r=2, paca_alpha=3.0)
+    layer = PacaConv(torch.nn.Conv2d(6, 4, 3, padding=padding), "default", "conv", r=2, paca_alpha=3.0)
     randomize_delta(layer)
     x = torch.randn(2, 6, 5, 7)
     assert_matches_reference(layer, x)
@@ -196,7 +206,7 @@ def test_conv2d_padding_modes_match_reference(padding):
 def test_conv2d_unbatched_input_matches_batched(height):
     """An unbatched (C, H, W) input, which nn.Conv2d accepts, gives the batched output and gradients."""
     torch.manual_seed(0)
-    layer = PacaConv2d(torch.nn.Conv2d(6, 4, 3, padding=1), "default", "conv", r=2, paca_alpha=3.0)
+    layer = PacaConv(torch.nn.Conv2d(6, 4, 3, padding=1), "default", "conv", r=2, paca_alpha=3.0)
     randomize_delta(layer)
     x = torch.randn(6, height, 5, requires_grad=True)
     out = layer(x)
@@ -411,3 +421,51 @@ def test_copy_of_layer_is_independent():
         clone.paca_delta["default"].add_(1.0)
     assert_matches_reference(layer, x)
     assert_matches_reference(clone, x)
+
+
+@pytest.mark.filterwarnings("ignore:PaCA adapter 'default'. r exceeds:UserWarning")  # pinned in test_bad_input
+def test_an_mbconv_block_with_a_depthwise_convolution_trains_merges_and_reloads(tmp_path):
+    """EfficientNet's MBConv (the paper's appendix B): a 3-channel stem, a depthwise 3x3 (one column: its whole
+    filter bank), a pointwise 1x1, and a Conv1d / Conv3d beside them; all tuned, gradients flow, merge is exact."""
+    from peft import PeftModel
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.depthwise = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.pointwise = torch.nn.Conv2d(16, 8, 1)
+            self.temporal = torch.nn.Conv1d(8, 8, 3, padding=1)
+            self.volume = torch.nn.Conv3d(8, 4, 1)
+
+        def forward(self, x):  # (B, 3, H, W)
+            h = self.pointwise(self.depthwise(self.stem(x)).relu())  # (B, 8, H, W)
+            t = self.temporal(h.flatten(2))  # (B, 8, H*W)
+            return self.volume(t.view(*h.shape).unsqueeze(2))  # (B, 4, 1, H, W)
+
+    x = torch.randn(2, 3, 5, 6)
+    targets = ["stem", "depthwise", "pointwise", "temporal", "volume"]
+    model = get_peft_model(Net(), PacaConfig(r=4, target_modules=targets))
+    layers = {name.split(".")[-1]: m for name, m in model.named_modules() if isinstance(m, PacaConv)}
+    assert {n: m.r["default"] for n, m in layers.items()} == dict(stem=3, depthwise=1, pointwise=4, temporal=4,
+                                                                   volume=4)
+    base_out = model(x).detach()
+    model(x).square().mean().backward()
+    assert all(m.paca_delta["default"].grad.abs().sum() > 0 for m in layers.values())
+    for m in layers.values():
+        randomize_delta(m)
+    out = model(x)
+    assert not torch.allclose(out, base_out)
+    reference = Net()  # dense float64 reference: each weight with its tuned columns shifted by s * D
+    with torch.no_grad():
+        for name, m in layers.items():
+            conv = getattr(reference, name).double()
+            conv.weight.index_add_(1, m.paca_indices["default"], m.paca_delta["default"].double() * m.scaling["default"])
+    torch.testing.assert_close(out.double(), reference.double()(x.double()), rtol=1e-4, atol=1e-4)  # fp32 chain
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(Net(), tmp_path)
+    torch.testing.assert_close(loaded(x), out, rtol=0, atol=0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from paca.ops import partial_conv2d, partial_linear
+from paca.ops import partial_conv, partial_linear
 
 SCALE = 1.75
 
@@ -72,11 +72,11 @@ def conv_case(bias=True, c_in=5, c_out=4, r=2, kernel=(3, 2), seed=0):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("conv", CONV_VARIANTS, ids=lambda c: "s{stride}p{padding}d{dilation}".format(**c))
-def test_partial_conv2d_passes_gradcheck(conv, bias):
+def test_partial_conv_passes_gradcheck(conv, bias):
     """float64 gradcheck of the Conv2d operator over stride / padding / dilation variants."""
     x, w0, b, delta, idx = conv_case(bias=bias)
     inputs = (x, w0, b, delta, idx, SCALE, conv["stride"], conv["padding"], conv["dilation"])
-    assert gradcheck(partial_conv2d, inputs, eps=1e-6, atol=1e-8)
+    assert gradcheck(partial_conv, inputs, eps=1e-6, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,11 +141,11 @@ def test_partial_linear_transposed_matches_gpt2_conv1d_reference(shape_x, bias):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("conv", CONV_VARIANTS, ids=lambda c: "s{stride}p{padding}d{dilation}".format(**c))
-def test_partial_conv2d_matches_dense_reference(conv, bias):
+def test_partial_conv_matches_dense_reference(conv, bias):
     """Conv2d: y, dL/dx, dL/db equal F.conv2d with the effective weight; dL/dD = s * dL/dW[:, idx]."""
     x, w0, b, delta, idx = conv_case(bias=bias)
     args = (conv["stride"], conv["padding"], conv["dilation"])
-    _check_against_reference(lambda x, w, b, d: partial_conv2d(x, w, b, d, idx, SCALE, *args),
+    _check_against_reference(lambda x, w, b, d: partial_conv(x, w, b, d, idx, SCALE, *args),
                              lambda x, w, b: F.conv2d(x, w, b, *args), x, w0, b, delta, idx)
 
 
@@ -215,12 +215,12 @@ def test_paca_layer_saves_only_selected_input_channels(layer_type):
     """A PaCA layer keeps for backward only x[..., idx] (r of d_in channels), its own parameters and idx."""
     from transformers.pytorch_utils import Conv1D
 
-    from paca.tuner import Conv2d as PacaConv2d
+    from paca.tuner import Conv as PacaConv
     from paca.tuner import Linear as PacaLinear
 
     torch.manual_seed(0)
     if layer_type == "conv2d":
-        layer = PacaConv2d(torch.nn.Conv2d(16, 8, 3, padding=1), "default", "conv", r=3, paca_alpha=6.0)
+        layer = PacaConv(torch.nn.Conv2d(16, 8, 3, padding=1), "default", "conv", r=3, paca_alpha=6.0)
         x = torch.randn(2, 16, 5, 5, requires_grad=True)
         channel_dim = 1
     else:
@@ -238,18 +238,18 @@ def test_paca_layer_saves_only_selected_input_channels(layer_type):
 
 
 @pytest.mark.parametrize("height", [3, 8], ids=["H<=max_idx", "H>C_in"])
-def test_partial_conv2d_unbatched_input_matches_batched(height):
-    """partial_conv2d on an unbatched (C, H, W) input equals the batched call, output and gradients."""
+def test_partial_conv_unbatched_input_matches_batched(height):
+    """partial_conv on an unbatched (C, H, W) input equals the batched call, output and gradients."""
     x = _randn(5, height, 6, seed=0, requires_grad=True)
     w0 = _randn(4, 5, 3, 3, seed=1)
     delta = _randn(4, 2, 3, 3, seed=2, requires_grad=True)
     idx = torch.tensor([1, 4])
     args = (SCALE, (1, 1), (1, 1), (1, 1))
-    out = partial_conv2d(x, w0, None, delta, idx, *args)
+    out = partial_conv(x, w0, None, delta, idx, *args)
     out.sum().backward()
     grad_x, grad_delta = x.grad.clone(), delta.grad.clone()
     x.grad = delta.grad = None
-    batched = partial_conv2d(x.unsqueeze(0), w0, None, delta, idx, *args)
+    batched = partial_conv(x.unsqueeze(0), w0, None, delta, idx, *args)
     batched.sum().backward()
     torch.testing.assert_close(out, batched[0])
     torch.testing.assert_close(grad_x, x.grad)

@@ -5,8 +5,8 @@ A column delta is a rank-r product. With ``s = paca_alpha / r`` and ``e_j`` the 
     W - W0 = s * D E^T,   E = [e_idx_1 ... e_idx_r]   (d_in x r)
 
 so the LoRA adapter ``B = s * D`` (d_out x r), ``A = E^T`` (one-hot rows), ``lora_alpha = r``
-(LoRA scaling 1) reproduces it exactly. For Conv2d the delta spans ``r * kh * kw`` (channel, tap)
-pairs, so the LoRA rank there is ``r * kh * kw``.
+(LoRA scaling 1) reproduces it exactly. For a convolution the delta spans ``r * prod(kernel)`` (channel, tap)
+pairs, so the LoRA rank there is ``r * prod(kernel)``.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ def lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float, in_featur
     """LoRA ``(A, B)`` with ``B @ A`` equal to the dense PaCA delta.
 
     Args:
-        delta: ``(d_out, r)``, or ``(C_out, r, kh, kw)`` for Conv2d.
+        delta: ``(d_out, r)``, or ``(C_out, r, *kernel)`` for a convolution.
         idx: the ``r`` tuned input columns.
         scale: ``paca_alpha / r``.
         in_features: ``d_in`` (or ``C_in``).
-        kernel_size: ``(kh, kw)`` for Conv2d, empty for linear layers.
+        kernel_size: the kernel of a convolution (1-3 sizes), empty for linear layers.
 
     Returns:
         ``A`` of shape ``(R, d_in)`` (``(R, C_in, kh, kw)``) and ``B`` of shape ``(d_out, R)`` (``(C_out, R, 1, 1)``),
@@ -53,7 +53,7 @@ def lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float, in_featur
     rows = torch.arange(rank)
     a[rows, idx.repeat_interleave(taps), torch.arange(taps).repeat(r)] = 1.0
     b = delta.reshape(delta.shape[0], rank) * scale
-    return a.reshape(rank, in_features, *kernel_size), b.reshape(*b.shape, 1, 1)
+    return a.reshape(rank, in_features, *kernel_size), b.reshape(*b.shape, *(1,) * len(kernel_size))
 
 
 # PaCA's bias setting in LoRA's vocabulary: the biases of tuned layers are those of the LoRA-wrapped layers.
@@ -91,14 +91,17 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         r, alpha = layer_r_and_alpha(int(config["r"]), float(config["paca_alpha"]), config.get("rank_pattern"),
                                      config.get("alpha_pattern"), name)
         scale = alpha / r  # the layer's scale (a layer narrower than r keeps it too)
-        is_conv2d = isinstance(module, torch.nn.Conv2d)
+        is_conv = isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+        if is_conv and module.groups != 1:
+            raise ValueError(f"{adapter_dir}: module '{name}' is a grouped convolution (groups={module.groups}), whose "
+                             "column delta has no exact LoRA form in PEFT; export --to merged instead.")
         is_conv1d = type(module).__name__ == "Conv1D"
         if targets and fan_in_fan_out != is_conv1d:
             raise ValueError(f"{adapter_dir}: the adapter tunes both transformers Conv1D and other layers; a LoRA "
                              "config has one fan_in_fan_out for all of them. Export --to merged instead.")
         fan_in_fan_out = is_conv1d
         in_features = module.weight.shape[0] if is_conv1d else module.weight.shape[1]
-        a, b = lora_factors(delta, idx, scale, in_features, tuple(module.kernel_size) if is_conv2d else ())
+        a, b = lora_factors(delta, idx, scale, in_features, tuple(module.kernel_size) if is_conv else ())
         lora_tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         lora_tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
         targets.append(name)

@@ -177,11 +177,13 @@ def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name:
 # ----------------------------------------------------------------------------------------------------
 
 def _weight_grad(layer, x: Tensor, grad: Tensor) -> Tensor:
-    """``dL/dW`` of one layer call in float32: ``(d_out, d_in)``, or ``(C_out, C_in, kh, kw)`` for Conv2d."""
-    if isinstance(layer.get_base_layer(), nn.Conv2d):
-        conv = layer.get_base_layer()
-        shape = (conv.out_channels, conv.in_channels, *conv.kernel_size)
-        return torch.nn.grad.conv2d_weight(x.float(), shape, grad.float(), conv.stride, layer.padding, conv.dilation)
+    """``dL/dW`` of one layer call in float32: ``(d_out, d_in)``, or the weight's shape for a convolution."""
+    base = layer.get_base_layer()
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        from .ops.conv import conv_weight_grad
+
+        return conv_weight_grad(x.float(), base.weight.shape, grad.float(), base.stride, layer.padding, base.dilation,
+                                base.groups)
     x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d_in)
     g2 = grad.reshape(-1, grad.shape[-1]).float()  # (N, d_out)
     return g2.t() @ x2
@@ -189,7 +191,7 @@ def _weight_grad(layer, x: Tensor, grad: Tensor) -> Tensor:
 
 def _column_scores(grad_w: Tensor) -> Tensor:
     """``sum_i (dL/dW_ij)^2`` for every input column ``j``: ``(d_in,)``."""
-    return grad_w.pow(2).sum(0) if grad_w.dim() == 2 else grad_w.pow(2).sum((0, 2, 3))
+    return grad_w.pow(2).sum(0) if grad_w.dim() == 2 else grad_w.pow(2).sum((0, *range(2, grad_w.dim())))
 
 
 def _response_tokens(batch: Mapping) -> Tensor:

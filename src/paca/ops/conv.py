@@ -1,4 +1,9 @@
-"""Conv2d: input channels are the columns; W ``(C_out, C_in, kh, kw)``, delta ``(C_out, r, kh, kw)``.
+"""Convolutions (1-, 2- and 3-d): input channels are the columns; W ``(C_out, C_in / groups, *kernel)``, delta
+``(C_out, r, *kernel)``.
+
+With ``groups > 1`` a column ``j`` of the weight is local channel ``j`` of every group, so it reads input channel
+``g * C_in / groups + j`` of each group ``g``: those ``groups * r`` input channels are what backward keeps. A
+depthwise convolution (one channel per group) has one column: its whole filter bank.
 
 As for the linear operator, the maths lives in two functions registered twice: an autograd Function for eager
 mode and torch.library custom ops (one opaque node per layer) under torch.compile.
@@ -14,46 +19,70 @@ from torch import Tensor
 
 from .columns import ResidentColumns
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def conv_weight_grad(x: Tensor, weight_shape, grad: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    """``dL/dW`` of a convolution (any of 1-3 d) from its input and output gradient."""
+    return _CONV_WEIGHT_GRAD[len(weight_shape) - 2](x, weight_shape, grad, stride, padding, dilation, groups)
+
+
+def input_channels(idx: Tensor, channels_per_group: int, groups: int) -> Tensor:
+    """The input channels columns ``idx`` read: ``idx`` itself, or local channel ``idx`` of every group."""
+    if groups == 1:
+        return idx
+    offsets = torch.arange(groups, device=idx.device) * channels_per_group  # (groups,)
+    return (offsets[:, None] + idx[None, :]).flatten()  # (groups * r,), group-major as the convolution reads them
+
 
 def _columns_for(columns: Optional[ResidentColumns]) -> ResidentColumns:
     return columns if columns is not None else ResidentColumns(1, transient=True)
 
 
 def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                  stride, padding, dilation, columns: ResidentColumns) -> Tensor:
+                  stride, padding, dilation, groups: int, columns: ResidentColumns) -> Tensor:
     w = columns.written(weight, delta, idx, scale, x.dtype)
-    y = F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    y = _CONV[weight.dim() - 2](x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
     if columns.transient:
         columns.restore()
     return y
 
 
 def _conv_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor, idx: Tensor,
-                   scale: float, stride, padding, dilation, input_shape, needs_input_grad: bool,
+                   scale: float, stride, padding, dilation, groups: int, input_shape, needs_input_grad: bool,
                    columns: ResidentColumns) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(dL/dx, scale * conv2d_weight(x[:, idx], g))``; None for a gradient not asked for."""
+    """``(dL/dx, scale * conv_weight_grad(x[:, channels of idx], g))``; None for a gradient not asked for."""
     grad_input = grad_delta = None
     if needs_input_grad:
         w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
-        grad_input = torch.nn.grad.conv2d_input(input_shape, w, grad, stride, padding, dilation)
+        grad_input = _CONV_INPUT_GRAD[weight.dim() - 2](input_shape, w, grad, stride, padding, dilation, groups)
         if columns.transient:
             columns.restore()
     if x_selected is not None:
-        grad_delta = torch.nn.grad.conv2d_weight(x_selected.to(grad.dtype), delta.shape, grad, stride, padding,
-                                                 dilation)
+        grad_delta = conv_weight_grad(x_selected.to(grad.dtype), delta.shape, grad, stride, padding, dilation, groups)
         grad_delta = grad_delta.to(delta.dtype).mul_(scale)
     return grad_input, grad_delta
 
 
-class PartialConv2dFunction(torch.autograd.Function):
-    """``y = conv2d(x, W) + b`` with ``W[:, idx] = W0[:, idx] + scale * delta``; keeps only ``x[:, idx]``."""
+def _bias_grad(grad: Tensor) -> Tensor:
+    return grad.sum((0, *range(2, grad.dim())))
+
+
+def _selected_input(x: Tensor, weight: Tensor, idx: Tensor, groups: int) -> Tensor:
+    return x.index_select(1, input_channels(idx, weight.shape[1], groups))  # (B, groups * r, *spatial)
+
+
+class PartialConvFunction(torch.autograd.Function):
+    """``y = conv(x, W) + b`` with ``W[:, idx] = W0[:, idx] + scale * delta``; keeps only the input channels of idx."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, columns):
-        y = _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, columns)
-        x_selected = x.index_select(1, idx) if delta.requires_grad else None  # (B, r, H, W)
+    def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns):
+        y = _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns)
+        x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
         ctx.save_for_backward(x_selected, weight, delta, idx)
-        ctx.conv = (stride, padding, dilation)
+        ctx.conv = (stride, padding, dilation, groups)
         ctx.scale, ctx.input_shape, ctx.has_bias, ctx.columns = scale, x.shape, bias is not None, columns
         return y
 
@@ -62,56 +91,58 @@ class PartialConv2dFunction(torch.autograd.Function):
         x_selected, weight, delta, idx = ctx.saved_tensors
         grad_input, grad_delta = _conv_backward(grad, x_selected, weight, delta, idx, ctx.scale, *ctx.conv,
                                                 ctx.input_shape, ctx.needs_input_grad[0], ctx.columns)
-        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_input, None, grad_bias, grad_delta, None, None, None, None, None, None
+        grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_input, None, grad_bias, grad_delta, None, None, None, None, None, None, None
 
 
-def partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                   scale: float, stride, padding, dilation, columns: Optional[ResidentColumns] = None) -> Tensor:
-    """Conv2d (groups 1, zero padding) with input channels ``idx`` of ``weight`` shifted by ``scale * delta``.
+def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
+                 stride, padding, dilation, groups: int = 1, columns: Optional[ResidentColumns] = None) -> Tensor:
+    """Convolution (1-3 d by ``weight``'s rank, zero padding) with input columns ``idx`` of ``weight`` shifted by
+    ``scale * delta``.
 
-    ``x`` is ``(B, C_in, H, W)`` or unbatched ``(C_in, H, W)``, as for ``F.conv2d``. ``columns``: the layer's
-    :class:`ResidentColumns` (None: the operator restores ``weight`` before it returns).
+    ``x`` is ``(B, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``, as for ``F.conv2d``. ``columns``: the
+    layer's :class:`ResidentColumns` (None: the operator restores ``weight`` before it returns).
     """
-    if x.dim() == 3:  # the operators index channels on dim 1
-        return partial_conv2d(x.unsqueeze(0), weight, bias, delta, idx, scale, stride, padding, dilation,
-                              columns).squeeze(0)
+    if x.dim() == weight.dim() - 1:  # unbatched: the operators index channels on dim 1
+        return partial_conv(x.unsqueeze(0), weight, bias, delta, idx, scale, stride, padding, dilation, groups,
+                            columns).squeeze(0)
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
-        return partial_conv2d_op(x, weight, bias, delta, idx, scale, list(stride), list(padding), list(dilation),
-                                 key)
-    return PartialConv2dFunction.apply(x, weight, bias, delta, idx, scale, stride, padding, dilation,
-                                       _columns_for(columns))
+        return partial_conv_op(x, weight, bias, delta, idx, scale, list(stride), list(padding), list(dilation),
+                               groups, key)
+    return PartialConvFunction.apply(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups,
+                                     _columns_for(columns))
 
 
-@torch.library.custom_op("paca::partial_conv2d", mutates_args=())
-def partial_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                      stride: list[int], padding: list[int], dilation: list[int], columns_key: int) -> Tensor:
-    """:func:`partial_conv2d` as one opaque node for torch.compile."""
-    return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation,
+@torch.library.custom_op("paca::partial_conv", mutates_args=())
+def partial_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                    columns_key: int) -> Tensor:
+    """:func:`partial_conv` as one opaque node for torch.compile."""
+    return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups,
                          _columns_for(ResidentColumns.find(columns_key)))
 
 
-@partial_conv2d_op.register_fake
-def _(x, weight, bias, delta, idx, scale, stride, padding, dilation, columns_key):
-    return F.conv2d(x, weight, bias, stride, padding, dilation)
+@partial_conv_op.register_fake
+def _(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key):
+    return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("paca::partial_conv2d_backward", mutates_args=())
-def partial_conv2d_backward_op(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
-                               idx: Tensor, scale: float, stride: list[int], padding: list[int],
-                               dilation: list[int], input_shape: list[int], needs_input_grad: bool,
-                               columns_key: int) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`partial_conv2d_op`; an empty tensor stands for a gradient not asked for."""
+@torch.library.custom_op("paca::partial_conv_backward", mutates_args=())
+def partial_conv_backward_op(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
+                             idx: Tensor, scale: float, stride: list[int], padding: list[int], dilation: list[int],
+                             groups: int, input_shape: list[int], needs_input_grad: bool,
+                             columns_key: int) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`partial_conv_op`; an empty tensor stands for a gradient not asked for."""
     grad_input, grad_delta = _conv_backward(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation,
-                                            input_shape, needs_input_grad,
+                                            groups, input_shape, needs_input_grad,
                                             _columns_for(ResidentColumns.find(columns_key)))
     return (grad.new_empty(0) if grad_input is None else grad_input,
             delta.new_empty(0) if grad_delta is None else grad_delta.contiguous())
 
 
-@partial_conv2d_backward_op.register_fake
-def _(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation, input_shape, needs_input_grad,
+@partial_conv_backward_op.register_fake
+def _(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation, groups, input_shape, needs_input_grad,
       columns_key):
     grad_input = grad.new_empty(input_shape) if needs_input_grad else grad.new_empty(0)
     grad_delta = delta.new_empty(delta.shape) if x_selected is not None else delta.new_empty(0)
@@ -119,23 +150,22 @@ def _(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation, in
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, delta, idx, scale, stride, padding, dilation, columns_key = inputs
-    x_selected = x.index_select(1, idx) if delta.requires_grad else None  # (B, r, H, W)
+    x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key = inputs
+    x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
     ctx.save_for_backward(x_selected, weight, delta, idx)
-    ctx.conv = (scale, stride, padding, dilation, list(x.shape), columns_key)
+    ctx.conv = (scale, stride, padding, dilation, groups, list(x.shape), columns_key)
     ctx.has_bias = bias is not None
 
 
 def _conv_op_backward(ctx, grad):
     x_selected, weight, delta, idx = ctx.saved_tensors
-    scale, stride, padding, dilation, input_shape, columns_key = ctx.conv
+    scale, stride, padding, dilation, groups, input_shape, columns_key = ctx.conv
     needs_input_grad = ctx.needs_input_grad[0]
-    grad_input, grad_delta = partial_conv2d_backward_op(grad, x_selected, weight, delta, idx, scale, stride,
-                                                        padding, dilation, input_shape, needs_input_grad,
-                                                        columns_key)
-    grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    grad_input, grad_delta = partial_conv_backward_op(grad, x_selected, weight, delta, idx, scale, stride, padding,
+                                                      dilation, groups, input_shape, needs_input_grad, columns_key)
+    grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return (grad_input if needs_input_grad else None, None, grad_bias,
-            grad_delta if x_selected is not None else None, None, None, None, None, None, None)
+            grad_delta if x_selected is not None else None, None, None, None, None, None, None, None)
 
 
-partial_conv2d_op.register_autograd(_conv_op_backward, setup_context=_conv_setup_context)
+partial_conv_op.register_autograd(_conv_op_backward, setup_context=_conv_setup_context)

@@ -3,10 +3,10 @@
 from peft.utils import register_peft_method
 
 from .config import PacaConfig
-from .layer import Conv2d, Linear, PacaLayer
+from .layer import Conv, Linear, PacaLayer
 from .model import PacaModel
 from .registration import PACA_PEFT_TYPE
 
 register_peft_method(name="paca", config_cls=PacaConfig, model_cls=PacaModel, prefix="paca_")
 
-__all__ = ["PACA_PEFT_TYPE", "Conv2d", "Linear", "PacaConfig", "PacaLayer", "PacaModel"]
+__all__ = ["PACA_PEFT_TYPE", "Conv", "Linear", "PacaConfig", "PacaLayer", "PacaModel"]

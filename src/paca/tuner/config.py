@@ -30,7 +30,7 @@ class PacaConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Module names (suffix match), a regex (full match), or 'all-linear' (every linear layer "
-                          "but the output head). Supported: nn.Linear, transformers Conv1D, nn.Conv2d."})
+                          "but the output head). Supported: nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d."})
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules not to tune, even when targeted."})
     layers_to_transform: Optional[Union[list[int], int]] = field(

@@ -1,8 +1,8 @@
-"""The tuned layer: nn.Linear, transformers' Conv1D and nn.Conv2d with r tuned input columns.
+"""The tuned layer: nn.Linear, transformers' Conv1D and nn.Conv1d/2d/3d with r tuned input columns.
 
     W[:, idx] = W0[:, idx] + (paca_alpha / r) * D        y = x W^T + b     (one matmul)
 
-State per adapter name: ``paca_delta`` (D, ``d_out x r``, or ``C_out x r x kh x kw`` for Conv2d) and
+State per adapter name: ``paca_delta`` (D, ``d_out x r``, or ``C_out x r x *kernel`` for convolutions) and
 ``paca_indices`` (sorted int64 ``idx``). Between calls the tuned columns stay written in the frozen weight
 (:mod:`paca.ops.columns`); the layer writes the pretrained columns back, bit for bit, before anything reads the
 weight as the base: its state_dict, load_state_dict, disabled adapters, merge, unload, a copy (deepcopy, pickle) or
@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from .. import selection
-from ..ops import ResidentColumns, partial_conv2d, partial_linear
+from ..ops import ResidentColumns, partial_conv, partial_linear
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -331,25 +331,27 @@ class Linear(_ResidentModule, PacaLayer):
                               self.is_transposed, self._columns)
 
 
-class Conv2d(_ResidentModule, PacaLayer):
-    """PaCA on nn.Conv2d: tunes ``r`` input channels (all kernel taps of each), as in the paper's appendix B."""
+class Conv(_ResidentModule, PacaLayer):
+    """PaCA on nn.Conv1d / nn.Conv2d / nn.Conv3d: tunes ``r`` input channels (all kernel taps of each), as in the
+    paper's appendix B; grouped and depthwise convolutions tune local channels of every group (see
+    :mod:`paca.ops.conv`)."""
 
-    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
+    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
                  **kwargs) -> None:
         super().__init__()
         PacaLayer.__init__(self, base_layer, layer_name)
         conv = self.get_base_layer()
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(f"module '{layer_name}': PaCA supports Conv2d with groups=1 and zero padding, got "
-                             f"groups={conv.groups}, padding_mode='{conv.padding_mode}'.")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"module '{layer_name}': PaCA supports convolutions with zero padding, got "
+                             f"padding_mode='{conv.padding_mode}'.")
         self.padding = self._explicit_padding(conv, layer_name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
 
     @staticmethod
-    def _explicit_padding(conv: nn.Conv2d, layer_name: str) -> tuple[int, int]:
+    def _explicit_padding(conv: nn.Module, layer_name: str) -> tuple[int, ...]:
         if conv.padding == "valid":
-            return (0, 0)
+            return (0,) * len(conv.kernel_size)
         if conv.padding == "same":
             totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
             if any(t % 2 for t in totals):
@@ -368,5 +370,5 @@ class Conv2d(_ResidentModule, PacaLayer):
 
     def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         conv = self._modules["base_layer"]
-        return partial_conv2d(self._autocast_input(x), conv.weight, conv.bias, delta, idx, scale, conv.stride,
-                              self.padding, conv.dilation, self._columns)
+        return partial_conv(self._autocast_input(x), conv.weight, conv.bias, delta, idx, scale, conv.stride,
+                            self.padding, conv.dilation, conv.groups, self._columns)

@@ -17,10 +17,11 @@ from torch import nn
 from .. import selection
 from ..quantized import check_quantization, is_bnb_4bit
 from .config import PacaConfig
-from .layer import Conv2d, Linear, PacaLayer, _is_conv1d
+from .layer import Conv, Linear, PacaLayer, _is_conv1d
 from .quantized import Linear4bit
 
-SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d, bitsandbytes Linear4bit (NF4/FP4)"
+SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d (grouped too), bitsandbytes "
+                   "Linear4bit (NF4/FP4)")
 
 
 def _input_dim(module: nn.Module) -> Optional[int]:
@@ -29,8 +30,8 @@ def _input_dim(module: nn.Module) -> Optional[int]:
         return module.in_features
     if _is_conv1d(module):
         return module.weight.shape[0]
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return module.weight.shape[1]
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.weight.shape[1]  # a grouped convolution: channels per group
     return None
 
 
@@ -41,8 +42,8 @@ def _layer_class(base: nn.Module):
         return None  # 8-bit and other bitsandbytes layers: not supported
     if isinstance(base, nn.Linear) or _is_conv1d(base):
         return Linear
-    if isinstance(base, nn.Conv2d):
-        return Conv2d
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv
     return None
 
 
