@@ -219,3 +219,44 @@ def test_export_of_a_vision_language_adapter_trained_as_causal_lm(tmp_path, toke
     torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-6, atol=1e-6)
     lora = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir), tmp_path / "lora")
     torch.testing.assert_close(lora.eval()(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def tiny_qwen3_moe():
+    """Qwen3-MoE with a dense MLP in layer 0 (mlp_only_layers) and fused experts in layer 1, as DeepSeek-V3 mixes."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, num_experts=4,
+                            num_experts_per_tok=2, max_position_embeddings=64, mlp_only_layers=[0])
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def test_moe_model_experts_are_named_as_frozen_and_lora_export_refuses_what_peft_would_drop(tmp_path, token_ids,
+                                                                                          capsys):
+    """A Qwen3-MoE model: all-linear tunes attention and the dense MLP, and one warning says the fused experts stay
+    frozen; naming the experts is a one-line TypeError. PEFT's MoE conversion would load the dense MLP's
+    gate/up/down LoRA as expert parameters (their deltas lost), so --to lora refuses, naming it; --to merged is
+    exact."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_qwen3_moe().save_pretrained(base_dir)
+    with pytest.warns(UserWarning, match=r"1 fused MoE experts module\(s\) \(e\.g\. 'model\.layers\.1\.mlp\.experts', "
+                                         r"parameters gate_up_proj, down_proj\) stay frozen"):
+        model = get_peft_model(tiny_qwen3_moe(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert "model.layers.0.mlp.down_proj" in paca_layers(model)
+    with pytest.raises(TypeError, match=r"'model\.layers\.1\.mlp\.experts'.*fused 3-D parameters"):
+        get_peft_model(tiny_qwen3_moe(), PacaConfig(r=4, target_modules=["experts"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    model.save_pretrained(adapter_dir)
+    expected = model(token_ids).logits
+    code = paca_main(["export", "--adapter", str(adapter_dir), "--to", "lora", str(tmp_path / "lora"),
+                      "--base", str(base_dir)])
+    assert code != 0 and not (tmp_path / "lora").exists()
+    assert "as fused expert parameters" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="stay frozen"):  # the merged export loads the adapter: said again
+        run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(token_ids).logits, expected, rtol=1e-6, atol=1e-6)

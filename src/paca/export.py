@@ -12,6 +12,7 @@ pairs, so the LoRA rank there is ``r * prod(kernel)``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -117,10 +118,27 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         modules_to_save=config.get("modules_to_save"),
         rank_pattern={k: v for k, v in rank_pattern.items() if v != ranks[0]},
         alpha_pattern={k: v for k, v in alpha_pattern.items() if v != ranks[0]})
+    moved = _targets_peft_would_move(lora_config, model)
+    if moved:
+        raise ValueError(f"{adapter_dir}: plain PEFT would load {len(moved)} of the exported LoRA targets (e.g. "
+                         f"'{moved[0]}') as fused expert parameters of this {model.config.model_type} model (its "
+                         "transformers v4 -> v5 MoE conversion takes any name ending in gate_proj / up_proj / "
+                         "down_proj for an expert), silently dropping their deltas; export --to merged instead.")
     with _atomic_dir(out_dir) as tmp:
         lora_config.save_pretrained(tmp)
         save_file(lora_tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
+
+
+def _targets_peft_would_move(lora_config, model) -> list[str]:
+    """Targets that PEFT's MoE config conversion (run by PeftModel.from_pretrained) would turn into experts."""
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without the conversion moves nothing
+        return []
+    probe = copy.deepcopy(lora_config)
+    convert_peft_config_for_transformers(probe, model, None)
+    return sorted(set(lora_config.target_modules) - set(probe.target_modules or ()))
 
 
 def export_merged(adapter_dir: str, out_dir: str, base: Optional[str] = None,

@@ -24,6 +24,14 @@ SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d 
                    "Linear4bit (NF4/FP4)")
 
 
+def fused_expert_parameters(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own 3-D parameters: the fused experts of transformers 5's MoE blocks (one
+    ``(num_experts, out, in)`` tensor per projection, e.g. gate_up_proj and down_proj)."""
+    if type(module).__module__.startswith("torch.nn"):  # a Conv1d's weight is 3-D too
+        return []
+    return [name for name, p in module._parameters.items() if p is not None and p.dim() == 3]
+
+
 def _input_dim(module: nn.Module) -> Optional[int]:
     """d_in of a layer PaCA can tune (None for other modules: they are refused by type later)."""
     if isinstance(module, PacaLayer) or is_bnb_4bit(module):
@@ -77,6 +85,10 @@ class PacaModel(BaseTuner):
             target.update_layer(adapter_name, **kwargs)
             return
         layer_cls = _layer_class(target)
+        if layer_cls is None and fused_expert_parameters(target):
+            raise TypeError(f"PaCA cannot tune module '{layer_name}' yet: its experts are fused 3-D parameters "
+                            f"({', '.join(fused_expert_parameters(target))}), which PaCA does not support; remove it "
+                            "from target_modules (its attention and dense layers can be tuned).")
         if layer_cls is None:
             raise TypeError(f"PaCA cannot tune module '{layer_name}' of type {type(target).__module__}."
                             f"{type(target).__qualname__}; supported types: {SUPPORTED_TYPES}. Remove it from "
@@ -137,6 +149,12 @@ class PacaModel(BaseTuner):
             _restore_requires_grad(self._requires_grad_before_inject.pop(adapter_name))
             raise
         mark_shared_weights(model)
+        experts = [name for name, module in model.named_modules() if fused_expert_parameters(module)]
+        if experts:
+            warnings.warn(f"PaCA adapter '{adapter_name}': {len(experts)} fused MoE experts module(s) (e.g. "
+                          f"'{experts[0]}', parameters {', '.join(fused_expert_parameters(model.get_submodule(experts[0])))}) "
+                          "stay frozen: PaCA does not tune fused experts yet (PEFT LoRA's target_parameters does).",
+                          stacklevel=2)
         narrow = self._narrow_layers.pop(adapter_name, [])
         if narrow:
             warnings.warn(f"PaCA adapter '{adapter_name}': r exceeds the input dimension of {len(narrow)} layer(s): "
