@@ -386,3 +386,20 @@ def test_trainer_resume_from_checkpoint_gives_same_delta_as_uninterrupted_run(tm
     assert got.keys() == expected.keys()
     for n, d in expected.items():
         torch.testing.assert_close(got[n], d, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_mamba_layers_its_fused_kernel_reads_directly_are_named_and_train_on_the_slow_path():
+    """Mamba's fused CUDA path reads x_proj / dt_proj / out_proj weights directly (their deltas would be ignored
+    there): one warning names them; on the CPU path they are called and train."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    base = MambaForCausalLM(MambaConfig(hidden_size=32, state_size=4, num_hidden_layers=2, vocab_size=64,
+                                        intermediate_size=64, time_step_rank=4))
+    with pytest.warns(UserWarning, match=r"Mamba's fused CUDA path .* 4 tuned layer\(s\) \(e\.g\. "
+                                         r"'backbone\.layers\.0\.mixer\.x_proj'\)"):
+        model = get_peft_model(base, PacaConfig(r=2, target_modules=["in_proj", "x_proj", "out_proj"]))
+    ids = torch.randint(0, 64, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())

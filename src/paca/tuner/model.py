@@ -24,6 +24,10 @@ SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d 
                    "Linear4bit (NF4/FP4)")
 
 
+# Mamba's mixer hands these weights to its fused CUDA kernel (mamba_inner_fn) rather than calling the modules.
+_MAMBA_DIRECT_WEIGHTS = frozenset({"x_proj", "dt_proj", "out_proj"})
+
+
 def fused_expert_parameters(module: nn.Module) -> list[str]:
     """Names of ``module``'s own 3-D parameters: the fused experts of transformers 5's MoE blocks (one
     ``(num_experts, out, in)`` tensor per projection, e.g. gate_up_proj and down_proj)."""
@@ -75,6 +79,8 @@ class PacaModel(BaseTuner):
         if config.selection == "structured":  # whole heads / channels: the layout comes from the model config
             kwargs.update(selection.structured_layer_kwargs(getattr(self.model, "config", None), r, paca_alpha,
                                                             layer_name, target_name, parent, target))
+        if target_name in _MAMBA_DIRECT_WEIGHTS and "Mamba" in type(parent).__name__:
+            self._bypassed_layers.setdefault(adapter_name, []).append(layer_name)
         d_in = _input_dim(target)
         if d_in is not None and kwargs["r"] > d_in:
             # All of a narrow layer's columns (an image stem's 3 channels), at the adapter's scale alpha / r.
@@ -142,6 +148,7 @@ class PacaModel(BaseTuner):
         # Injection freezes the base model; if injecting or, later, loading the weights fails, these flags come back.
         self._requires_grad_before_inject = {adapter_name: {p: p.requires_grad for p in model.parameters()}}
         self._narrow_layers: dict[str, list[str]] = {}
+        self._bypassed_layers: dict[str, list[str]] = {}
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
@@ -155,6 +162,12 @@ class PacaModel(BaseTuner):
                           f"'{experts[0]}', parameters {', '.join(fused_expert_parameters(model.get_submodule(experts[0])))}) "
                           "stay frozen: PaCA does not tune fused experts yet (PEFT LoRA's target_parameters does).",
                           stacklevel=2)
+        bypassed = self._bypassed_layers.pop(adapter_name, [])
+        if bypassed:
+            warnings.warn(f"PaCA adapter '{adapter_name}': Mamba's fused CUDA path (mamba-ssm kernels, training) reads "
+                          f"the weights of {len(bypassed)} tuned layer(s) (e.g. '{bypassed[0]}') directly instead of "
+                          "calling them, so there their deltas would be ignored; on CPU or without mamba-ssm they "
+                          "are called. Tune in_proj (always called) or keep to the slow path.", stacklevel=2)
         narrow = self._narrow_layers.pop(adapter_name, [])
         if narrow:
             warnings.warn(f"PaCA adapter '{adapter_name}': r exceeds the input dimension of {len(narrow)} layer(s): "
