@@ -41,6 +41,34 @@ def test_unknown_key_names_the_nearest_valid_key(tmp_path, where):
         load_config(["max_step=4"])
 
 
+def test_keys_other_tools_have_and_paca_has_not_say_what_to_do_instead():
+    with pytest.raises(ValueError, match="unknown key 'lora_dropout'; PaCA has no dropout"):
+        load_config(["lora_dropout=0.05"])
+    with pytest.raises(ValueError, match="unknown key 'fp16'; use bf16=true"):
+        load_config(["fp16=true"])
+
+
+@pytest.mark.parametrize("where", ["file", "command line"])
+def test_one_target_module_name_is_a_name_not_a_regex(tmp_path, where):
+    """'q_proj' alone means every q_proj layer (PEFT would read a bare string as a full-name regex and find none);
+    all-linear and real regexes stay strings."""
+    argv = [write(tmp_path, "target_modules: q_proj\n")] if where == "file" else ["target_modules=q_proj"]
+    assert load_config(argv).target_modules == ["q_proj"]
+    assert load_config(["target_modules=all-linear"]).target_modules == "all-linear"
+    assert load_config([r"target_modules=.*\.(q|v)_proj"]).target_modules == r".*\.(q|v)_proj"
+
+
+def test_dash_dash_options_are_key_value_items(tmp_path):
+    """transformers / axolotl habits: '--max_steps 3' and '--max_steps=3' both mean max_steps=3, also after a file."""
+    path = write(tmp_path, "batch_size: 4\n")
+    assert load_config(["--max_steps", "3"]).max_steps == 3
+    assert load_config(["--max_steps=3"]).max_steps == 3
+    cfg = load_config([path, "--max_steps", "3", "--lr", "1e-4", "r=4"])
+    assert (cfg.batch_size, cfg.max_steps, cfg.lr, cfg.r) == (4, 3, 1e-4, 4)
+    with pytest.raises(ValueError, match="'--max_steps' needs a value"):
+        load_config(["--max_steps"])
+
+
 def test_wrong_types_and_choices_name_the_key_and_the_source(tmp_path):
     with pytest.raises(ValueError, match="command line: key 'batch_size' expects an integer, got 'four'"):
         load_config(["batch_size=four"])

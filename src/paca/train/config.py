@@ -140,7 +140,15 @@ OTHER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs"
                "overwrite_output_dir": "overwrite", "output": "output_dir"}
 
 
+# Keys of other tools with no counterpart here: what to do instead (a nearest-name guess would mislead).
+NO_COUNTERPART = {"lora_dropout": "PaCA has no dropout: its delta is not a branch that could be dropped; remove it.",
+                  "fp16": "use bf16=true (fp16 mixed precision is not offered).",
+                  "load_in_8bit": "8-bit bases are not supported; method=qpaca trains on a 4-bit NF4 base."}
+
+
 def _nearest_key_hint(name: str) -> str:
+    if name in NO_COUNTERPART:
+        return NO_COUNTERPART[name]
     close = difflib.get_close_matches(name, list(KEYS) + list(OTHER_NAMES), n=1, cutoff=0.6)
     if close:
         return f"did you mean '{OTHER_NAMES.get(close[0], close[0])}'?"
@@ -155,7 +163,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if name == "target_modules":
         if isinstance(value, str):
             items = [v.strip() for v in value.split(",") if v.strip()]
-            return items[0] if len(items) == 1 else items
+            # PEFT reads a string as a regex over the full module name: one plain name means that layer kind.
+            if len(items) == 1 and (items[0] == "all-linear" or any(c in items[0] for c in "*+?()[]|^$\\")):
+                return items[0]
+            return items
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
         raise ValueError(f"{bad}expects a string or a list of module names, got {value!r}.")
@@ -241,6 +252,19 @@ def parse_overrides(args: list[str]) -> dict:
     return values
 
 
+def _dash_options_as_overrides(argv: list[str]) -> list[str]:
+    """``--key value`` and ``--key=value`` (how transformers and axolotl users type them) as ``key=value``."""
+    items, rest = [], list(argv)
+    while rest:
+        item = rest.pop(0)
+        if item.startswith("--") and "=" not in item:
+            if not rest or rest[0].startswith("--"):
+                raise ValueError(f"command line: '{item}' needs a value ('{item} VALUE' or '{item[2:]}=VALUE').")
+            item = f"{item}={rest.pop(0)}"
+        items.append(item)
+    return items
+
+
 def load_config(argv: list[str]) -> TrainConfig:
     """Build the config from ``[CONFIG.yaml] [key=value ...]``: defaults, then the file, then the overrides.
 
@@ -250,7 +274,7 @@ def load_config(argv: list[str]) -> TrainConfig:
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    rest = list(argv)
+    rest = _dash_options_as_overrides(argv)
     if rest and "=" not in rest[0]:
         path = rest.pop(0)
         for name, value in read_yaml(path).items():
