@@ -206,6 +206,19 @@ def test_bad_input_is_a_one_line_error_not_a_traceback(args, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_a_model_with_learned_positions_is_refused_beyond_them_and_a_rope_model_is_not(tmp_path, capsys):
+    from conftest import tiny_gpt2, tiny_llama
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")  # 64 learned positions
+    code, out, err = run_bench(["--model", str(tmp_path / "gpt2"), "--seq", "128", "--batch", "1"], capsys)
+    assert code == 1 and "learned position embeddings for 64 tokens" in err and "--seq 128" in err
+    assert "Traceback" not in err
+    tiny_llama().save_pretrained(tmp_path / "llama")  # RoPE: 64 positions in its config, longer inputs run
+    code, out, err = run_bench(["--model", str(tmp_path / "llama"), "--seq", "128", "--batch", "1", "--repeats", "1",
+                                "--methods", "paca"], capsys)
+    assert code == 0, err
+
+
 def test_a_model_directory_without_a_config_is_a_clear_error(tmp_path, capsys):
     code, out, err = run_bench(["--model", str(tmp_path)], capsys)
     assert code == 1 and f"cannot read the config of model '{tmp_path}'" in err and "Traceback" not in err

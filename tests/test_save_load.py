@@ -100,6 +100,15 @@ def test_adapter_saved_without_safetensors_loads_and_is_checked(tmp_path, token_
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+def test_saved_model_card_says_how_to_load_a_paca_adapter_once(tmp_path):
+    model = get_peft_model(tiny_llama(), PacaConfig(r=4))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## Loading this PaCA adapter") == 1
+    assert "import paca" in card and "KeyError: 'PACA'" in card and "paca export" in card
+
+
 def test_loaded_adapter_is_trainable_with_is_trainable(tmp_path, token_ids):
     """from_pretrained(..., is_trainable=True) gives trainable deltas that train from the saved values."""
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear"))

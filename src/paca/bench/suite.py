@@ -116,7 +116,23 @@ def validate(settings: Settings) -> None:
                          "accounted bytes exceed it (a real out-of-memory on CPU kills the process).")
     if s.max_seq < s.seq_granularity * 4:
         raise BenchError(f"--max-seq {s.max_seq} must be at least 4 x the search granularity {s.seq_granularity}.")
-    s.model.config()  # an unknown preset or unreadable model fails here, before anything is built
+    config = s.model.config()  # an unknown preset or unreadable model fails here, before anything is built
+    check_positions(config, s)
+
+
+def check_positions(config, s: Settings) -> None:
+    """A model with learned position embeddings (GPT-2, BERT) cannot run past them: say so before building it."""
+    positions = getattr(config, "max_position_embeddings", None)
+    rope = any(getattr(config, name, None) for name in ("rope_parameters", "rope_theta", "rope_scaling"))
+    if rope or not isinstance(positions, int):
+        return
+    asked = [("--seq", s.seq)] if {"fig2", "profile"} & set(s.parts) else []
+    asked += [("--fig3-seq", s.fig3_seq)] if "fig3" in s.parts else []
+    asked += [("--max-seq", s.max_seq)] if "table4" in s.parts else []
+    over = [f"{flag} {value}" for flag, value in asked if value > positions]
+    if over:
+        raise BenchError(f"model '{s.model.name}' has learned position embeddings for {positions} tokens "
+                         f"(max_position_embeddings); {', '.join(over)} asks for more: use at most {positions}.")
 
 
 def describe_device(device: torch.device) -> dict:

@@ -12,6 +12,25 @@ from ..adapter_file import load_adapter_tensors
 from .registration import PACA_PEFT_TYPE
 
 
+LOADING_NOTE_TITLE = "## Loading this PaCA adapter"
+LOADING_NOTE = f"""
+
+{LOADING_NOTE_TITLE}
+
+This is a PaCA (Partial Connection Adaptation) adapter: `pip install paca`, then
+
+```python
+import paca  # registers PaCA with PEFT; without it PEFT stops at KeyError: 'PACA'
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")
+```
+
+`paca export --adapter DIR --to lora OUT` writes an exact PEFT LoRA adapter, which plain PEFT and serving
+engines load without paca; `--to merged` writes the merged model.
+"""
+
+
 @dataclass
 class PacaConfig(PeftConfig):
     """Configuration of a Partial Connection Adaptation (PaCA) adapter.
@@ -82,6 +101,18 @@ class PacaConfig(PeftConfig):
                 raise ValueError(f"PacaConfig.alpha_pattern['{name}'] must be a number, got {value!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("PacaConfig.layers_pattern is only used with layers_to_transform; set both or neither.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save adapter_config.json; the model card PEFT wrote beside it gets a note on loading a PaCA adapter
+        (without ``import paca`` PEFT stops at ``KeyError: 'PACA'``, which says nothing)."""
+        super().save_pretrained(save_directory, **kwargs)
+        card = os.path.join(save_directory, "README.md")
+        if os.path.isfile(card):
+            with open(card, encoding="utf-8") as f:
+                text = f.read()
+            if LOADING_NOTE_TITLE not in text:
+                with open(card, "a", encoding="utf-8") as f:
+                    f.write(LOADING_NOTE)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder=None, **kwargs):
