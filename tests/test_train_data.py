@@ -113,6 +113,20 @@ def test_empty_dataset_and_missing_file_are_reported(tmp_path):
         load_examples("missing.jsonl")
 
 
+def test_a_local_file_named_without_its_extension_is_refused_at_once_with_its_name(tmp_path, monkeypatch):
+    """data=train while train.jsonl is there: refused naming train.jsonl, without asking the hub (which retries for
+    30-50 s offline)."""
+    write_jsonl(tmp_path, ['{"prompt": "a", "response": "b"}'], name="train.jsonl")
+    monkeypatch.chdir(tmp_path)
+    import paca.train.data as data
+
+    monkeypatch.setattr(data, "_load_from_hub", lambda *a: pytest.fail("the hub was asked"))
+    with pytest.raises(FileNotFoundError, match=r"data file 'train' not found; did you mean 'train\.jsonl'\?"):
+        load_examples("train")
+    with pytest.raises(FileNotFoundError, match=r"data file 'trian\.jsonl' not found; did you mean 'train\.jsonl'"):
+        load_examples("trian.jsonl")
+
+
 def test_eval_split_holds_out_a_seeded_fraction_or_count(tmp_path):
     examples = load_examples(write_jsonl(tmp_path, [{"prompt": str(i), "response": "x"} for i in range(20)]))
     train, held = split_examples(examples, 0.25, seed=3)

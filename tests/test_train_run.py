@@ -230,6 +230,17 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resume_or_overwrite(task_
     assert "holds no complete checkpoint" in capsys.readouterr().err
 
 
+def test_a_model_directory_without_tokenizer_files_is_refused_naming_it(task_file, tmp_path, capsys):
+    """Weights without a tokenizer: transformers may return an empty tokenizer that trains on nothing (and reports
+    100% exact match); refused before training, naming the directory."""
+    base = tmp_path / "weights-only"
+    demo.random_model(0).save_pretrained(base)
+    assert main([f"model={base}", f"data={task_file}", "max_steps=1", f"output_dir={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"model '{base}' has no tokenizer files" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_overwrite_replaces_only_paca_runs_and_never_the_base_model(task_file, tmp_path, capsys):
     base = tmp_path / "base"
     demo.random_model(0).save_pretrained(base)

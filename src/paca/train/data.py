@@ -7,10 +7,12 @@ renders the conversation; without one, the turns are joined by newlines and the 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Optional
 
 from . import demo
 
@@ -63,13 +65,28 @@ def load_examples(source: str, split: str = "train") -> list[Example]:
         examples = _read_jsonl(source)
     elif os.path.isdir(source):
         examples = _read_dataset(_load_from_disk(source, split), source)
-    elif _looks_like_a_path(source):
-        raise FileNotFoundError(f"data file '{source}' not found.")
+    elif _looks_like_a_path(source) or _nearest_local_file(source):
+        nearest = _nearest_local_file(source)
+        hint = f"; did you mean '{nearest}'?" if nearest else "."
+        raise FileNotFoundError(f"data file '{source}' not found{hint}")
     else:
         examples = _read_dataset(_load_from_hub(source, split), source)
     if not examples:
         raise ValueError(f"data '{source}' holds no examples; give a JSONL file with one example per line.")
     return examples
+
+
+def _nearest_local_file(source: str) -> Optional[str]:
+    """A local data file ``source`` most likely meant (``train`` for ``train.jsonl``), so a typo is refused at
+    once instead of after the hub's retries; None when nothing local is close."""
+    folder = os.path.dirname(source) or "."
+    if not os.path.isdir(folder):
+        return None
+    names = [n for n in os.listdir(folder) if n.endswith((".jsonl", ".json")) or os.path.isdir(os.path.join(folder, n))]
+    base = os.path.basename(source)
+    same_stem = [n for n in names if os.path.splitext(n)[0] == base]
+    close = same_stem or difflib.get_close_matches(base, names, n=1, cutoff=0.8)
+    return os.path.join(os.path.dirname(source), close[0]) if close else None
 
 
 def _looks_like_a_path(source: str) -> bool:

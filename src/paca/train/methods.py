@@ -12,14 +12,23 @@ from . import demo
 from .config import DEMO, DEMO_RANDOM, TrainConfig
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def load_tokenizer(name_or_path: str):
     """The tokenizer of ``name_or_path`` with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
+    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model '{name_or_path}' has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                                "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR)).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot load the tokenizer of model '{name_or_path}': {err}") from None
+    if len(tokenizer) == 0:  # transformers may hand back an empty tokenizer: it would train on nothing
+        raise ValueError(f"the tokenizer of model '{name_or_path}' has an empty vocabulary.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
