@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/quickstart")
     args = parser.parse_args()
     torch.manual_seed(0)
-    shutil.rmtree(args.out, ignore_errors=True)
+    # Only what an earlier run of this script wrote is replaced, never the rest of the folder (--out runs).
+    for name in ("base", "adapter", "lora", "merged"):
+        shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
     base_dir, adapter_dir = os.path.join(args.out, "base"), os.path.join(args.out, "adapter")
 
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

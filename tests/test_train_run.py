@@ -396,3 +396,19 @@ def test_qpaca_trains_paca_on_a_4bit_base(task_file, tmp_path):
                                "batch_size=8", "eval_split=8", "max_steps=2"]))
     assert summary["method"] == "qpaca"
     assert json.loads((tmp_path / "q" / "adapter_config.json").read_text())["peft_type"] == "PACA"
+
+
+def test_ctrl_c_is_one_line_with_the_command_that_resumes(monkeypatch, tmp_path, capsys):
+    """Ctrl-C during a run: no traceback through the Trainer; one line with the resume command (the dated
+    output_dir filled in when none was given), exit status 130."""
+    import paca.train.cli as cli
+
+    def interrupted(cfg):
+        cfg.output_dir = str(tmp_path / "runs" / "dated")  # what run() fills in
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert cli.main(["max_steps=5", "--lr", "1e-3"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"Resume with: paca train max_steps=5 --lr=1e-3 output_dir={tmp_path / 'runs' / 'dated'} resume=true" in err

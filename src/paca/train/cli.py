@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from .config import load_config, usage
+from .config import dash_options_as_overrides, load_config, usage
 from .trainer import TrainingStopped, run
 
 
@@ -26,4 +26,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"paca train: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # One line instead of a traceback through the Trainer: what was kept and how to go on.
+        output_dir = cfg.output_dir if "cfg" in locals() else ""  # run() fills in the dated default
+        try:
+            items = dash_options_as_overrides(argv)
+        except ValueError:
+            items = argv
+        kept = [a for a in items if not a.lstrip("-").startswith(("resume=", "output_dir="))]
+        again = " ".join(kept + ([f"output_dir={output_dir}"] if output_dir else []) + ["resume=true"])
+        print(f"paca train: interrupted; the last complete checkpoint is kept. Resume with: paca train {again}",
+              file=sys.stderr)
+        return 130
     return 0

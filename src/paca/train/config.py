@@ -252,7 +252,7 @@ def parse_overrides(args: list[str]) -> dict:
     return values
 
 
-def _dash_options_as_overrides(argv: list[str]) -> list[str]:
+def dash_options_as_overrides(argv: list[str]) -> list[str]:
     """``--key value`` and ``--key=value`` (how transformers and axolotl users type them) as ``key=value``."""
     items, rest = [], list(argv)
     while rest:
@@ -274,7 +274,7 @@ def load_config(argv: list[str]) -> TrainConfig:
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    rest = _dash_options_as_overrides(argv)
+    rest = dash_options_as_overrides(argv)
     if rest and "=" not in rest[0]:
         path = rest.pop(0)
         for name, value in read_yaml(path).items():
