@@ -161,10 +161,6 @@ class ResidentColumns:
         self._pretrained = self._sum = self._idx = self._idx_source = None
         self._idx_version = -1
 
-    @property
-    def is_written(self) -> bool:
-        return self._written is not None
-
 
 def _same(a: Tensor, b: Tensor) -> bool:
     """``a`` is ``b`` or an alias of it (``b`` is kept referenced, so no other tensor can have its address)."""
