@@ -412,3 +412,18 @@ def test_ctrl_c_is_one_line_with_the_command_that_resumes(monkeypatch, tmp_path,
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"Resume with: paca train max_steps=5 --lr=1e-3 output_dir={tmp_path / 'runs' / 'dated'} resume=true" in err
+
+
+def test_eval_steps_dividing_the_run_evaluate_the_final_weights_once(task_file, tmp_path):
+    """eval_steps=2, max_steps=4: held-out evaluations at steps 0, 2 and 4, the last one reused as the final
+    result instead of a second evaluation of the same weights."""
+    import json
+
+    out = tmp_path / "out"
+    assert main([f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", "eval_split=8",
+                 "max_steps=4", "eval_steps=2"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    final = next(r for r in rows if "eval_loss" in r and r["step"] == 4)
+    assert summary["eval_after"]["eval_loss"] == pytest.approx(final["eval_loss"])

@@ -60,6 +60,7 @@ class ProgressReport(TrainerCallback):
         self.stream = stream or sys.stdout
         self.rows: list[dict] = []
         self.evaluations: list[dict] = []  # metrics of each evaluation, in order
+        self.evaluation_steps: list[int] = []  # the optimizer step each was made at
         self._start_time = self._last_time = 0.0
         self._start_step = 0
         self._last_tokens = self.start_tokens = 0
@@ -75,6 +76,7 @@ class ProgressReport(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.evaluations.append(dict(metrics or {}))
+        self.evaluation_steps.append(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.is_main or not logs:

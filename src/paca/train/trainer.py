@@ -314,7 +314,10 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
                                 if row["step"] == 0 and "eval_loss" in row), None)
         elif progress.evaluations:
             eval_before = progress.evaluations[0]
-    eval_after = trainer.evaluate() if evaluate else None
+    # With eval_steps dividing the run, the loop has just evaluated the final weights: not again.
+    steps = trainer.state.global_step
+    evaluated_last = steps > 0 and progress.evaluation_steps[-1:] == [steps]
+    eval_after = (progress.evaluations[-1] if evaluated_last else trainer.evaluate()) if evaluate else None
 
     saved = _save_final(trainer, cfg.output_dir)
     summary = None
