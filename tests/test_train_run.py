@@ -427,3 +427,27 @@ def test_eval_steps_dividing_the_run_evaluate_the_final_weights_once(task_file, 
     summary = json.loads((out / "summary.json").read_text())
     final = next(r for r in rows if "eval_loss" in r and r["step"] == 4)
     assert summary["eval_after"]["eval_loss"] == pytest.approx(final["eval_loss"])
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved_its_adapter(task_file, tmp_path, monkeypatch):
+    """overwrite=true moves the old run aside (output_dir/.previous-run) and deletes it only after the new run has
+    saved: a new run that fails first leaves the old adapter and checkpoints intact there."""
+    import paca.train.trainer as trainer
+
+    out = tmp_path / "run"
+    args = [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", "eval_split=8"]
+    assert main(args + ["max_steps=2", "save_steps=2"]) == 0
+    old = (out / "adapter_model.safetensors").read_bytes()
+
+    def fails(*a, **k):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_save_final", fails)
+        with pytest.raises(RuntimeError, match="disk full"):
+            main(args + ["max_steps=1", "overwrite=true", "seed=1"])
+    aside = out / ".previous-run"
+    assert (aside / "adapter_model.safetensors").read_bytes() == old
+    assert (aside / "checkpoint-2").is_dir() and (aside / "train_config.yaml").is_file()
+    assert main(args + ["max_steps=1", "overwrite=true", "seed=1"]) == 0
+    assert not aside.exists() and (out / "adapter_model.safetensors").read_bytes() != old

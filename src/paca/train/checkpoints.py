@@ -17,6 +17,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"  # written last by Trainer._save_checkpoint
 CONFIG_FILE = "train_config.yaml"  # written by every paca train run: marks a directory as one of ours
 RUN_FILES = ("metrics.jsonl", "loss.png", "summary.json", CONFIG_FILE)
+PREVIOUS_RUN = ".previous-run"  # overwrite=true: the replaced run, until the new one has saved its model
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -42,7 +43,7 @@ def describe_run(output_dir: str) -> str:
     run that stopped before it logged anything)."""
     if not os.path.isdir(output_dir):
         return ""
-    entries = [e for e in os.listdir(output_dir) if e not in (STAGING, CONFIG_FILE)]
+    entries = [e for e in os.listdir(output_dir) if e not in (STAGING, CONFIG_FILE, PREVIOUS_RUN)]
     if not entries:
         return ""
     found = checkpoints(output_dir)
@@ -103,15 +104,35 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool, model_pat
     return None
 
 
-def clear_previous_run(output_dir: str, files: tuple[str, ...]) -> None:
-    """Delete the previous run's checkpoints, model files and logs (overwrite=true); other files stay."""
-    for step, path in checkpoints(output_dir):
-        shutil.rmtree(path)
+def _previous_run_paths(output_dir: str, files: tuple[str, ...]) -> list[str]:
+    """The previous run's checkpoints, model files and logs in ``output_dir`` (other files are not paca's)."""
+    paths = [path for step, path in checkpoints(output_dir)]
     sharded = re.compile(r"^(model|adapter_model)-\d+-of-\d+\.safetensors$|^(model|adapter_model)\.safetensors\.index\.json$")
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
         if (name in RUN_FILES + files or sharded.match(name)) and os.path.isfile(path):
-            os.remove(path)
+            paths.append(path)
+    return paths
+
+
+def set_aside_previous_run(output_dir: str, files: tuple[str, ...]) -> None:
+    """overwrite=true: move the previous run into ``output_dir/.previous-run`` (renames, nothing copied); it is
+    deleted only once the new run has saved its model (:func:`discard_previous_run`), so a new run that fails
+    or is stopped loses nothing. A ``.previous-run`` left by such a failed attempt holds the older run: it is
+    kept, and what the failed attempt wrote is deleted."""
+    aside = os.path.join(output_dir, PREVIOUS_RUN)
+    older_kept = os.path.isdir(aside)
+    os.makedirs(aside, exist_ok=True)
+    for path in _previous_run_paths(output_dir, files):
+        if older_kept:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        else:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+
+
+def discard_previous_run(output_dir: str) -> None:
+    """Delete what :func:`set_aside_previous_run` kept: the new run has saved its model."""
+    shutil.rmtree(os.path.join(output_dir, PREVIOUS_RUN), ignore_errors=True)
 
 
 def remove_staging(output_dir: str) -> None:

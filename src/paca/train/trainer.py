@@ -288,7 +288,7 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
         os.makedirs(cfg.output_dir, exist_ok=True)
         checkpoints.remove_staging(cfg.output_dir)
         if cfg.overwrite:
-            checkpoints.clear_previous_run(cfg.output_dir, MODEL_FILES)
+            checkpoints.set_aside_previous_run(cfg.output_dir, MODEL_FILES)
         if resume_from:
             report.truncate_metrics(progress.metrics_path, _checkpoint_step(resume_from))
         with open(os.path.join(cfg.output_dir, "train_config.yaml"), "w") as f:
@@ -322,6 +322,7 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     saved = _save_final(trainer, cfg.output_dir)
     summary = None
     if is_main:
+        checkpoints.discard_previous_run(cfg.output_dir)
         summary = _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved,
                            trainable, total, progress)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
