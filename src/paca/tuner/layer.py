@@ -290,7 +290,16 @@ def _restore_before_load(module: "PacaLayer", state_dict: dict, prefix: str, *ar
 
 
 class _ResidentModule(nn.Module):
-    """What nn.Module does to a layer's tensors, with the pretrained columns written back first."""
+    """The forward of a layer whose columns stay written (:mod:`paca.ops.columns`), and what nn.Module does to its
+    tensors, with the pretrained columns written back first. Subclasses give ``_partial_forward``."""
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if "adapter_names" in kwargs:
+            return self._mixed_batch_forward(x, *args, **kwargs)
+        applied = self._applied_delta()
+        if applied is None:
+            return self._base_forward(x, *args, **kwargs)
+        return self._partial_forward(x, *applied)
 
     def _apply(self, fn, recurse=True):
         self._columns.forget()  # .to(), .half(), .cuda(): convert the pretrained weight, read the columns again
@@ -316,14 +325,6 @@ class Linear(_ResidentModule, PacaLayer):
         self._columns = ResidentColumns(self.in_dim)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if "adapter_names" in kwargs:
-            return self._mixed_batch_forward(x, *args, **kwargs)
-        applied = self._applied_delta()
-        if applied is None:
-            return self._base_forward(x, *args, **kwargs)
-        return self._partial_forward(x, *applied)
 
     def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         base = self._modules["base_layer"]
@@ -359,14 +360,6 @@ class Conv(_ResidentModule, PacaLayer):
                                  "PaCA supports symmetric padding only.")
             return tuple(t // 2 for t in totals)
         return tuple(conv.padding)
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if "adapter_names" in kwargs:
-            return self._mixed_batch_forward(x, *args, **kwargs)
-        applied = self._applied_delta()
-        if applied is None:
-            return self._base_forward(x, *args, **kwargs)
-        return self._partial_forward(x, *applied)
 
     def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         conv = self._modules["base_layer"]
