@@ -232,20 +232,18 @@ def tiny_qwen3_moe():
     return Qwen3MoeForCausalLM(config).eval()
 
 
-def test_moe_model_experts_are_named_as_frozen_and_lora_export_refuses_what_peft_would_drop(tmp_path, token_ids,
-                                                                                          capsys):
-    """A Qwen3-MoE model: all-linear tunes attention and the dense MLP, and one warning says the fused experts stay
-    frozen; naming the experts is a one-line TypeError. PEFT's MoE conversion would load the dense MLP's
-    gate/up/down LoRA as expert parameters (their deltas lost), so --to lora refuses, naming it; --to merged is
-    exact."""
+def test_moe_model_with_a_dense_layer_exports_merged_exactly_and_lora_refuses_what_peft_would_drop(tmp_path,
+                                                                                                  token_ids, capsys):
+    """A Qwen3-MoE model: all-linear tunes attention, the dense MLP and the fused experts. PEFT's MoE conversion
+    would load the dense MLP's gate/up/down LoRA as expert parameters (their deltas lost), so --to lora refuses,
+    naming it; --to merged is exact."""
+    from paca.tuner.experts import Experts
+
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     tiny_qwen3_moe().save_pretrained(base_dir)
-    with pytest.warns(UserWarning, match=r"1 fused MoE experts module\(s\) \(e\.g\. 'model\.layers\.1\.mlp\.experts', "
-                                         r"parameters gate_up_proj, down_proj\) stay frozen"):
-        model = get_peft_model(tiny_qwen3_moe(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(tiny_qwen3_moe(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     assert "model.layers.0.mlp.down_proj" in paca_layers(model)
-    with pytest.raises(TypeError, match=r"'model\.layers\.1\.mlp\.experts'.*fused 3-D parameters"):
-        get_peft_model(tiny_qwen3_moe(), PacaConfig(r=4, target_modules=["experts"]))
+    assert isinstance(paca_layers(model)["model.layers.1.mlp.experts"], Experts)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -256,7 +254,6 @@ def test_moe_model_experts_are_named_as_frozen_and_lora_export_refuses_what_peft
                       "--base", str(base_dir)])
     assert code != 0 and not (tmp_path / "lora").exists()
     assert "as fused expert parameters" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match="stay frozen"):  # the merged export loads the adapter: said again
-        run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
+    run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(token_ids).logits, expected, rtol=1e-6, atol=1e-6)

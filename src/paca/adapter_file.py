@@ -79,16 +79,27 @@ def load_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
     """
     path, tensors = _read_tensors(directory)
     for key, delta in tensors.items():
-        if not key.endswith(".paca_delta"):
+        module, marker, projection = key.rpartition(".paca_delta")
+        if not marker or (projection and not projection.startswith(".")):
             continue
-        module = key.removesuffix(".paca_delta")
-        idx = tensors.get(module + ".paca_indices")
+        # <module>.paca_delta (a layer) or <module>.paca_delta.<projection> (fused experts, one index row per expert)
+        idx_key = f"{module}.paca_indices{projection}"
+        idx = tensors.get(idx_key)
         if idx is None:
-            raise AdapterFileError(f"{path}: '{key}' has no matching '{module}.paca_indices'.")
-        if delta.dim() < 2:
-            raise AdapterFileError(f"{path}: '{key}' must have at least 2 dimensions, got {tuple(delta.shape)}.")
+            raise AdapterFileError(f"{path}: '{key}' has no matching '{idx_key}'.")
+        experts = bool(projection)
+        if delta.dim() < (3 if experts else 2):
+            raise AdapterFileError(f"{path}: '{key}' must have at least {3 if experts else 2} dimensions, got "
+                                   f"{tuple(delta.shape)}.")
         try:
-            check_indices(idx, d_in=None, r=delta.shape[1], where=f"{path}: '{module}'")
+            if experts:
+                if idx.dim() != 2 or idx.shape[0] != delta.shape[0]:
+                    raise ValueError(f"{path}: '{idx_key}' must have one row per expert ({delta.shape[0]}), got "
+                                     f"shape {tuple(idx.shape)}.")
+                for e in range(idx.shape[0]):
+                    check_indices(idx[e], d_in=None, r=delta.shape[2], where=f"{path}: '{idx_key}' expert {e}")
+            else:
+                check_indices(idx, d_in=None, r=delta.shape[1], where=f"{path}: '{module}'")
         except ValueError as err:
             raise AdapterFileError(str(err)) from None
         if not torch.isfinite(delta).all():

@@ -6,7 +6,8 @@ A column delta is a rank-r product. With ``s = paca_alpha / r`` and ``e_j`` the 
 
 so the LoRA adapter ``B = s * D`` (d_out x r), ``A = E^T`` (one-hot rows), ``lora_alpha = r``
 (LoRA scaling 1) reproduces it exactly. For a convolution the delta spans ``r * prod(kernel)`` (channel, tap)
-pairs, so the LoRA rank there is ``r * prod(kernel)``.
+pairs, so the LoRA rank there is ``r * prod(kernel)``. Fused MoE experts export in PEFT's ``target_parameters``
+layout: one rank-r LoRA per expert of each projection (:func:`expert_lora_factors`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,32 @@ def lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float, in_featur
     return a.reshape(rank, in_features, *kernel_size), b.reshape(*b.shape, *(1,) * len(kernel_size))
 
 
+def expert_lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float,
+                        in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA ``(A, B)`` of fused experts in PEFT's target_parameters layout, equal to the per-expert column deltas.
+
+    PEFT's ``ParamWrapper`` reads ``A`` ``(E * r, d_in)`` as ``(E, r, d_in)`` (expert-major rows) and ``B``
+    ``(d_out, r * E)`` as ``(d_out, r, E)`` (rank-major columns), and applies ``B_e A_e`` to expert ``e``; here
+    ``A_e`` holds the one-hot rows of ``idx[e]`` and ``B_e = scale * D_e``.
+
+    Args:
+        delta: ``(E, d_out, r)``.
+        idx: ``(E, r)``.
+    """
+    experts, d_out, r = delta.shape
+    a = torch.zeros(experts, r, in_features)
+    a.scatter_(2, idx.unsqueeze(-1), 1.0)
+    b = (delta.float() * scale).permute(1, 2, 0)  # (d_out, r, E)
+    return a.reshape(experts * r, in_features), b.reshape(d_out, r * experts)
+
+
+def _param_wrapper_paths(name: str, module: torch.nn.Module, projections: list[str]) -> dict[str, str]:
+    """Where PEFT puts the LoRA of each targeted parameter of ``module``: one ParamWrapper per parameter, nested in
+    the module's parameter order (the first is innermost, reached through ``base_layer``)."""
+    ordered = [p for p in module._parameters if p in projections]
+    return {p: name + ".base_layer" * (len(ordered) - 1 - i) for i, p in enumerate(ordered)}
+
+
 # PaCA's bias setting in LoRA's vocabulary: the biases of tuned layers are those of the LoRA-wrapped layers.
 _LORA_BIAS = {"none": "none", "all": "all", "paca_only": "lora_only"}
 
@@ -78,7 +105,31 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
     model = load_model(base, config.get("task_type"), empty=True)  # shapes only, no weights read
     modules = dict(model.named_modules())
     lora_tensors, targets, rank_pattern, alpha_pattern, fan_in_fan_out = {}, [], {}, {}, False
+    target_parameters, expert_keys = [], {}
+    for key in tensors:
+        if ".paca_delta." in key:  # fused experts: <module>.paca_delta.<projection>
+            prefix, _, projection = key.rpartition(".paca_delta.")
+            expert_keys.setdefault(prefix, []).append(projection)
+    for prefix, projections in expert_keys.items():
+        name = prefix.removeprefix("base_model.model.")
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"{adapter_dir}: module '{name}' of the adapter is not in base model '{base}'.")
+        r, alpha = layer_r_and_alpha(int(config["r"]), float(config["paca_alpha"]), config.get("rank_pattern"),
+                                     config.get("alpha_pattern"), name)
+        paths = _param_wrapper_paths(prefix, module, projections)
+        for projection in projections:
+            in_features = getattr(module, projection).shape[1 if module.is_transposed else 2]
+            a, b = expert_lora_factors(tensors[f"{prefix}.paca_delta.{projection}"],
+                                       tensors[f"{prefix}.paca_indices.{projection}"], alpha / r, in_features)
+            lora_tensors[f"{paths[projection]}.lora_A.weight"] = a.contiguous()
+            lora_tensors[f"{paths[projection]}.lora_B.weight"] = b.contiguous()
+            target_parameters.append(f"{name}.{projection}")
+            rank_pattern[f"^{name}.{projection}$"] = r  # per expert; LoRA scaling 1 (alpha = r)
+            alpha_pattern[f"^{name}.{projection}$"] = r
     for key, delta in tensors.items():
+        if ".paca_delta." in key or ".paca_indices." in key:
+            continue
         if not key.endswith(".paca_delta"):
             if not key.endswith(".paca_indices"):
                 lora_tensors[key] = delta  # biases and modules_to_save travel unchanged
@@ -112,7 +163,8 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
 
     ranks = sorted(set(rank_pattern.values()))
     lora_config = LoraConfig(
-        r=ranks[0], lora_alpha=ranks[0], target_modules=targets, lora_dropout=0.0,
+        r=ranks[0], lora_alpha=ranks[0], target_modules=targets, target_parameters=target_parameters or None,
+        lora_dropout=0.0,
         bias=_LORA_BIAS[config.get("bias", "none")],
         fan_in_fan_out=fan_in_fan_out, task_type=config.get("task_type"), base_model_name_or_path=base,
         modules_to_save=config.get("modules_to_save"),

@@ -244,6 +244,12 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
         active = getattr(model, "active_adapter", None)
         adapter_name = active[0] if isinstance(active, (list, tuple)) else active
     layers = [m for m in model.modules() if isinstance(m, PacaLayer) and adapter_name in m.paca_delta]
+    from .tuner.experts import Experts
+
+    experts = [m.layer_name for m in model.modules() if isinstance(m, Experts) and adapter_name in m.paca_delta]
+    if experts:
+        warnings.warn(f"select_by_gradient: {len(experts)} fused experts module(s) (e.g. '{experts[0]}') keep their "
+                      "seeded random columns; gradient selection covers linear and convolution layers.", stacklevel=2)
     if not layers:
         raise ValueError(f"select_by_gradient: the model has no PaCA layer with adapter '{adapter_name}'.")
     scores = {layer: torch.zeros(layer.in_features, dtype=torch.float32) for layer in layers}

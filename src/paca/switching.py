@@ -25,7 +25,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .tuner.experts import Experts
 from .tuner.layer import PacaLayer
+from .tuner.model import TUNED_LAYERS
 
 
 def _configs(model: nn.Module) -> dict:
@@ -52,7 +54,7 @@ def switch_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _configs(model)
     if adapter_name not in configs:
         raise ValueError(f"switch_adapter: adapter '{adapter_name}' is not loaded; loaded: {sorted(configs)}.")
-    layers = [m for m in model.modules() if isinstance(m, PacaLayer)]
+    layers = [m for m in model.modules() if isinstance(m, TUNED_LAYERS)]
     for layer in layers:
         layer.unmerge()
     model.set_adapter(adapter_name)
@@ -72,8 +74,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     ``modules_to_save`` are not combined. The new adapter is not made active.
 
     Raises:
-        ValueError: unknown or repeated adapters, a name already in use, weights of another length, or a
-            layer narrower than the union size.
+        ValueError: unknown or repeated adapters, a name already in use, weights of another length, a
+            layer narrower than the union size, or adapters that tune fused experts.
     """
     configs = _configs(model)
     adapters = list(adapters)
@@ -87,6 +89,12 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                          f"{sorted(configs)}.")
     if adapter_name in configs:
         raise ValueError(f"add_weighted_adapter: an adapter named '{adapter_name}' already exists.")
+    experts = next((m.layer_name for m in model.modules() if isinstance(m, Experts)
+                    and any(a in m.paca_delta for a in adapters)), None)
+    if experts is not None:
+        raise ValueError(f"add_weighted_adapter: the adapters tune fused experts ('{experts}'), whose per-expert "
+                         "column unions differ in size; weighted combinations cover linear and convolution layers "
+                         "only.")
     layers = [m for m in model.modules() if isinstance(m, PacaLayer) and any(a in m.paca_delta for a in adapters)]
     unions = [torch.unique(torch.cat([m.paca_indices[a].cpu() for a in adapters if a in m.paca_delta]))
               for m in layers]  # sorted

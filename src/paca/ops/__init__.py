@@ -17,11 +17,14 @@ calls; the tuner layer writes ``W0``'s columns back before anyone reads the weig
 - :mod:`paca.ops.columns`  the column write, its record and restore
 - :mod:`paca.ops.linear`   nn.Linear and GPT-2 Conv1D (autograd Function; torch.library custom ops under torch.compile)
 - :mod:`paca.ops.conv`     nn.Conv1d/2d/3d, grouped and depthwise too (autograd Function; custom ops)
+- :mod:`paca.ops.experts`  fused MoE experts (3-D weights): per-expert columns, one matmul per expert block
 - :mod:`paca.quantized`    the 4-bit (QPaCA) operator over bitsandbytes weights
 """
 
-from .columns import ResidentColumns, write_into_copy
+from .columns import ResidentColumns, put_columns, take_columns, write_into_copy
 from .conv import partial_conv
+from .experts import experts_forward, partial_experts_linear
 from .linear import partial_linear
 
-__all__ = ["ResidentColumns", "partial_conv", "partial_linear", "write_into_copy"]
+__all__ = ["ResidentColumns", "experts_forward", "partial_conv", "partial_experts_linear", "partial_linear",
+           "put_columns", "take_columns", "write_into_copy"]

@@ -57,13 +57,18 @@ class ResidentColumns:
 
     Args:
         in_dim: the weight dimension the columns index (1 for ``(d_out, d_in)`` weights and convolutions,
-            0 for GPT-2's ``(d_in, d_out)`` Conv1D).
+            0 for GPT-2's ``(d_in, d_out)`` Conv1D; 2 or 1 for fused experts ``(E, d_out, d_in)`` / ``(E, d_in, d_out)``).
         transient: restore ``P`` before each operator returns (a weight shared with another module).
+        transposed: the weight stores ``r`` before ``d_out`` while the delta is ``(..., d_out, r)`` (default: in_dim 0).
+
+    ``idx`` is ``(r,)``, or ``(E, r)`` for fused experts: expert ``e`` tunes its own columns ``idx[e]`` (a gather /
+    scatter along ``in_dim`` then, with the index broadcast over ``d_out`` without being materialised).
     """
 
-    def __init__(self, in_dim: int, transient: bool = False):
+    def __init__(self, in_dim: int, transient: bool = False, transposed: Optional[bool] = None):
         self.in_dim = in_dim
         self.transient = transient
+        self.transposed = in_dim == 0 if transposed is None else transposed
         self.key = next(_KEYS)  # how a torch.compile'd custom op finds this object again at run time
         _REGISTRY[self.key] = self
         self._pretrained: Optional[Tensor] = None  # P, the weight's dtype and layout with r along in_dim
@@ -76,10 +81,10 @@ class ResidentColumns:
 
     def __deepcopy__(self, memo):
         # A copied layer gets its own record (and key): it writes into its own, copied, weight.
-        return ResidentColumns(self.in_dim, self.transient)
+        return ResidentColumns(self.in_dim, self.transient, self.transposed)
 
     def __reduce__(self):
-        return ResidentColumns, (self.in_dim, self.transient)
+        return ResidentColumns, (self.in_dim, self.transient, self.transposed)
 
     @staticmethod
     def find(key: int) -> Optional["ResidentColumns"]:
@@ -95,9 +100,9 @@ class ResidentColumns:
         if not self._holds_pretrained_for(storage, idx):
             self.restore()  # another column set may be written: give those columns back first
             self._read_pretrained(storage, idx)
-        shift = delta.t() if self.in_dim == 0 else delta  # operators run without autograd: no detach needed
+        shift = delta.transpose(-1, -2) if self.transposed else delta  # no autograd here: no detach needed
         torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
-        storage.index_copy_(self.in_dim, idx, self._sum)
+        put_columns(storage, self.in_dim, self._idx, self._sum)
         self._weight = weight
         self._written = (weight.data_ptr(), weight._version, delta, delta._version, delta.data_ptr(), scale, idx)
         return storage
@@ -133,10 +138,10 @@ class ResidentColumns:
 
     def _read_pretrained(self, storage: Tensor, idx: Tensor) -> None:
         # The storage holds W0 at idx now: nothing is written (restored above) or this is the first write.
-        self._pretrained = storage.index_select(self.in_dim, idx)  # (d_out, r, ...): one copy per column set
-        self._sum = torch.empty_like(self._pretrained)
         self._idx = idx.clone()
         self._idx_source, self._idx_version = idx, idx._version
+        self._pretrained = take_columns(storage, self.in_dim, self._idx)  # (d_out, r, ...): one copy per column set
+        self._sum = torch.empty_like(self._pretrained)
 
     def restore(self) -> None:
         """Write ``P`` back where the last write went (no-op when nothing is written or the storage is gone).
@@ -153,13 +158,35 @@ class ResidentColumns:
         if (storage.untyped_storage().nbytes() == 0 or storage.dim() != p.dim() or storage.dtype != p.dtype
                 or storage.device != p.device):
             return  # freed (FSDP2 reshard, ZeRO-3 placeholder) or converted: it holds no write of ours
-        storage.index_copy_(self.in_dim, self._idx, p)
+        put_columns(storage, self.in_dim, self._idx, p)
 
     def forget(self) -> None:
         """Restore, then drop ``P``: the base weight is about to be replaced, converted or copied."""
         self.restore()
         self._pretrained = self._sum = self._idx = self._idx_source = None
         self._idx_version = -1
+
+
+def _expert_index(storage: Tensor, in_dim: int, idx: Tensor) -> Tensor:
+    # (E, r) -> the weight's shape with r along in_dim, broadcast (stride 0) over the other, d_out, dimension.
+    shape = list(storage.shape)
+    shape[in_dim] = idx.shape[1]
+    return idx.unsqueeze(3 - in_dim).expand(shape)
+
+
+def take_columns(storage: Tensor, in_dim: int, idx: Tensor) -> Tensor:
+    """A copy of ``storage``'s columns ``idx`` along ``in_dim`` (per expert for an ``(E, r)`` ``idx``)."""
+    if idx.dim() == 1:
+        return storage.index_select(in_dim, idx)
+    return storage.gather(in_dim, _expert_index(storage, in_dim, idx))
+
+
+def put_columns(storage: Tensor, in_dim: int, idx: Tensor, columns: Tensor) -> None:
+    """Write ``columns`` (laid out as :func:`take_columns` returns them) into ``storage``, in place."""
+    if idx.dim() == 1:
+        storage.index_copy_(in_dim, idx, columns)
+    else:
+        storage.scatter_(in_dim, _expert_index(storage, in_dim, idx), columns)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

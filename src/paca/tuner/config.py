@@ -50,6 +50,11 @@ class PacaConfig(PeftConfig):
         default=None,
         metadata={"help": "Module names (suffix match), a regex (full match), or 'all-linear' (every linear layer "
                           "but the output head). Supported: nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d."})
+    target_parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Fused MoE expert parameters to tune, as LoRA's target_parameters (full name or suffix, e.g. "
+                          "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']); each expert tunes r input columns "
+                          "of its own. target_modules naming an experts module (or all-linear) tunes both."})
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules not to tune, even when targeted."})
     layers_to_transform: Optional[Union[list[int], int]] = field(
@@ -84,6 +89,8 @@ class PacaConfig(PeftConfig):
         self.peft_type = PACA_PEFT_TYPE
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:

@@ -9,19 +9,22 @@ import warnings
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import _get_submodules
 from torch import nn
 
 from .. import selection
 from ..quantized import check_quantization, is_bnb_4bit
 from .config import PacaConfig
+from .experts import Experts, expert_projections
 from .layer import Conv, Linear, PacaLayer, _is_conv1d
 from .quantized import Linear4bit
 
 SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d (grouped too), bitsandbytes "
-                   "Linear4bit (NF4/FP4)")
+                   "Linear4bit (NF4/FP4), transformers fused MoE experts")
+
+TUNED_LAYERS = (PacaLayer, Experts)  # every module the tuner puts in the model
 
 
 # Mamba's mixer hands these weights to its fused CUDA kernel (mamba_inner_fn) rather than calling the modules.
@@ -38,8 +41,10 @@ def fused_expert_parameters(module: nn.Module) -> list[str]:
 
 def _input_dim(module: nn.Module) -> Optional[int]:
     """d_in of a layer PaCA can tune (None for other modules: they are refused by type later)."""
-    if isinstance(module, PacaLayer) or is_bnb_4bit(module):
+    if isinstance(module, TUNED_LAYERS) or is_bnb_4bit(module):
         return module.in_features
+    if expert_projections(module):
+        return min(getattr(module, p).shape[1 if module.is_transposed else 2] for p in expert_projections(module))
     if _is_conv1d(module):
         return module.weight.shape[0]
     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -56,6 +61,8 @@ def _layer_class(base: nn.Module):
         return Linear
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return Conv
+    if expert_projections(base):
+        return Experts
     return None
 
 
@@ -67,16 +74,18 @@ class PacaModel(BaseTuner):
     """
 
     prefix: str = "paca_"
-    tuner_layer_cls = PacaLayer
+    tuner_layer_cls = TUNED_LAYERS
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _create_and_replace(self, config: PacaConfig, adapter_name, target, target_name, parent, current_key,
-                            **optional_kwargs) -> None:
+                            projections: Optional[tuple[str, ...]] = None, **optional_kwargs) -> None:
         layer_name = current_key.removeprefix("base_model.model.")
         r, paca_alpha = config.layer_r_and_alpha(layer_name)
         kwargs = dict(r=r, paca_alpha=paca_alpha, seed=config.seed, selection_strategy=config.selection,
                       inference_mode=config.inference_mode, init_weights=config.init_weights)
-        if config.selection == "structured":  # whole heads / channels: the layout comes from the model config
+        if isinstance(target, Experts) or expert_projections(target):
+            kwargs["projections"] = projections
+        elif config.selection == "structured":  # whole heads / channels: the layout comes from the model config
             kwargs.update(selection.structured_layer_kwargs(getattr(self.model, "config", None), r, paca_alpha,
                                                             layer_name, target_name, parent, target))
         if target_name in _MAMBA_DIRECT_WEIGHTS and "Mamba" in type(parent).__name__:
@@ -87,13 +96,14 @@ class PacaModel(BaseTuner):
             kwargs["paca_alpha"] = kwargs["paca_alpha"] * d_in / kwargs["r"]
             kwargs["r"] = d_in
             self._narrow_layers.setdefault(adapter_name, []).append(f"{layer_name} (r={r}, d_in={d_in})")
-        if isinstance(target, PacaLayer):
+        if isinstance(target, TUNED_LAYERS):
             target.update_layer(adapter_name, **kwargs)
             return
         layer_cls = _layer_class(target)
         if layer_cls is None and fused_expert_parameters(target):
-            raise TypeError(f"PaCA cannot tune module '{layer_name}' yet: its experts are fused 3-D parameters "
-                            f"({', '.join(fused_expert_parameters(target))}), which PaCA does not support; remove it "
+            raise TypeError(f"PaCA cannot tune module '{layer_name}' ({type(target).__name__}): its experts are fused "
+                            f"3-D parameters ({', '.join(fused_expert_parameters(target))}) outside transformers' "
+                            "experts interface (@use_experts_implementation), whose forward PaCA replaces; remove it "
                             "from target_modules (its attention and dense layers can be tuned).")
         if layer_cls is None:
             raise TypeError(f"PaCA cannot tune module '{layer_name}' of type {type(target).__module__}."
@@ -116,7 +126,7 @@ class PacaModel(BaseTuner):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         known = set()
         for layer in self.model.modules():
-            if isinstance(layer, PacaLayer):
+            if isinstance(layer, TUNED_LAYERS):
                 known |= set(layer.paca_delta.keys())
         unknown = {name for name in adapter_names if name != "__base__"} - known
         if unknown:
@@ -128,7 +138,8 @@ class PacaModel(BaseTuner):
 
         handles = [module.register_forward_pre_hook(functools.partial(_inject_adapter_names, names=adapter_names),
                                                     with_kwargs=True)
-                   for module in self.model.modules() if isinstance(module, (PacaLayer, AuxiliaryTrainingWrapper))]
+                   for module in self.model.modules()
+                   if isinstance(module, (*TUNED_LAYERS, AuxiliaryTrainingWrapper))]
         try:
             yield
         finally:
@@ -149,6 +160,7 @@ class PacaModel(BaseTuner):
         self._requires_grad_before_inject = {adapter_name: {p: p.requires_grad for p in model.parameters()}}
         self._narrow_layers: dict[str, list[str]] = {}
         self._bypassed_layers: dict[str, list[str]] = {}
+        self._all_linear = include_experts_in_all_linear(self.peft_config[adapter_name], model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
@@ -156,11 +168,11 @@ class PacaModel(BaseTuner):
             _restore_requires_grad(self._requires_grad_before_inject.pop(adapter_name))
             raise
         mark_shared_weights(model)
-        experts = [name for name, module in model.named_modules() if fused_expert_parameters(module)]
-        if experts:
-            warnings.warn(f"PaCA adapter '{adapter_name}': {len(experts)} fused MoE experts module(s) (e.g. "
-                          f"'{experts[0]}', parameters {', '.join(fused_expert_parameters(model.get_submodule(experts[0])))}) "
-                          "stay frozen: PaCA does not tune fused experts yet (PEFT LoRA's target_parameters does).",
+        frozen = frozen_experts(model)
+        if frozen and self._all_linear:
+            warnings.warn(f"PaCA adapter '{adapter_name}': {len(frozen)} fused MoE experts module(s) (e.g. "
+                          f"'{frozen[0]}' of type {type(model.get_submodule(frozen[0])).__name__}) stay frozen: their "
+                          "experts are outside transformers' experts interface, whose forward PaCA replaces.",
                           stacklevel=2)
         bypassed = self._bypassed_layers.pop(adapter_name, [])
         if bypassed:
@@ -174,6 +186,36 @@ class PacaModel(BaseTuner):
                           f"{', '.join(narrow)}; each tunes all its input columns, at its scale paca_alpha / r.",
                           stacklevel=2)
 
+    def _inject_parameters(self, peft_config: PacaConfig, model: nn.Module, adapter_name: str,
+                           low_cpu_mem_usage: bool) -> list[str]:
+        """``target_parameters``, as LoRA's: fused expert parameters by name (full or suffix, e.g.
+        ``"mlp.experts.down_proj"``); each experts module is wrapped once, tuning the projections named."""
+        wanted = set(peft_config.target_parameters)
+        matched: dict[str, list[str]] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) or name.endswith(".base_layer"):
+                holder = module.get_base_layer() if isinstance(module, Experts) else None
+                if holder is None:
+                    continue
+            else:
+                holder = module
+            for param_name in holder._parameters:
+                key = f"{name}.{param_name}"
+                if key in wanted or any(key.endswith(f".{target}") for target in wanted):
+                    matched.setdefault(name, []).append(param_name)
+        for name, params in matched.items():
+            parent, target, target_name = _get_submodules(model, name)
+            tunable = expert_projections(target.get_base_layer() if isinstance(target, Experts) else target)
+            refused = [p for p in params if p not in tunable]
+            if refused:
+                raise ValueError(f"target_parameters: PaCA cannot tune '{name}.{refused[0]}' "
+                                 f"({type(target).__name__}); it tunes the projections of transformers' fused experts "
+                                 "(gate_up_proj or up_proj, down_proj). Target linear layers with target_modules; "
+                                 "routers are not tuned by PaCA.")
+            self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=name,
+                                     projections=tuple(params))
+        return [f"{name}.{p}" for name, params in matched.items() for p in params]
+
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
         """Add ``adapter_name`` = sum of ``weights[i] * adapters[i]``, exact (see :func:`paca.switching.add_weighted_adapter`)."""
         from ..switching import add_weighted_adapter
@@ -183,7 +225,7 @@ class PacaModel(BaseTuner):
     def unload(self) -> nn.Module:
         """The base model with every PaCA layer removed and the base weights exactly as they were."""
         for module in self.model.modules():
-            if isinstance(module, PacaLayer) and module.merged:
+            if isinstance(module, TUNED_LAYERS) and module.merged:
                 module.unmerge()
         return self._unload_and_optionally_merge(merge=False)
 
@@ -201,6 +243,24 @@ class PacaModel(BaseTuner):
         return remapped
 
 
+def include_experts_in_all_linear(config: PacaConfig, model: nn.Module) -> bool:
+    """Resolve ``target_modules="all-linear"`` as PEFT does (every linear layer but the output head), plus every
+    transformers experts module (PEFT's LoRA reaches those through target_parameters). Whether it was all-linear."""
+    target = config.target_modules
+    if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return False
+    _maybe_include_all_linear_layers(config, model)
+    config.target_modules = set(config.target_modules) | {name for name, m in model.named_modules()
+                                                          if expert_projections(m)}
+    return True
+
+
+def frozen_experts(model: nn.Module) -> list[str]:
+    """Modules holding fused experts that no PaCA experts layer wraps."""
+    wrapped = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, Experts)}
+    return [name for name, m in model.named_modules() if fused_expert_parameters(m) and id(m) not in wrapped]
+
+
 def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]):
     kwargs["adapter_names"] = names
     return args, kwargs
@@ -214,6 +274,8 @@ def _restore_requires_grad(flags: dict) -> None:
 def check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
     """Raise ValueError, naming the module, if a PaCA entry of ``state_dict`` does not fit ``model``."""
     for name, module in model.named_modules():
+        if isinstance(module, Experts) and adapter_name in module.paca_delta:
+            _check_experts_state_dict_fits(name, module, adapter_name, state_dict)
         if not isinstance(module, PacaLayer) or adapter_name not in module.paca_delta:
             continue
         layer = module.layer_name
@@ -235,10 +297,29 @@ def check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict)
             raise ValueError(f"module '{layer}': paca_delta holds NaN or Inf values.")
 
 
+def _check_experts_state_dict_fits(name: str, module: Experts, adapter_name: str, state_dict: dict) -> None:
+    from .experts import check_expert_indices
+
+    for projection, own in module.paca_delta[adapter_name].items():
+        where = f"module '{module.layer_name}' ({projection})"
+        delta = state_dict.get(f"{name}.paca_delta.{adapter_name}.{projection}")
+        idx = state_dict.get(f"{name}.paca_indices.{adapter_name}.{projection}")
+        if delta is None and idx is None:
+            continue
+        if delta is None or idx is None:
+            raise ValueError(f"{where}: the adapter has no {'paca_delta' if delta is None else 'paca_indices'} here.")
+        if tuple(delta.shape) != tuple(own.shape):
+            raise ValueError(f"{where}: paca_delta has shape {tuple(delta.shape)} but this model needs "
+                             f"{tuple(own.shape)}; was the adapter trained on another model?")
+        check_expert_indices(idx, own.shape[0], module.input_dim(projection), own.shape[2], where)
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{where}: paca_delta holds NaN or Inf values.")
+
+
 def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
     """Remove ``adapter_name`` from every PaCA layer; a layer left without adapters gives back its base layer."""
     for key, module in list(model.named_modules()):
-        if not isinstance(module, PacaLayer) or adapter_name not in module.paca_delta:
+        if not isinstance(module, TUNED_LAYERS) or adapter_name not in module.paca_delta:
             continue
         if len(module.paca_delta) > 1:
             module.delete_adapter(adapter_name)
@@ -266,11 +347,11 @@ def restore_base_weights(model: nn.Module) -> None:
     weights directly (the next forward writes the tuned columns again). state_dict, disable_adapter, merge,
     unload, copies and ``.to()`` do this by themselves."""
     for layer in model.modules():
-        if isinstance(layer, PacaLayer):
+        if isinstance(layer, TUNED_LAYERS):
             layer.restore_base_weight()
 
 
-def paca_layers(model: nn.Module) -> dict[str, PacaLayer]:
+def paca_layers(model: nn.Module) -> dict[str, "PacaLayer | Experts"]:
     """The PaCA layers of ``model`` by their name in the base model."""
-    return {m.layer_name: m for m in model.modules() if isinstance(m, PacaLayer)}
+    return {m.layer_name: m for m in model.modules() if isinstance(m, TUNED_LAYERS)}
 

@@ -1,0 +1,364 @@
+"""PaCA on fused MoE experts (transformers 5's 3-D expert weights; paca.ops.experts, paca.tuner.experts).
+
+Pinned: the experts' outputs equal transformers' own experts implementations at a zero delta; outputs and gradients
+(delta, hidden states, routing weights) equal a dense reference in float64 (transformers' eager experts with
+W0 + s * D written into each expert's columns), for the standard (Mixtral), transposed-with-bias (gpt-oss) and
+gate-less (Nemotron-H) layouts; backward keeps r channels per token-expert pair and nothing else beyond the frozen
+experts' own; the columns stay written between calls while the state_dict, disabled adapters and unload see W0;
+whole MoE models (Mixtral, gpt-oss, Qwen3-MoE with a dense layer, DeepSeek-V3 with shared experts) get every experts
+module tuned by all-linear, train, save/load, merge and unload exactly; the LoRA export in PEFT's
+target_parameters layout loads in plain PEFT exactly; target_parameters picks projections and refuses routers.
+"""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from paca import PacaConfig, paca_layers
+from paca.ops import experts_forward
+from paca.tuner.experts import Experts
+
+E, H, INTER, TOKENS, TOP_K, R = 4, 12, 8, 9, 2, 3  # sizes grouped_mm accepts (16-byte strides)
+
+
+def experts_module(kind: str, implementation: str = "eager") -> nn.Module:
+    """One transformers experts module with random weights: E experts, hidden H, intermediate INTER."""
+    import transformers
+
+    if kind == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+
+        config = transformers.MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E)
+    elif kind == "gpt_oss":
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
+
+        config = transformers.GptOssConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E)
+    else:
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts as cls
+
+        config = transformers.NemotronHConfig(hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=E)
+    config._experts_implementation = implementation
+    torch.manual_seed(0)
+    module = cls(config)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(std=0.3)
+    return module
+
+
+def routing(seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(TOKENS, H, generator=g, dtype=dtype)
+    index = torch.stack([torch.randperm(E, generator=g)[:TOP_K] for _ in range(TOKENS)])
+    index[0] = torch.tensor([0, 1])  # expert E-1 gets no token in some draws: keep one expert idle on purpose
+    index[index == E - 1] = 2
+    weights = torch.rand(TOKENS, TOP_K, generator=g, dtype=dtype).softmax(-1)
+    return hidden, index, weights
+
+
+def tuned(module: nn.Module, init_weights: bool = False) -> Experts:
+    return Experts(module, "default", "mlp.experts", r=R, paca_alpha=2 * R, init_weights=init_weights, seed=3)
+
+
+def dense_reference(layer: Experts) -> nn.Module:
+    """A copy of the base experts module whose weights are W0 + s * D, as parameters (autograd gives dL/dW)."""
+    layer.restore_base_weight()  # between calls the raw weight holds the tuned columns
+    reference = copy.deepcopy(layer.get_base_layer())
+    with torch.no_grad():
+        for name in layer.paca_delta["default"]:
+            getattr(reference, name).copy_(getattr(reference, name) + layer.get_delta_weight("default", name))
+    return reference
+
+
+KINDS = ["mixtral", "gpt_oss", "nemotron_h"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_zero_delta_equals_each_transformers_experts_implementation(kind, implementation):
+    base = experts_module(kind, implementation)
+    hidden, index, weights = routing()
+    expected = base(hidden, index, weights)
+    layer = tuned(copy.deepcopy(base), init_weights=True)
+    torch.testing.assert_close(layer(hidden, index, weights), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_and_gradients_equal_the_dense_reference_in_float64(kind):
+    layer = tuned(experts_module(kind).double())
+    reference = dense_reference(layer)
+    hidden, index, weights = routing(dtype=torch.float64)
+    probe = torch.randn(TOKENS, H, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    inputs = [hidden.clone().requires_grad_(), weights.clone().requires_grad_()]
+    ref_inputs = [hidden.clone().requires_grad_(), weights.clone().requires_grad_()]
+
+    out = layer(inputs[0], index, inputs[1])
+    (out * probe).sum().backward()
+    ref = reference(ref_inputs[0], index, ref_inputs[1])
+    (ref * probe).sum().backward()
+
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(inputs, ref_inputs):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10)
+    scale = layer.scaling["default"]
+    for name, delta in layer.paca_delta["default"].items():
+        weight_grad = getattr(reference, name).grad  # dL/dW of the dense weight
+        idx = layer.paca_indices["default"][name]
+        for e in range(E):
+            columns = weight_grad[e][idx[e], :].t() if layer.is_transposed else weight_grad[e][:, idx[e]]
+            torch.testing.assert_close(delta.grad[e], scale * columns, rtol=1e-10, atol=1e-10)
+    assert delta.grad[E - 1].abs().sum() == 0  # the idle expert: no tokens, no gradient
+
+
+def _saved_bytes(fn, module: nn.Module) -> int:
+    """Bytes of the distinct tensors autograd saves during ``fn()`` that are not ``module``'s parameters or buffers
+    (those are kept referenced, not copied)."""
+    own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_backward_keeps_r_channels_per_token_expert_pair_beyond_the_frozen_experts(kind):
+    """Beyond what the frozen experts keep themselves (same forward, no delta), PaCA keeps exactly x[:, idx_e] of
+    each projection's input: (tokens * top_k) x r values per projection, never a full input."""
+    layer = tuned(experts_module(kind))
+    hidden, index, weights = routing()
+    hidden.requires_grad_()
+    base = layer.get_base_layer()
+    frozen = _saved_bytes(lambda: experts_forward(base, hidden, index, weights, {}), layer)
+    paca = _saved_bytes(lambda: layer(hidden, index, weights), layer)
+    assert paca - frozen == 2 * TOKENS * TOP_K * R * hidden.element_size()
+
+
+def test_columns_stay_written_between_calls_and_every_base_view_sees_w0():
+    layer = tuned(experts_module("mixtral"))
+    base = layer.get_base_layer()
+    pretrained = {name: getattr(base, name).detach().clone() for name in ("gate_up_proj", "down_proj")}
+    hidden, index, weights = routing()
+    out = layer(hidden, index, weights)
+    written = base.gate_up_proj.detach() - pretrained["gate_up_proj"]
+    torch.testing.assert_close(written, layer.get_delta_weight("default", "gate_up_proj"))
+    state = layer.state_dict()
+    for name, w0 in pretrained.items():
+        assert torch.equal(state[f"base_layer.{name}"], w0)
+    with torch.no_grad():  # a changed delta shows in the next call, as an optimizer step would change it
+        layer.paca_delta["default"]["down_proj"].add_(0.5)
+    torch.testing.assert_close(layer(hidden, index, weights), dense_reference(layer)(hidden, index, weights))
+    assert not torch.allclose(layer(hidden, index, weights), out)
+    layer.enable_adapters(False)
+    torch.testing.assert_close(layer(hidden, index, weights), copy.deepcopy(base)(hidden, index, weights))
+    for name, w0 in pretrained.items():
+        assert torch.equal(getattr(base, name), w0)
+    layer.enable_adapters(True)
+    layer(hidden, index, weights)
+    released = layer.unload_and_optionally_merge_module(merge=False)
+    for name, w0 in pretrained.items():
+        assert torch.equal(getattr(released, name), w0)
+
+
+def test_merge_then_unmerge_is_bit_exact_and_merged_outputs_match():
+    layer = tuned(experts_module("gpt_oss"))
+    base = layer.get_base_layer()
+    pretrained = [p.detach().clone() for p in base.parameters()]
+    hidden, index, weights = routing()
+    expected = layer(hidden, index, weights)
+    layer.merge(safe_merge=True)
+    torch.testing.assert_close(layer(hidden, index, weights), expected, rtol=1e-6, atol=1e-6)
+    layer.unmerge()
+    assert all(torch.equal(p, w0) for p, w0 in zip(base.parameters(), pretrained))
+    with torch.no_grad():
+        layer.paca_delta["default"]["down_proj"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaNs detected.*module 'mlp.experts'"):
+        layer.merge(safe_merge=True)
+    assert all(torch.equal(p, w0) for p, w0 in zip(base.parameters(), pretrained))  # nothing half-merged
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole MoE models
+# ----------------------------------------------------------------------------------------------------
+
+def tiny_moe(kind: str) -> nn.Module:
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64)
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **common)
+        cls = transformers.MixtralForCausalLM
+    elif kind == "gpt_oss":
+        config = transformers.GptOssConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                                           layer_types=["full_attention"] * 2, **common)
+        cls = transformers.GptOssForCausalLM
+    elif kind == "qwen3_moe":  # a dense MLP in layer 0, experts in layer 1
+        config = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                                             num_experts_per_tok=2, mlp_only_layers=[0], **common)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:  # DeepSeek-V3: dense layer 0, then routed plus shared experts
+        config = transformers.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
+                                               num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8,
+                                               q_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                               n_group=1, topk_group=1, **{**common, "num_key_value_heads": 4})
+        cls = transformers.DeepseekV3ForCausalLM
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+MODELS = ["mixtral", "gpt_oss", "qwen3_moe", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_all_linear_tunes_every_experts_module_and_trains_saves_merges_unloads(kind, tmp_path, token_ids):
+    base = tiny_moe(kind)
+    w0 = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    layers = paca_layers(model)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert len(experts) == (2 if kind in ("mixtral", "gpt_oss") else 1)
+    assert all(name in layers for name in (e.layer_name for e in experts))
+    if kind in ("qwen3_moe", "deepseek_v3"):  # dense MLPs (Qwen3-MoE layer 0, DeepSeek's dense and shared experts) too
+        assert any(name.endswith("mlp.down_proj") or "shared_experts" in name for name in layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".experts.paca_delta.default.gate_up_proj" in n for n in trainable)
+    assert all("paca_" in n for n in trainable)
+
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):
+        model(token_ids, labels=token_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        expected = model(token_ids).logits
+    assert not torch.allclose(expected, tiny_moe(kind)(token_ids).logits, atol=1e-4)
+    assert all(torch.equal(v, w0[k]) for k, v in model.get_base_model().state_dict().items() if k in w0)
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_moe(kind), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(token_ids).logits, expected, rtol=1e-6, atol=1e-6)
+        merged = loaded.merge_and_unload()
+        torch.testing.assert_close(merged(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
+    unloaded = model.unload()
+    assert all(torch.equal(v, w0[k]) for k, v in unloaded.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_lora_export_in_target_parameters_layout_loads_in_plain_peft_exactly(kind, tmp_path, token_ids):
+    from paca.export import export_lora
+
+    base_dir = tmp_path / "base"
+    tiny_moe(kind).save_pretrained(base_dir)
+    model = get_peft_model(tiny_moe(kind), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM",
+                                                      init_weights=False))
+    with torch.no_grad():
+        expected = model(token_ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    export_lora(str(tmp_path / "adapter"), str(tmp_path / "lora"), str(base_dir))
+    from transformers import AutoModelForCausalLM
+
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
+    assert lora.peft_config["default"].target_parameters
+    with torch.no_grad():
+        torch.testing.assert_close(lora(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_target_parameters_tune_the_named_projections_and_refuse_a_router(token_ids):
+    model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["q_proj"],
+                                                           target_parameters=["mlp.experts.down_proj"]))
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert len(experts) == 2 and all(list(e.paca_delta["default"]) == ["down_proj"] for e in experts)
+    model(token_ids).logits.sum().backward()
+    assert all(e.paca_delta["default"]["down_proj"].grad is not None for e in experts)
+    with pytest.raises(ValueError, match=r"cannot tune 'model\.layers\.0\.mlp\.gate\.weight'.*routers are not tuned"):
+        get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["q_proj"],
+                                                       target_parameters=["mlp.gate.weight"]))
+
+
+def test_experts_outside_the_transformers_interface_are_refused_by_name():
+    class LoopedExperts(nn.Module):  # fused weights, its own forward (as Llama 4's experts)
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(2, 8, 4))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = LoopedExperts()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(TypeError, match=r"module 'experts'.*outside transformers' experts interface"):
+        get_peft_model(Block(), PacaConfig(r=2, target_modules=["experts"]))
+
+
+def test_one_adapter_at_a_time_and_no_per_row_adapters_on_experts(token_ids):
+    model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["experts"], init_weights=False))
+    model.add_adapter("other", PacaConfig(r=2, target_modules=["experts"], init_weights=False, seed=1))
+    with torch.no_grad():
+        first = model(token_ids).logits
+        model.set_adapter("other")
+        second = model(token_ids).logits
+        model.set_adapter("default")
+        torch.testing.assert_close(model(token_ids).logits, first)
+    assert not torch.allclose(first, second)
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match=r"2 adapters are active .*one adapter at a time"):
+        model(token_ids)
+    model.set_adapter("default")
+    with pytest.raises(ValueError, match="adapter_names .* cannot reach PaCA experts"):
+        model.eval()(token_ids, adapter_names=["default", "other"])
+
+
+def test_gradient_checkpointing_gives_the_same_expert_gradients(token_ids):
+    grads = []
+    for checkpointing in (False, True):
+        model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["experts"], init_weights=False))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()
+        model.train()
+        model(token_ids, labels=token_ids).loss.backward()
+        grads.append([p.grad.clone() for n, p in model.named_parameters() if "paca_delta" in n])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_damaged_expert_entries_are_refused_naming_the_file_or_module(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from paca.adapter_file import AdapterFileError, load_adapter_tensors
+    from paca.switching import add_weighted_adapter
+
+    model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["experts"]))
+    model.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("paca_indices.down_proj"))
+    tensors[key] = tensors[key].flip(-1).contiguous()  # rows out of order
+    save_file(tensors, path)
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors.*mlp\.experts\.paca_indices\.down_proj' "
+                                               r"expert 0: paca_indices must be sorted"):
+        load_adapter_tensors(str(tmp_path / "adapter"))
+    narrow = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=2, target_modules=["experts"]))
+    narrow.save_pretrained(tmp_path / "r2")
+    config_path = tmp_path / "r2" / "adapter_config.json"
+    config_path.write_text(config_path.read_text().replace('"r": 2', '"r": 4'))  # config and tensors disagree
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp\.experts' \(gate_up_proj\): paca_delta has "
+                                         r"shape \(4, 48, 2\) but this model needs \(4, 48, 4\)"):
+        model.load_adapter(tmp_path / "r2", adapter_name="narrow")
+    assert "narrow" not in model.peft_config
+    with pytest.raises(ValueError, match="add_weighted_adapter: the adapters tune fused experts"):
+        add_weighted_adapter(model, ["default"], [1.0], "combined")
