@@ -132,6 +132,38 @@ def test_operators_per_step_are_counted_per_method_and_do_not_grow(monkeypatch):
     assert one_operator <= counted["floor"] + 3 * TINY_TUNED_LAYERS  # issue 10's budget per tuned layer
 
 
+def test_moe_preset_compares_paca_and_lora_on_the_same_experts_and_paca_keeps_fewer_activations():
+    """On an MoE shape both methods tune attention and every fused experts projection (LoRA through its
+    target_parameters, routers left out as PaCA leaves them); PaCA keeps fewer bytes for backward (r channels per
+    token-expert pair instead of LoRA's full expert inputs) and trains fewer parameters."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from paca.tuner.experts import Experts
+
+    base = build_model(ModelSpec("moe-tiny"), torch.float32, torch.device("cpu"), seed=0)
+    ids = suite.random_tokens(512, 2, 16, seed=0, device=torch.device("cpu"))
+    paca = make_trainee("paca", base, 8, 16, 0)
+    lora = make_trainee("lora", base, 8, 16, 0)
+    tuned_by_paca = {(m.layer_name, p) for m in paca.model.modules() if isinstance(m, Experts)
+                     for p in m.paca_delta["default"]}
+    tuned_by_lora = {(name.removeprefix("base_model.model.").removesuffix(".base_layer"), m.parameter_name)
+                     for name, m in lora.model.named_modules() if isinstance(m, ParamWrapper)}
+    assert tuned_by_paca == tuned_by_lora and len(tuned_by_paca) == 4  # 2 layers x (gate_up_proj, down_proj)
+    assert not any("gate.lora" in n for n, _ in lora.model.named_parameters())  # no router LoRA
+    accounts = {}
+    for trainee in (paca, lora, make_trainee("floor", base, 8, 16, 0)):
+        train_step(trainee, ids, torch.float32)
+        accounts[trainee.method] = accounting_step(trainee, ids, torch.float32)
+    assert accounts["paca"].activation_bytes < accounts["lora"].activation_bytes
+    assert accounts["paca"].trainable_params < accounts["lora"].trainable_params
+    # The frozen experts' grouped GEMMs are counted (forward and input gradient: 2 x 2 FLOPs per multiply-add
+    # of gate_up (2I x H) and down (H x I) for each of the 32 tokens' 2 experts in each of the 2 layers).
+    config = base.config
+    expert_flops = 2 * 2 * 32 * 2 * 2 * 3 * config.hidden_size * config.intermediate_size
+    assert accounts["floor"].flops > expert_flops
+    assert accounts["floor"].flops < accounts["paca"].flops < accounts["floor"].flops * 1.2
+
+
 # -- out of memory is a data point -------------------------------------------------------------------
 
 def oom_above(threshold: int, seen: list):

@@ -3,6 +3,7 @@
     paca bench --quick                      smoke test, tiny model, every part (< 2 min on 2 CPU cores)
     paca bench --suite cpu                  the CPU suite of docs/BENCHMARKS.md
     paca bench --suite gpu                  the GPU suite: llama3-8b shape, bf16, Fig. 2, Table 4, Fig. 3
+    paca bench --suite moe                  an MoE step (fused experts): PaCA vs LoRA's target_parameters
     paca bench --preset cpu --methods floor,paca,lora,full --repeats 7
     paca bench --preset cpu --methods floor,paca,lora --parts profile      where each method's time goes
 
@@ -37,6 +38,8 @@ SUITES = {
     # kernel launches do on a GPU at small batches. One thread, many rounds: each step takes milliseconds.
     "launch": dict(preset="tiny", methods="floor,paca,lora,dora", batch=1, seq=32, repeats=41, threads=1,
                    parts="fig2"),
+    # A mixture-of-experts step: PaCA on the fused experts against LoRA's target_parameters (same targets).
+    "moe": dict(preset="moe-cpu", methods="floor,paca,lora", batch=4, seq=256, repeats=7, threads=1, parts="fig2"),
     "gpu": dict(preset="llama3-8b", device="cuda", dtype="bf16", methods="full,lora,dora,paca,floor", batch=2,
                 seq=512, repeats=10, warmup=2, parts="fig2,table4,fig3", memory_cap_gib=80.0, max_seq=65536,
                 seq_granularity=128, fig3_seq=512, max_batch=256),
@@ -46,7 +49,7 @@ SUITES = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paca bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=SUITES, help="a set of defaults: quick, cpu, launch or gpu (see docs/BENCHMARKS.md)")
+    p.add_argument("--suite", choices=SUITES, help="a set of defaults: quick, cpu, launch, moe or gpu (see docs/BENCHMARKS.md)")
     p.add_argument("--quick", action="store_true", help="same as --suite quick: the CI smoke test")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", help=f"model shape with random weights: {', '.join(PRESETS)} (default cpu)")

@@ -269,6 +269,14 @@ def _cpu_flash_attention_backward_flops(grad_shape, query_shape, key_shape, valu
     return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's grouped GEMM (transformers' fused experts): ``(S, K) x (E, K, N)`` (forward, input gradient) or,
+    jagged along K, ``(M, S) x (S, N) -> (E, M, N)`` (weight gradient): 2 multiply-adds per output per K row."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * math.prod(out_shape[1:]) * a_shape[-1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
 def flop_formulas() -> dict:
     """Formulas for operators FlopCounterMode does not count by itself.
 
@@ -278,6 +286,8 @@ def flop_formulas() -> dict:
     aten = torch.ops.aten
     formulas = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
                 aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops}
+    if hasattr(aten, "_grouped_mm"):
+        formulas[aten._grouped_mm] = _grouped_mm_flops
     for name, formula in (("partial_linear", _partial_linear_flops),
                           ("partial_linear_backward", _partial_linear_backward_flops)):
         if hasattr(torch.ops.paca, name):

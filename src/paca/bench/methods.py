@@ -84,16 +84,31 @@ def quantized_copy(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     return quantized
 
 
-def peft_config(method: str, r: int, alpha: float):
-    """The PEFT config of an adapter method (lora, dora, paca and their 4-bit forms)."""
+def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = None):
+    """The PEFT config of an adapter method (lora, dora, paca and their 4-bit forms) for ``model``.
+
+    Every method tunes every linear layer but the output head and, in an MoE model, the fused experts: PaCA through
+    all-linear, LoRA through its target_parameters (PEFT's all-linear would also add the routers, which PaCA does
+    not tune, so LoRA gets the same targets by name).
+    """
     if method in ("paca", "qpaca"):
         from .. import PacaConfig
 
         return PacaConfig(r=r, paca_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
-                      use_dora=method == "dora")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
+                        use_dora=method == "dora")
+    from ..tuner.experts import expert_projections
+
+    experts = [(name, expert_projections(m)) for name, m in (model.named_modules() if model is not None else ())
+               if expert_projections(m)]
+    if experts:
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+        _maybe_include_all_linear_layers(config, model)
+        config.target_parameters = [f"{name}.{p}" for name, projections in experts for p in projections]
+    return config
 
 
 def make_trainee(method: str, base: nn.Module, r: int, alpha: float, seed: int,
@@ -121,7 +136,7 @@ def make_trainee(method: str, base: nn.Module, r: int, alpha: float, seed: int,
     else:
         source = sharing_copy(base)
     try:
-        model = peft.get_peft_model(source, peft_config(method, r, alpha))
+        model = peft.get_peft_model(source, peft_config(method, r, alpha, source))
     except (TypeError, ValueError, RuntimeError) as err:
         if method == "qpaca":
             raise BenchError(qpaca_unsupported(err)) from None

@@ -1,8 +1,9 @@
-"""Model shapes to benchmark: Llama-shaped presets built from a config with random weights (no download),
-or a local model directory / hub id.
+"""Model shapes to benchmark: Llama-shaped and MoE presets built from a config with random weights (no
+download), or a local model directory / hub id.
 
-The shapes of the 7B/8B/13B presets are those of the released checkpoints; weights are random (seeded),
-which changes nothing about time or memory.
+The shapes of the 7B/8B/13B, Mixtral-8x7B and Qwen3-30B-A3B presets are those of the released checkpoints;
+weights are random (seeded), which changes nothing about time or memory (an MoE router with random weights spreads
+tokens over the experts about evenly, as a trained one is pushed to by its balancing loss).
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ PRESETS: dict[str, dict] = {
                       num_key_value_heads=32, vocab_size=32000),
     "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                        num_key_value_heads=40, vocab_size=32000),
+    # Mixture-of-experts shapes (fused experts: transformers 5's MixtralExperts / Qwen3MoeExperts).
+    "moe-tiny": dict(architecture="mixtral", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512, num_local_experts=4,
+                     num_experts_per_tok=2),
+    "moe-cpu": dict(architecture="mixtral", hidden_size=512, intermediate_size=768, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=8, vocab_size=8000, num_local_experts=8,
+                    num_experts_per_tok=2),
+    "mixtral-8x7b": dict(architecture="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
+                         num_experts_per_tok=2, rope_theta=1e6),
+    "qwen3-30b-a3b": dict(architecture="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
+                          num_experts_per_tok=8, rope_theta=1e6),
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,6 +65,9 @@ class ModelSpec:
         fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "vocab_size")
         shape = {f: getattr(config, f, None) for f in fields}
+        if experts_per_layer(config):
+            shape.update(experts=experts_per_layer(config), experts_per_token=config.num_experts_per_tok,
+                         moe_intermediate_size=getattr(config, "moe_intermediate_size", config.intermediate_size))
         return {"name": self.name, "source": "preset, random weights" if self.is_preset else "pretrained",
                 "parameters": parameter_count(config), **shape}
 
@@ -59,12 +77,15 @@ class ModelSpec:
             raise BenchError(f"--layers must be a positive integer, got {self.layers!r}.")
         overrides = {} if self.layers is None else {"num_hidden_layers": self.layers}
         if self.is_preset:
-            from transformers import LlamaConfig
+            import transformers
 
             fields = {**PRESETS[self.name], **overrides}
+            architecture = fields.pop("architecture", "llama")
             check_llama_shape(self.name, fields)
-            return LlamaConfig(max_position_embeddings=131072, tie_word_embeddings=False, use_cache=False,
-                               **fields)
+            config_class = {"llama": transformers.LlamaConfig, "mixtral": transformers.MixtralConfig,
+                            "qwen3_moe": transformers.Qwen3MoeConfig}[architecture]
+            return config_class(max_position_embeddings=131072, tie_word_embeddings=False, use_cache=False,
+                                **fields)
         if not os.path.isdir(self.name) and ("/" not in self.name or self.name.startswith((".", "/"))):
             raise BenchError(f"unknown preset '{self.name}' and no model directory of that name; presets: "
                              f"{', '.join(PRESETS)}; or give a local model directory or a hub id (org/name).")
@@ -87,8 +108,14 @@ def check_llama_shape(name: str, fields: dict) -> None:
         raise BenchError(f"preset '{name}': {heads} attention heads are not a multiple of {kv} key/value heads.")
 
 
+def experts_per_layer(config) -> int:
+    """Routed experts per MoE layer of ``config`` (0 for a dense model)."""
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+
+
 def parameter_count(config) -> Optional[int]:
-    """Parameters of a Llama-like decoder from its config (None when the config lacks the fields)."""
+    """Parameters of a Llama-like decoder, dense or with every MLP an MoE of experts and a router, from its config
+    (None when the config lacks the fields)."""
     try:
         h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
         heads, vocab = config.num_attention_heads, config.vocab_size
@@ -97,7 +124,8 @@ def parameter_count(config) -> Optional[int]:
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     attention = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o; k, v
-    mlp = 3 * h * i
+    experts = experts_per_layer(config)
+    mlp = experts * (3 * h * getattr(config, "moe_intermediate_size", i) + h) if experts else 3 * h * i
     embeddings = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     return embeddings + n * (attention + mlp + 2 * h) + h
 
