@@ -132,6 +132,9 @@ def test_operators_per_step_are_counted_per_method_and_do_not_grow(monkeypatch):
     assert one_operator <= counted["floor"] + 3 * TINY_TUNED_LAYERS  # issue 10's budget per tuned layer
 
 
+MOE_TINY_OPERATORS = {"floor": 301, "paca": 343, "lora": 393}
+
+
 def test_moe_preset_compares_paca_and_lora_on_the_same_experts_and_paca_keeps_fewer_activations():
     """On an MoE shape both methods tune attention and every fused experts projection (LoRA through its
     target_parameters, routers left out as PaCA leaves them); PaCA keeps fewer bytes for backward (r channels per
@@ -162,6 +165,9 @@ def test_moe_preset_compares_paca_and_lora_on_the_same_experts_and_paca_keeps_fe
     expert_flops = 2 * 2 * 32 * 2 * 2 * 3 * config.hidden_size * config.intermediate_size
     assert accounts["floor"].flops > expert_flops
     assert accounts["floor"].flops < accounts["paca"].flops < accounts["floor"].flops * 1.2
+    # Dispatched operators per step (deterministic): PaCA's experts add a handful per layer beyond the frozen
+    # experts' own grouped GEMMs (the column scatter, the r-channel gather, the delta-gradient grouped GEMM).
+    assert {m: a.dispatched_ops for m, a in accounts.items()} == MOE_TINY_OPERATORS
 
 
 # -- out of memory is a data point -------------------------------------------------------------------

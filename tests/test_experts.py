@@ -362,3 +362,49 @@ def test_damaged_expert_entries_are_refused_naming_the_file_or_module(tmp_path):
     assert "narrow" not in model.peft_config
     with pytest.raises(ValueError, match="add_weighted_adapter: the adapters tune fused experts"):
         add_weighted_adapter(model, ["default"], [1.0], "combined")
+
+
+def _forward_backward(layer, hidden, index, weights):
+    layer.zero_grad()
+    hidden = hidden.clone().requires_grad_()
+    out = layer(hidden, index, weights)
+    out.square().sum().backward()
+    return [out, hidden.grad, *(d.grad for d in layer.paca_delta["default"].values())]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_grouped_gemm_path_equals_the_per_expert_loop(kind, monkeypatch):
+    """With aligned float32 operands the three products run as one grouped GEMM each (no per-expert loop);
+    results equal the loop's, which runs where torch's grouped GEMM does not take the operands (float64,
+    unaligned strides)."""
+    import paca.ops.experts as ops
+
+    layer = Experts(experts_module(kind), "default", "mlp.experts", r=4, paca_alpha=8.0, init_weights=False)
+    hidden, index, weights = routing()
+    calls = []
+    grouped_mm = ops.F.grouped_mm
+    monkeypatch.setattr(ops.F, "grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    grouped = _forward_backward(layer, hidden, index, weights)
+    assert len(calls) == 2 * 3  # forward, input gradient and delta gradient of both projections
+    monkeypatch.setattr(ops, "grouped_mm_fits", lambda *operands: False)
+    looped = _forward_backward(layer, hidden, index, weights)
+    assert len(calls) == 6
+    for a, b in zip(grouped, looped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_matches_eager_and_reads_the_delta_at_run_time():
+    layer = tuned(experts_module("mixtral"))
+    hidden, index, weights = routing()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        eager = _forward_backward(layer, hidden, index, weights)
+        got = _forward_backward(compiled, hidden, index, weights)
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            layer.paca_delta["default"]["gate_up_proj"].add_(0.5)
+        torch.testing.assert_close(compiled(hidden, index, weights), layer(hidden, index, weights))
+    finally:
+        torch._dynamo.reset()
