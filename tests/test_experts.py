@@ -408,3 +408,22 @@ def test_torch_compile_fullgraph_matches_eager_and_reads_the_delta_at_run_time()
         torch.testing.assert_close(compiled(hidden, index, weights), layer(hidden, index, weights))
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("setting", ["bf16_base", "autocast"])
+def test_16_bit_base_and_autocast_compute_in_16_bit_and_keep_float32_deltas(setting, token_ids):
+    base = tiny_moe("mixtral")
+    if setting == "bf16_base":
+        base = base.to(torch.bfloat16)
+    model = get_peft_model(base, PacaConfig(r=4, target_modules=["experts"], init_weights=False))
+    layer = next(m for m in model.modules() if isinstance(m, Experts))
+    assert all(d.dtype == torch.float32 for d in layer.paca_delta["default"].values())  # PEFT's adapter upcast
+    reference = copy.deepcopy(model).merge_and_unload()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast"):
+        out = model(token_ids, labels=token_ids)
+        want = reference(token_ids).logits
+    out.loss.backward()
+    assert out.logits.dtype == want.dtype
+    torch.testing.assert_close(out.logits.float(), want.float(), rtol=0.05, atol=0.05)
+    for delta in layer.paca_delta["default"].values():
+        assert delta.grad.dtype == torch.float32 and torch.isfinite(delta.grad).all() and delta.grad.abs().sum() > 0

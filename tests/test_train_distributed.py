@@ -147,3 +147,27 @@ def test_deepspeed_zero_equals_one_process(task_file, single_process, tmp_path, 
     done = torchrun(["-m", "paca", "train"], two_process_args(task_file, out, f"deepspeed={stage}"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_close_to(single_process, out, atol=1e-6)
+
+
+def test_moe_experts_under_fsdp2_equal_one_process(task_file, tmp_path):
+    """PaCA on fused MoE experts (a tiny Mixtral): FSDP2 shards the 3-D expert weights and deltas along the expert
+    dimension and re-gathers them for every forward and backward; 2 processes reach the single-process adapter."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = demo.build_tokenizer()
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    MixtralForCausalLM(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    moe = (f"model={base}", "target_modules=experts,q_proj")
+    reference = single_process_run(task_file, tmp_path / "single", *moe)
+    assert any(".experts.paca_delta." in name for name in reference)
+    out = tmp_path / "fsdp"
+    done = torchrun(["-m", "paca", "train"], two_process_args(task_file, out, "fsdp=true", *moe))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2" in done.stdout
+    assert_close_to(reference, out, atol=1e-6)
