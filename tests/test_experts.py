@@ -133,14 +133,20 @@ def _saved_bytes(fn, module: nn.Module) -> int:
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
 def test_backward_keeps_r_channels_per_token_expert_pair_beyond_the_frozen_experts(kind):
     """Beyond what the frozen experts keep themselves (same forward, no delta), PaCA keeps exactly x[:, idx_e] of
-    each projection's input: (tokens * top_k) x r values per projection, never a full input."""
-    layer = tuned(experts_module(kind))
+    each projection's input: (tokens * top_k) x r values per projection, never a full input; and no more than
+    transformers' own grouped experts keep frozen, plus those."""
+    layer = tuned(experts_module(kind, "grouped_mm"))
     hidden, index, weights = routing()
     hidden.requires_grad_()
+    weights.requires_grad_()  # as the router's output does
     base = layer.get_base_layer()
+    selected = 2 * TOKENS * TOP_K * R * hidden.element_size()
     frozen = _saved_bytes(lambda: experts_forward(base, hidden, index, weights, {}), layer)
     paca = _saved_bytes(lambda: layer(hidden, index, weights), layer)
-    assert paca - frozen == 2 * TOKENS * TOP_K * R * hidden.element_size()
+    assert paca - frozen == selected
+    layer.restore_base_weight()
+    transformers_frozen = _saved_bytes(lambda: base(hidden, index, weights), layer)
+    assert paca <= transformers_frozen + selected
 
 
 def test_columns_stay_written_between_calls_and_every_base_view_sees_w0():

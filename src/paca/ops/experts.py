@@ -284,7 +284,7 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     if getattr(experts, "has_post_expert_norm", False):
         y = experts.post_expert_norm(y)
     y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1)
-    # Back to (token, k) order, then a sum over k: deterministic (no atomic scatter-add), accumulated in the routing
-    # weights' dtype, as transformers' experts implementations do.
-    unsorted = y.new_empty(y.shape).index_copy(0, order, y)
+    # Back to (token, k) order by a gather (whose backward keeps only the indices; index_copy's would keep y), then
+    # a sum over k: deterministic (no atomic scatter-add), in the routing weights' dtype, as transformers does.
+    unsorted = y[torch.argsort(order)]
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
