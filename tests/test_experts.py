@@ -326,6 +326,10 @@ def test_one_adapter_at_a_time_and_no_per_row_adapters_on_experts(token_ids):
     model.set_adapter("default")
     with pytest.raises(ValueError, match="adapter_names .* cannot reach PaCA experts"):
         model.eval()(token_ids, adapter_names=["default", "other"])
+    model.delete_adapter("other")
+    assert all(list(m.paca_delta) == ["default"] for m in model.modules() if isinstance(m, Experts))
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_ids).logits, first)
 
 
 def test_gradient_checkpointing_gives_the_same_expert_gradients(token_ids):

@@ -49,7 +49,8 @@ class PacaConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Module names (suffix match), a regex (full match), or 'all-linear' (every linear layer "
-                          "but the output head). Supported: nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d."})
+                          "but the output head, plus fused MoE experts). Supported: nn.Linear, transformers Conv1D, "
+                          "nn.Conv1d/2d/3d, transformers experts modules (fused 3-D expert weights)."})
     target_parameters: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Fused MoE expert parameters to tune, as LoRA's target_parameters (full name or suffix, e.g. "
