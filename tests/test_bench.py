@@ -132,16 +132,17 @@ def test_operators_per_step_are_counted_per_method_and_do_not_grow(monkeypatch):
     assert one_operator <= counted["floor"] + 3 * TINY_TUNED_LAYERS  # issue 10's budget per tuned layer
 
 
-MOE_TINY_OPERATORS = {"floor": 301, "paca": 347, "lora": 393}
+MOE_TINY_OPERATORS = {"floor": 301, "paca": 357, "lora": 411}
 
 
 def test_moe_preset_compares_paca_and_lora_on_the_same_experts_and_paca_keeps_fewer_activations():
-    """On an MoE shape both methods tune attention and every fused experts projection (LoRA through its
-    target_parameters, routers left out as PaCA leaves them); PaCA keeps fewer bytes for backward (r channels per
-    token-expert pair instead of LoRA's full expert inputs) and trains fewer parameters."""
+    """On an MoE shape both methods tune attention, every fused experts projection and every router (LoRA through
+    its target_parameters); PaCA keeps fewer bytes for backward (r channels per token-expert pair instead of
+    LoRA's full expert inputs) and trains fewer parameters."""
     from peft.tuners.lora.layer import ParamWrapper
 
     from paca.tuner.experts import Experts
+    from paca.tuner.router import Router
 
     base = build_model(ModelSpec("moe-tiny"), torch.float32, torch.device("cpu"), seed=0)
     ids = suite.random_tokens(512, 2, 16, seed=0, device=torch.device("cpu"))
@@ -149,10 +150,10 @@ def test_moe_preset_compares_paca_and_lora_on_the_same_experts_and_paca_keeps_fe
     lora = make_trainee("lora", base, 8, 16, 0)
     tuned_by_paca = {(m.layer_name, p) for m in paca.model.modules() if isinstance(m, Experts)
                      for p in m.paca_delta["default"]}
+    tuned_by_paca |= {(m.layer_name, "weight") for m in paca.model.modules() if isinstance(m, Router)}
     tuned_by_lora = {(name.removeprefix("base_model.model.").removesuffix(".base_layer"), m.parameter_name)
                      for name, m in lora.model.named_modules() if isinstance(m, ParamWrapper)}
-    assert tuned_by_paca == tuned_by_lora and len(tuned_by_paca) == 4  # 2 layers x (gate_up_proj, down_proj)
-    assert not any("gate.lora" in n for n, _ in lora.model.named_parameters())  # no router LoRA
+    assert tuned_by_paca == tuned_by_lora and len(tuned_by_paca) == 6  # 2 layers x (gate_up, down, router)
     accounts = {}
     for trainee in (paca, lora, make_trainee("floor", base, 8, 16, 0)):
         train_step(trainee, ids, torch.float32)
@@ -166,7 +167,8 @@ def test_moe_preset_compares_paca_and_lora_on_the_same_experts_and_paca_keeps_fe
     assert accounts["floor"].flops > expert_flops
     assert accounts["floor"].flops < accounts["paca"].flops < accounts["floor"].flops * 1.2
     # Dispatched operators per step (deterministic): PaCA's experts add a handful per layer beyond the frozen
-    # experts' own grouped GEMMs (the column scatter, the r-channel gather, the delta-gradient grouped GEMM).
+    # experts' own grouped GEMMs (the column scatter, the r-channel gather, the delta-gradient grouped GEMM), its
+    # router what a linear layer adds.
     assert {m: a.dispatched_ops for m, a in accounts.items()} == MOE_TINY_OPERATORS
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from paca import PacaConfig, paca_layers
 from paca.ops import experts_forward
 from paca.tuner.experts import Experts
+from paca.tuner.router import Router
 
 E, H, INTER, TOKENS, TOP_K, R = 4, 12, 8, 9, 2, 3  # sizes grouped_mm accepts (16-byte strides)
 
@@ -234,6 +235,7 @@ def test_all_linear_tunes_every_experts_module_and_trains_saves_merges_unloads(k
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     assert len(experts) == (2 if kind in ("mixtral", "gpt_oss") else 1)
     assert all(name in layers for name in (e.layer_name for e in experts))
+    assert len([m for m in model.modules() if isinstance(m, Router)]) == len(experts)  # the routers too
     if kind in ("qwen3_moe", "deepseek_v3"):  # dense MLPs (Qwen3-MoE layer 0, DeepSeek's dense and shared experts) too
         assert any(name.endswith("mlp.down_proj") or "shared_experts" in name for name in layers)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -282,16 +284,71 @@ def test_lora_export_in_target_parameters_layout_loads_in_plain_peft_exactly(kin
         torch.testing.assert_close(lora(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_target_parameters_tune_the_named_projections_and_refuse_a_router(token_ids):
+def test_target_parameters_tune_the_named_projections_and_router_and_refuse_other_parameters(token_ids):
     model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["q_proj"],
-                                                           target_parameters=["mlp.experts.down_proj"]))
+                                                           target_parameters=["mlp.experts.down_proj",
+                                                                              "mlp.gate.weight"]))
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     assert len(experts) == 2 and all(list(e.paca_delta["default"]) == ["down_proj"] for e in experts)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert [r.layer_name for r in routers] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     model(token_ids).logits.sum().backward()
     assert all(e.paca_delta["default"]["down_proj"].grad is not None for e in experts)
-    with pytest.raises(ValueError, match=r"cannot tune 'model\.layers\.0\.mlp\.gate\.weight'.*routers are not tuned"):
+    assert all(r.paca_delta["default"].grad.abs().sum() > 0 for r in routers)
+    with pytest.raises(ValueError, match=r"cannot tune 'model\.layers\.0\.input_layernorm\.weight' "
+                                         r"\(MixtralRMSNorm\)"):
         get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["q_proj"],
-                                                       target_parameters=["mlp.gate.weight"]))
+                                                       target_parameters=["input_layernorm.weight"]))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_router_logits_and_gradients_equal_the_dense_reference_in_float64(kind):
+    """The router's own forward runs with its logits from W0 + s * D (Mixtral: F.linear on the weight; gpt-oss:
+    with a bias; DeepSeek-V3: on a float32 cast of it); outputs and the delta gradient equal the dense reference."""
+    model = tiny_moe(kind).double()
+    router = next(m for n, m in model.named_modules() if n.endswith("mlp.router" if kind == "gpt_oss" else "mlp.gate")
+                  and not isinstance(m, nn.Linear) and hasattr(m, "weight"))
+    w0 = router.weight.detach().clone()
+    layer = Router(router, "default", "gate", r=R, paca_alpha=2 * R, init_weights=False, seed=3)
+    reference = copy.deepcopy(router)
+    with torch.no_grad():
+        reference.weight.add_(layer.get_delta_weight("default"))
+    hidden = torch.randn(TOKENS, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    outputs, grads = [], []
+    for module in (layer, reference):
+        x = hidden.clone().requires_grad_()
+        out = module(x)
+        logits = out[0]
+        (logits * torch.arange(logits.numel(), dtype=logits.dtype).view_as(logits).cos()).sum().backward()
+        outputs.append(out)
+        grads.append(x.grad)
+    tol = dict(rtol=1e-5, atol=1e-6) if kind == "deepseek_v3" else dict(rtol=1e-10, atol=1e-10)  # its fp32 logits
+    for got, want in zip(outputs[0], outputs[1]):
+        torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(grads[0], grads[1], **tol)
+    idx = layer.paca_indices["default"]
+    torch.testing.assert_close(layer.paca_delta["default"].grad, layer.scaling["default"] * reference.weight.grad[:, idx],
+                               **tol)
+    assert torch.equal(layer.state_dict()["base_layer.weight"], w0)
+
+
+def test_a_router_computing_its_logits_otherwise_is_refused_by_name():
+    class MatmulRouter(nn.Module):  # logits by a matmul, not F.linear: its delta would be ignored
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = MatmulRouter()
+
+    with pytest.raises(TypeError, match=r"cannot tune router 'router' \(MatmulRouter\): its forward does not compute "
+                                        r"its logits as F\.linear on its weight"):
+        get_peft_model(Block(), PacaConfig(r=2, target_modules=["router"]))
 
 
 def test_experts_outside_the_transformers_interface_are_refused_by_name():
@@ -437,3 +494,13 @@ def test_16_bit_base_and_autocast_compute_in_16_bit_and_keep_float32_deltas(sett
     torch.testing.assert_close(out.logits.float(), want.float(), rtol=0.05, atol=0.05)
     for delta in layer.paca_delta["default"].values():
         assert delta.grad.dtype == torch.float32 and torch.isfinite(delta.grad).all() and delta.grad.abs().sum() > 0
+
+
+def test_a_router_casting_its_16_bit_weight_to_float32_is_still_tuned(token_ids):
+    """DeepSeek-V3's router computes F.linear on ``self.weight.type(torch.float32)``: in bf16 that is a copy, which
+    the router layer recognises as its weight, so the delta applies and gets a gradient."""
+    model = get_peft_model(tiny_moe("deepseek_v3").to(torch.bfloat16),
+                           PacaConfig(r=4, target_modules=["mlp.gate"], init_weights=False))
+    router = next(m for m in model.modules() if isinstance(m, Router))
+    model(token_ids).logits.float().sum().backward()
+    assert router.paca_delta["default"].grad.abs().sum() > 0

@@ -97,6 +97,7 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
                          + ("it is already a PEFT LoRA adapter, which serving engines load as it is."
                             if peft_type == "LORA" else "--to lora converts PaCA adapters only."))
     from .tuner.config import layer_r_and_alpha
+    from .tuner.router import is_router
 
     tensors = load_adapter_tensors(adapter_dir)
     base = base or config.get("base_model_name_or_path")
@@ -156,7 +157,11 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         a, b = lora_factors(delta, idx, scale, in_features, tuple(module.kernel_size) if is_conv else ())
         lora_tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         lora_tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
-        targets.append(name)
+        if is_router(module):  # not an nn.Linear: PEFT wraps its weight (target_parameters), at the same key path
+            name = f"{name}.weight"
+            target_parameters.append(name)
+        else:
+            targets.append(name)
         rank_pattern[f"^{name}$"] = a.shape[0]
         alpha_pattern[f"^{name}$"] = a.shape[0]
     from peft import LoraConfig

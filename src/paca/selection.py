@@ -243,12 +243,15 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
     if adapter_name is None:
         active = getattr(model, "active_adapter", None)
         adapter_name = active[0] if isinstance(active, (list, tuple)) else active
-    layers = [m for m in model.modules() if isinstance(m, PacaLayer) and adapter_name in m.paca_delta]
     from .tuner.experts import Experts
+    from .tuner.router import Router
 
-    experts = [m.layer_name for m in model.modules() if isinstance(m, Experts) and adapter_name in m.paca_delta]
-    if experts:
-        warnings.warn(f"select_by_gradient: {len(experts)} fused experts module(s) (e.g. '{experts[0]}') keep their "
+    # MoE experts and routers (tokens routed, outputs not one tensor) keep their seeded random columns.
+    kept = [m.layer_name for m in model.modules() if isinstance(m, (Experts, Router)) and adapter_name in m.paca_delta]
+    layers = [m for m in model.modules() if isinstance(m, PacaLayer) and not isinstance(m, Router)
+              and adapter_name in m.paca_delta]
+    if kept:
+        warnings.warn(f"select_by_gradient: {len(kept)} MoE experts / router module(s) (e.g. '{kept[0]}') keep their "
                       "seeded random columns; gradient selection covers linear and convolution layers.", stacklevel=2)
     if not layers:
         raise ValueError(f"select_by_gradient: the model has no PaCA layer with adapter '{adapter_name}'.")

@@ -87,9 +87,9 @@ def quantized_copy(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
 def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = None):
     """The PEFT config of an adapter method (lora, dora, paca and their 4-bit forms) for ``model``.
 
-    Every method tunes every linear layer but the output head and, in an MoE model, the fused experts: PaCA through
-    all-linear, LoRA through its target_parameters (PEFT's all-linear would also add the routers, which PaCA does
-    not tune, so LoRA gets the same targets by name).
+    Every method tunes every linear layer but the output head and, in an MoE model, the fused experts and the
+    routers: PaCA through all-linear, LoRA through its target_parameters, named here (PEFT's own all-linear
+    conversion depends on the model type; gpt-oss's gets none).
     """
     if method in ("paca", "qpaca"):
         from .. import PacaConfig
@@ -100,14 +100,16 @@ def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
                         use_dora=method == "dora")
     from ..tuner.experts import expert_projections
+    from ..tuner.router import is_router
 
-    experts = [(name, expert_projections(m)) for name, m in (model.named_modules() if model is not None else ())
-               if expert_projections(m)]
-    if experts:
+    modules = list(model.named_modules()) if model is not None else []
+    parameters = [f"{name}.{p}" for name, m in modules for p in expert_projections(m)]
+    parameters += [f"{name}.weight" for name, m in modules if is_router(m)]
+    if parameters:
         from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
         _maybe_include_all_linear_layers(config, model)
-        config.target_parameters = [f"{name}.{p}" for name, projections in experts for p in projections]
+        config.target_parameters = parameters
     return config
 
 

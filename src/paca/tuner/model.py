@@ -20,9 +20,10 @@ from .config import PacaConfig
 from .experts import Experts, expert_projections
 from .layer import Conv, Linear, PacaLayer, _is_conv1d
 from .quantized import Linear4bit
+from .router import Router, is_router
 
 SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d (grouped too), bitsandbytes "
-                   "Linear4bit (NF4/FP4), transformers fused MoE experts")
+                   "Linear4bit (NF4/FP4), transformers fused MoE experts and routers")
 
 TUNED_LAYERS = (PacaLayer, Experts)  # every module the tuner puts in the model
 
@@ -43,6 +44,8 @@ def _input_dim(module: nn.Module) -> Optional[int]:
     """d_in of a layer PaCA can tune (None for other modules: they are refused by type later)."""
     if isinstance(module, TUNED_LAYERS) or is_bnb_4bit(module):
         return module.in_features
+    if is_router(module):
+        return module.weight.shape[1]
     if expert_projections(module):
         return min(getattr(module, p).shape[1 if module.is_transposed else 2] for p in expert_projections(module))
     if _is_conv1d(module):
@@ -63,6 +66,8 @@ def _layer_class(base: nn.Module):
         return Conv
     if expert_projections(base):
         return Experts
+    if is_router(base):
+        return Router
     return None
 
 
@@ -188,13 +193,14 @@ class PacaModel(BaseTuner):
 
     def _inject_parameters(self, peft_config: PacaConfig, model: nn.Module, adapter_name: str,
                            low_cpu_mem_usage: bool) -> list[str]:
-        """``target_parameters``, as LoRA's: fused expert parameters by name (full or suffix, e.g.
-        ``"mlp.experts.down_proj"``); each experts module is wrapped once, tuning the projections named."""
+        """``target_parameters``, as LoRA's: fused expert parameters and router weights by name (full or suffix, e.g.
+        ``"mlp.experts.down_proj"``, ``"mlp.gate.weight"``); each experts module is wrapped once, tuning the
+        projections named."""
         wanted = set(peft_config.target_parameters)
         matched: dict[str, list[str]] = {}
         for name, module in model.named_modules():
             if isinstance(module, BaseTunerLayer) or name.endswith(".base_layer"):
-                holder = module.get_base_layer() if isinstance(module, Experts) else None
+                holder = module.get_base_layer() if isinstance(module, (Experts, Router)) else None
                 if holder is None:
                     continue
             else:
@@ -205,13 +211,16 @@ class PacaModel(BaseTuner):
                     matched.setdefault(name, []).append(param_name)
         for name, params in matched.items():
             parent, target, target_name = _get_submodules(model, name)
+            if params == ["weight"] and (is_router(target) or isinstance(target, Router)):
+                self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=name)
+                continue
             tunable = expert_projections(target.get_base_layer() if isinstance(target, Experts) else target)
             refused = [p for p in params if p not in tunable]
             if refused:
                 raise ValueError(f"target_parameters: PaCA cannot tune '{name}.{refused[0]}' "
                                  f"({type(target).__name__}); it tunes the projections of transformers' fused experts "
-                                 "(gate_up_proj or up_proj, down_proj). Target linear layers with target_modules; "
-                                 "routers are not tuned by PaCA.")
+                                 "(gate_up_proj or up_proj, down_proj) and routers' weight. Target linear layers with "
+                                 "target_modules.")
             self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=name,
                                      projections=tuple(params))
         return [f"{name}.{p}" for name, params in matched.items() for p in params]
@@ -245,13 +254,14 @@ class PacaModel(BaseTuner):
 
 def include_experts_in_all_linear(config: PacaConfig, model: nn.Module) -> bool:
     """Resolve ``target_modules="all-linear"`` as PEFT does (every linear layer but the output head), plus every
-    transformers experts module (PEFT's LoRA reaches those through target_parameters). Whether it was all-linear."""
+    transformers experts module and MoE router (PEFT's LoRA reaches those through target_parameters). Whether it
+    was all-linear."""
     target = config.target_modules
     if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
         return False
     _maybe_include_all_linear_layers(config, model)
     config.target_modules = set(config.target_modules) | {name for name, m in model.named_modules()
-                                                          if expert_projections(m)}
+                                                          if expert_projections(m) or is_router(m)}
     return True
 
 
