@@ -504,3 +504,21 @@ def test_a_router_casting_its_16_bit_weight_to_float32_is_still_tuned(token_ids)
     router = next(m for m in model.modules() if isinstance(m, Router))
     model(token_ids).logits.float().sum().backward()
     assert router.paca_delta["default"].grad.abs().sum() > 0
+
+
+def test_torch_compile_fullgraph_of_a_router_matches_eager():
+    layer = Router(tiny_moe("mixtral").model.layers[0].mlp.gate, "default", "gate", r=3, paca_alpha=6.0,
+                   init_weights=False)
+    hidden = torch.randn(TOKENS, 32, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        for module in (layer, compiled):
+            layer.zero_grad()
+            module(hidden)[0].square().sum().backward()
+            if module is layer:
+                expected_out, expected_grad = layer(hidden)[0], layer.paca_delta["default"].grad.clone()
+        torch.testing.assert_close(compiled(hidden)[0], expected_out)
+        torch.testing.assert_close(layer.paca_delta["default"].grad, expected_grad)
+    finally:
+        torch._dynamo.reset()
