@@ -84,6 +84,19 @@ def _param_wrapper_paths(name: str, module: torch.nn.Module, projections: list[s
     return {p: name + ".base_layer" * (len(ordered) - 1 - i) for i, p in enumerate(ordered)}
 
 
+def _targets_peft_refuses(lora_config, model) -> Optional[tuple[str, str]]:
+    """(target, PEFT's reason) for the first exported target plain PEFT would refuse to load (Mamba's out_proj,
+    whose fused kernel reads the weight directly), else None."""
+    from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+
+    for target in sorted(lora_config.target_modules or ()):
+        try:
+            _check_lora_target_modules_mamba(lora_config, model, target.rpartition(".")[2])
+        except ValueError as err:
+            return target, str(err).split("] ", 1)[-1].split(". Please")[0]
+    return None
+
+
 # PaCA's bias setting in LoRA's vocabulary: the biases of tuned layers are those of the LoRA-wrapped layers.
 _LORA_BIAS = {"none": "none", "all": "all", "paca_only": "lora_only"}
 
@@ -175,6 +188,10 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         modules_to_save=config.get("modules_to_save"),
         rank_pattern={k: v for k, v in rank_pattern.items() if v != ranks[0]},
         alpha_pattern={k: v for k, v in alpha_pattern.items() if v != ranks[0]})
+    refused = _targets_peft_refuses(lora_config, model)
+    if refused:
+        raise ValueError(f"{adapter_dir}: plain PEFT refuses LoRA on '{refused[0]}' of this "
+                         f"{model.config.model_type} model ({refused[1]}); export --to merged instead.")
     moved = _targets_peft_would_move(lora_config, model)
     if moved:
         raise ValueError(f"{adapter_dir}: plain PEFT would load {len(moved)} of the exported LoRA targets (e.g. "
