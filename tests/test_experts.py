@@ -313,7 +313,8 @@ def test_router_logits_and_gradients_equal_the_dense_reference_in_float64(kind):
     reference = copy.deepcopy(router)
     with torch.no_grad():
         reference.weight.add_(layer.get_delta_weight("default"))
-    hidden = torch.randn(TOKENS, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    hidden = torch.randn(TOKENS, model.config.hidden_size, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(2))
     outputs, grads = [], []
     for module in (layer, reference):
         x = hidden.clone().requires_grad_()
@@ -327,8 +328,8 @@ def test_router_logits_and_gradients_equal_the_dense_reference_in_float64(kind):
         torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(grads[0], grads[1], **tol)
     idx = layer.paca_indices["default"]
-    torch.testing.assert_close(layer.paca_delta["default"].grad, layer.scaling["default"] * reference.weight.grad[:, idx],
-                               **tol)
+    expected = layer.scaling["default"] * reference.weight.grad[:, idx]
+    torch.testing.assert_close(layer.paca_delta["default"].grad, expected, **tol)
     assert torch.equal(layer.state_dict()["base_layer.weight"], w0)
 
 

@@ -49,7 +49,8 @@ SUITES = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paca bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=SUITES, help="a set of defaults: quick, cpu, launch, moe or gpu (see docs/BENCHMARKS.md)")
+    p.add_argument("--suite", choices=SUITES,
+                   help="a set of defaults: quick, cpu, launch, moe or gpu (see docs/BENCHMARKS.md)")
     p.add_argument("--quick", action="store_true", help="same as --suite quick: the CI smoke test")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", help=f"model shape with random weights: {', '.join(PRESETS)} (default cpu)")

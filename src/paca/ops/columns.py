@@ -57,7 +57,8 @@ class ResidentColumns:
 
     Args:
         in_dim: the weight dimension the columns index (1 for ``(d_out, d_in)`` weights and convolutions,
-            0 for GPT-2's ``(d_in, d_out)`` Conv1D; 2 or 1 for fused experts ``(E, d_out, d_in)`` / ``(E, d_in, d_out)``).
+            0 for GPT-2's ``(d_in, d_out)`` Conv1D; 2 or 1 for fused experts ``(E, d_out, d_in)`` or
+            ``(E, d_in, d_out)``).
         transient: restore ``P`` before each operator returns (a weight shared with another module).
         transposed: the weight stores ``r`` before ``d_out`` while the delta is ``(..., d_out, r)`` (default: in_dim 0).
 

@@ -17,7 +17,7 @@ from torch import nn
 from .. import selection
 from ..quantized import check_quantization, is_bnb_4bit
 from .config import PacaConfig
-from .experts import Experts, expert_projections
+from .experts import Experts, check_expert_indices, expert_projections
 from .layer import Conv, Linear, PacaLayer, _is_conv1d
 from .quantized import Linear4bit
 from .router import Router, is_router
@@ -165,7 +165,7 @@ class PacaModel(BaseTuner):
         self._requires_grad_before_inject = {adapter_name: {p: p.requires_grad for p in model.parameters()}}
         self._narrow_layers: dict[str, list[str]] = {}
         self._bypassed_layers: dict[str, list[str]] = {}
-        self._all_linear = include_experts_in_all_linear(self.peft_config[adapter_name], model)
+        self._all_linear = resolve_all_linear(self.peft_config[adapter_name], model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
@@ -252,7 +252,7 @@ class PacaModel(BaseTuner):
         return remapped
 
 
-def include_experts_in_all_linear(config: PacaConfig, model: nn.Module) -> bool:
+def resolve_all_linear(config: PacaConfig, model: nn.Module) -> bool:
     """Resolve ``target_modules="all-linear"`` as PEFT does (every linear layer but the output head), plus every
     transformers experts module and MoE router (PEFT's LoRA reaches those through target_parameters). Whether it
     was all-linear."""
@@ -308,8 +308,6 @@ def check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict)
 
 
 def _check_experts_state_dict_fits(name: str, module: Experts, adapter_name: str, state_dict: dict) -> None:
-    from .experts import check_expert_indices
-
     for projection, own in module.paca_delta[adapter_name].items():
         where = f"module '{module.layer_name}' ({projection})"
         delta = state_dict.get(f"{name}.paca_delta.{adapter_name}.{projection}")
