@@ -81,8 +81,8 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("record,message", [
-    ({"question": "a", "answer": "b"}, r"expected 'prompt' and 'response' strings, a 'messages' list \(chat\), "
-                                       r".*; got keys \['answer', 'question'\]"),
+    ({"question": "a", "answer": "b"}, r"expected 'messages' \(chat\), 'conversations' \(ShareGPT\), .*"
+                                       r"'prompt'/'completion' \(TRL\) or 'text'; got keys \['answer', 'question'\]"),
     ({"instruction": "a", "output": 3}, "'instruction', 'input' and 'output' must be strings"),
     ({"conversations": [{"from": "bot", "value": "a"}]}, "'conversations' must be a list"),
     ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]}, "'conversations' must be a list"),
@@ -154,3 +154,115 @@ def test_demo_tasks_hold_out_words_never_seen_in_either_stage():
     assert new_task[0]["response"] == demo.answer(tuple(new_task[0]["prompt"].split()[:2]), words[0])
     assert {tuple(r["prompt"].split()[:2]) for r in new_task} == set(demo.NEW_TASK)
     assert demo.answer(("next", "upper"), "azz") == "BAA" and demo.answer(("prev",), "abc") == "zab"
+
+
+# -- the formats users have ----------------------------------------------------------------------------
+
+TOOL_TEMPLATE = ("{{ bos_token }}{% if tools %}<|system|>{% for t in tools %}tool {{ t['function']['name'] }}"
+                 "{% endfor %}{% endif %}{% for m in messages %}"
+                 "<|{{ 'user' if m['role'] == 'tool' else m['role'] }}|>{% if m['role'] == 'tool' %}result {% endif %}"
+                 "{{ m['content'] }}{% for c in m.get('tool_calls') or [] %}call {{ c['function']['name'] }}"
+                 "{% endfor %}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+WEATHER = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture
+def tool_tokenizer():
+    tokenizer = demo.build_tokenizer()
+    tokenizer.chat_template = TOOL_TEMPLATE
+    return tokenizer
+
+
+def test_a_json_array_file_reads_like_jsonl_and_a_malformed_one_names_its_line(tmp_path):
+    """LLaMA-Factory's alpaca_data.json: one JSON array of records, with history and system."""
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([{"instruction": "upper", "input": "abc", "output": "ABC"},
+                                {"instruction": "again", "output": "ok", "system": "be brief",
+                                 "history": [["hi", "yo"]]}], indent=2))
+    first, second = load_examples(str(path))
+    assert first.messages == [{"role": "user", "content": "upper\n\nabc"}, {"role": "assistant", "content": "ABC"}]
+    assert [m["content"] for m in second.messages] == ["be brief", "hi", "yo", "again", "ok"]
+    assert second.where == f"{path}[1]"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": \n]')
+    with pytest.raises(ValueError, match=f"{path}:4: malformed JSON array"):
+        load_examples(str(path))
+
+
+def test_trl_prompt_completion_strings_are_plain_text_and_only_the_completion_is_learned(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path, [{"prompt": "upper abc:", "completion": " ABC"}, {"text": "just text"}])
+    (ids, labels), (text_ids, text_labels) = tokenize_examples(load_examples(path), tokenizer)
+    assert tokenizer.decode(ids) == "<s>upper abc: ABC</s>"  # no chat template
+    assert labelled_text(tokenizer, ids, labels) == " ABC</s>"
+    assert labelled_text(tokenizer, text_ids, text_labels) == "just text</s>"  # every token but BOS
+
+
+def test_trl_conversational_prompt_completion_learns_the_completion_turns_only(tmp_path, tokenizer):
+    record = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                         {"role": "user", "content": "bye"}],
+              "completion": [{"role": "assistant", "content": "ciao"}]}
+    [(ids, labels)] = tokenize_examples(load_examples(write_jsonl(tmp_path, [record])), tokenizer)
+    assert tokenizer.decode(ids) == "<s><|user|>hi<|assistant|>yo</s><|user|>bye<|assistant|>ciao</s>"
+    assert labelled_text(tokenizer, ids, labels) == "ciao</s>"  # the prompt's assistant turn is context
+
+
+def test_tools_tool_calls_and_tool_results_render_through_the_template_and_calls_are_learned(tmp_path,
+                                                                                            tool_tokenizer):
+    """An OpenAI / TRL chat with tools, and the same conversation in LLaMA-Factory's ShareGPT form (function_call
+    and observation turns, tools as a JSON string): the same tokens; the call and the answer are learned, the
+    tool's result is not."""
+    openai = {"messages": [{"role": "user", "content": "rain?"},
+                           {"role": "assistant", "content": None,
+                            "tool_calls": [{"type": "function", "function": {"name": "weather",
+                                                                             "arguments": {"city": "Oslo"}}}]},
+                           {"role": "tool", "name": "weather", "content": "wet"},
+                           {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+              "tools": WEATHER}
+    sharegpt = {"conversations": [{"from": "human", "value": "rain?"},
+                                  {"from": "function_call", "value": json.dumps({"name": "weather",
+                                                                                 "arguments": {"city": "Oslo"}})},
+                                  {"from": "observation", "value": "wet"},
+                                  {"from": "gpt", "value": "yes"}],
+                "tools": json.dumps(WEATHER)}
+    (ids, labels), (ids2, labels2) = tokenize_examples(load_examples(write_jsonl(tmp_path, [openai, sharegpt])),
+                                                       tool_tokenizer)
+    assert tool_tokenizer.decode(ids) == ("<s><|system|>tool weather<|user|>rain?<|assistant|>call weather</s>"
+                                          "<|user|>result wet<|assistant|>yes</s>")
+    assert labelled_text(tool_tokenizer, ids, labels) == "call weather</s>yes</s>"
+    assert (ids2, labels2) == (ids, labels)
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
+                   {"role": "assistant", "content": "a cat"}]}, r"content parts of type image are not supported"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": "{oops"},
+     "'tools' is a string but not JSON"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "weather()"},
+                        {"from": "gpt", "value": "b"}]}, r"conversations\[1\]: a function_call turn must hold JSON"),
+    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]},
+     "'prompt' and 'completion' must both be strings or both be lists"),
+    ({"text": ""}, "'text' must be a non-empty string"),
+])
+def test_bad_records_of_the_new_formats_name_file_and_line(tmp_path, record, message):
+    path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}, record])
+    with pytest.raises(ValueError, match=f"{path}:2: .*{message}"):
+        load_examples(path)
+
+
+def test_a_saved_validation_split_or_eval_data_is_the_eval_set_instead_of_a_held_out_part(tmp_path, tokenizer):
+    import datasets
+
+    rows = lambda n, word: {"prompt": [f"{word} {i}" for i in range(n)], "response": [word] * n}  # noqa: E731
+    path = str(tmp_path / "dd")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(6, "train")),
+                          "validation": datasets.Dataset.from_dict(rows(2, "valid")),
+                          "test": datasets.Dataset.from_dict(rows(3, "test"))}).save_to_disk(path)
+    data = load_data(path, "train", tokenizer, 64, eval_split=0.5, seed=0)
+    assert (len(data.train), len(data.eval)) == (6, 2)  # all of train, the validation split: nothing held out
+    assert "(eval: validation)" in data.report(64)
+    assert len(load_data(path, "train", tokenizer, 64, 0.5, 0, eval_source="test").eval) == 3
+    other = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}], name="eval.jsonl")
+    assert len(load_data(path, "train", tokenizer, 64, 0.5, 0, eval_source=other).eval) == 1
+    with pytest.raises(ValueError, match=r"eval_data 'dev' is neither a file or dataset nor a split of data .*"
+                                         r"\(its splits: train, validation, test\)"):
+        load_data(path, "train", tokenizer, 64, 0.5, 0, eval_source="dev")

@@ -451,3 +451,35 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved_its_adapter(tas
     assert (aside / "checkpoint-2").is_dir() and (aside / "train_config.yaml").is_file()
     assert main(args + ["max_steps=1", "overwrite=true", "seed=1"]) == 0
     assert not aside.exists() and (out / "adapter_model.safetensors").read_bytes() != old
+
+
+def test_an_alpaca_json_a_trl_prompt_completion_file_and_a_sharegpt_file_with_tools_each_train(tmp_path, capsys):
+    """The files users have, each from one command: LLaMA-Factory's alpaca_data.json (a JSON array), TRL's
+    prompt/completion JSONL and a ShareGPT JSONL with tools, function calls and observations (rendered by the
+    model's own chat template, which knows tools)."""
+    from test_train_data import TOOL_TEMPLATE, WEATHER
+
+    base = tmp_path / "base"
+    demo.random_model(0).save_pretrained(base)
+    tokenizer = demo.build_tokenizer()
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.save_pretrained(base)
+    alpaca = tmp_path / "alpaca_data.json"
+    alpaca.write_text(json.dumps([{"instruction": f"upper {w}", "input": "", "output": w.upper()}
+                                  for w in ("abc", "dog", "sun", "cat")], indent=2))
+    trl = tmp_path / "prompt_completion.jsonl"
+    trl.write_text("".join(json.dumps({"prompt": f"upper {w}:", "completion": f" {w.upper()}"}) + "\n"
+                           for w in ("abc", "dog", "sun", "cat")))
+    sharegpt = tmp_path / "sharegpt_tools.jsonl"
+    call = json.dumps({"name": "weather", "arguments": {"city": "Oslo"}})
+    sharegpt.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"rain in {c}?"},
+                                                              {"from": "function_call", "value": call},
+                                                              {"from": "observation", "value": "wet"},
+                                                              {"from": "gpt", "value": "yes"}],
+                                            "tools": json.dumps(WEATHER)}) + "\n" for c in ("Oslo", "Rome")))
+    for data in (alpaca, trl, sharegpt):
+        out = tmp_path / data.stem
+        assert main([f"model={base}", f"data={data}", f"output_dir={out}", "max_steps=2", "batch_size=2",
+                     "eval_split=0", "logging_steps=1"]) == 0, capsys.readouterr().err
+        assert (out / "adapter_model.safetensors").is_file()
+        assert "data: " in capsys.readouterr().out

@@ -58,6 +58,9 @@ class TrainConfig:
                     "written by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task).")
     data_split: str = key("train", "data", "Split to read from a hub or saved dataset.")
     max_length: int = key(64, "data", "Tokens per example; longer examples are truncated (and counted).")
+    eval_data: str = key("", "data", "Evaluation examples: a file or dataset read like data, or a split of data "
+                         "(e.g. validation); unset: data's 'validation' split if it is a saved DatasetDict with one, "
+                         "else eval_split of data held out.")
     eval_split: float = key(256, "data", "Held-out examples for evaluation: a fraction in (0, 1) or a count; "
                             "0 disables evaluation.")
     # -- training
@@ -110,7 +113,7 @@ class TrainConfig:
 
 
 KEYS = {f.name: f for f in fields(TrainConfig)}
-PATH_KEYS = ("model", "data", "output_dir", "deepspeed")
+PATH_KEYS = ("model", "data", "eval_data", "output_dir", "deepspeed")
 
 
 def usage() -> str:

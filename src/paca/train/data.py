@@ -1,8 +1,18 @@
-"""Training data: read examples (JSONL, saved or hub datasets, the built-in demo), tokenise, label responses.
+"""Training data: read examples (JSONL or JSON arrays, saved or hub datasets, the built-in demo), tokenise, label
+what is learned.
 
-Every example becomes a chat (``messages``: role/content dicts) and then token ids whose labels are -100
-except on the assistant's tokens: the loss counts response tokens only. With a chat template the tokenizer
-renders the conversation; without one, the turns are joined by newlines and the last response ends with EOS.
+Records in any of the formats users have (each names what it is by its keys):
+
+    messages [+ tools]          OpenAI / TRL chat: system, user, assistant (content and/or tool_calls), tool turns
+    conversations [+ tools]     ShareGPT (LLaMA-Factory): human, gpt, system, function_call, observation turns
+    instruction, input, output  Alpaca (optional system and history)
+    prompt, response            one exchange
+    prompt, completion          TRL: strings (plain text, no chat template) or lists of messages (a chat)
+    text                        TRL language modelling: plain text, every token learned
+
+A chat is rendered by the tokenizer's chat template (with its tools) and learned on the assistant's tokens only;
+without a template, the turns are joined by newlines and the last response ends with EOS. Plain text
+(prompt/completion strings, text) is learned on the completion's tokens.
 """
 
 from __future__ import annotations
@@ -17,16 +27,22 @@ from typing import Optional
 from . import demo
 
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+FORMATS = ("'messages' (chat), 'conversations' (ShareGPT), 'instruction'/'output' (Alpaca), 'prompt'/'response', "
+           "'prompt'/'completion' (TRL) or 'text'")
 
 
 @dataclass
 class Example:
-    """One conversation and where it came from (``file:line`` or ``dataset[i]``), for error messages."""
+    """One conversation (or plain text) and where it came from (``file:line``, ``file[i]``, ``dataset[i]``)."""
 
     messages: list[dict]
     where: str
+    tools: Optional[list] = None  # function schemas the chat template renders
+    plain: Optional[tuple[str, str]] = None  # (prompt, completion) text, no chat template: completion learned
+    learned_from: int = 0  # assistant turns before this message are context (TRL's prompt), not learned
 
 
 @dataclass
@@ -37,9 +53,12 @@ class TokenizedData:
     eval: list[dict]
     truncated: int = 0  # examples cut to max_length
     dropped: list[str] = field(default_factory=list)  # examples whose response lay wholly beyond max_length
+    eval_source: str = ""  # where the eval examples came from ("": held out of the training data)
 
     def report(self, max_length: int) -> str:
         line = f"data: {len(self.train):,} train / {len(self.eval):,} eval examples"
+        if self.eval_source and self.eval:
+            line += f" (eval: {self.eval_source})"
         if self.truncated:
             line += f"; {self.truncated:,} truncated to max_length={max_length}"
         if self.dropped:
@@ -53,7 +72,8 @@ class TokenizedData:
 # ----------------------------------------------------------------------------------------------------
 
 def load_examples(source: str, split: str = "train") -> list[Example]:
-    """Examples from a JSONL file, a ``save_to_disk`` directory, a hub dataset, or a built-in demo task.
+    """Examples from a JSONL file, a JSON array file, a ``save_to_disk`` directory, a hub dataset, or a built-in
+    demo task.
 
     Raises:
         FileNotFoundError: a path that does not exist, or a name the hub cannot resolve.
@@ -62,7 +82,7 @@ def load_examples(source: str, split: str = "train") -> list[Example]:
     if source in demo.TASKS:
         examples = [_example(record, f"{source}[{i}]") for i, record in enumerate(demo.TASKS[source]())]
     elif os.path.isfile(source):
-        examples = _read_jsonl(source)
+        examples = _read_json_file(source)
     elif os.path.isdir(source):
         examples = _read_dataset(_load_from_disk(source, split), source)
     elif _looks_like_a_path(source) or _nearest_local_file(source):
@@ -74,6 +94,19 @@ def load_examples(source: str, split: str = "train") -> list[Example]:
     if not examples:
         raise ValueError(f"data '{source}' holds no examples; give a JSONL file with one example per line.")
     return examples
+
+
+def splits_of(source: str) -> list[str]:
+    """The split names of a saved ``DatasetDict`` directory (empty for files, single datasets and the demo)."""
+    if source in demo.TASKS or not os.path.isdir(source):
+        return []
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(source)
+    except FileNotFoundError:
+        return []
+    return list(loaded) if isinstance(loaded, datasets.DatasetDict) else []
 
 
 def _nearest_local_file(source: str) -> Optional[str]:
@@ -94,6 +127,24 @@ def _looks_like_a_path(source: str) -> bool:
     return source.endswith((".jsonl", ".json", ".txt")) or source.startswith((".", os.sep, "~"))
 
 
+def _read_json_file(path: str) -> list[Example]:
+    """A JSON array of records (LLaMA-Factory's ``alpaca_data.json``) or JSON lines, told apart by the first
+    character."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8-sig", errors="replace").lstrip()
+    if not head.startswith("["):
+        return _read_jsonl(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            records = json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); save "
+                         "the file as UTF-8.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: malformed JSON array ({err.msg} at column {err.colno}).") from None
+    return [_example(record, f"{path}[{i}]") for i, record in enumerate(records)]
+
+
 def _read_jsonl(path: str) -> list[Example]:
     examples = []
     with open(path, "rb") as f:
@@ -110,7 +161,7 @@ def _read_jsonl(path: str) -> list[Example]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be "
-                                 "one JSON object.") from None
+                                 "one JSON object (or give the file as one JSON array).") from None
             examples.append(_example(record, where))
     return examples
 
@@ -146,47 +197,155 @@ def _read_dataset(dataset, source: str) -> list[Example]:
     return [_example(dict(row), f"{source}[{i}]") for i, row in enumerate(dataset)]
 
 
+# ----------------------------------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------------------------------
+
 def _example(record, where: str) -> Example:
-    """An Example from a prompt/response record or a chat record; ValueError naming ``where`` otherwise."""
+    """An Example from a record of any format in the module docstring; ValueError naming ``where`` otherwise."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-                raise ValueError(f"{where}: messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, "
-                                 f"\"content\": a string}}, got {m!r}.")
-        if messages[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: the last message must be the assistant's (the response to learn).")
-        return Example([{"role": m["role"], "content": m["content"]} for m in messages], where)
-    if "conversations" in record:  # ShareGPT: {"from": human/gpt/system, "value": ...}
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
-                                                  and isinstance(t.get("value"), str) for t in turns):
-            raise ValueError(f"{where}: 'conversations' must be a list of {{\"from\": one of "
-                             f"{', '.join(SHAREGPT_ROLES)}, \"value\": a string}}.")
-        return _example({"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")}
-                                      for t in turns]}, where)
-    if "instruction" in record and "output" in record:  # Alpaca: instruction, optional input, output
-        if not all(isinstance(record.get(k, ""), str) for k in ("instruction", "input", "output")):
-            raise ValueError(f"{where}: 'instruction', 'input' and 'output' must be strings.")
-        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return _example({"prompt": prompt, "response": record["output"],
-                         **({"system": record["system"]} if "system" in record else {})}, where)
+        return Example(_messages(record["messages"], where), where, _tools(record.get("tools"), where))
+    if "conversations" in record:
+        return _sharegpt(record, where)
+    if "instruction" in record and "output" in record:
+        return _alpaca(record, where)
+    if "prompt" in record and "completion" in record:
+        return _prompt_completion(record, where)
     if "prompt" in record and "response" in record:
         prompt, response = record["prompt"], record["response"]
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError(f"{where}: 'prompt' and 'response' must be strings.")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        if "system" in record:
-            if not isinstance(record["system"], str):
-                raise ValueError(f"{where}: 'system' must be a string, got {record['system']!r}.")
-            messages.insert(0, {"role": "system", "content": record["system"]})
-        return Example(messages, where)
-    raise ValueError(f"{where}: expected 'prompt' and 'response' strings, a 'messages' list (chat), "
-                     f"'instruction'/'input'/'output' (Alpaca) or 'conversations' (ShareGPT); got keys {sorted(record)}.")
+        return Example(_with_system(record, [{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": response}], where), where)
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise ValueError(f"{where}: 'text' must be a non-empty string.")
+        return Example([], where, plain=("", record["text"]))
+    raise ValueError(f"{where}: expected {FORMATS}; got keys {sorted(record)}.")
+
+
+def _with_system(record: dict, messages: list[dict], where: str) -> list[dict]:
+    system = record.get("system")
+    if system is None or system == "":
+        return messages
+    if not isinstance(system, str):
+        raise ValueError(f"{where}: 'system' must be a string, got {system!r}.")
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _content(value, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of parts (text parts only)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        kinds = {p.get("type") for p in value}
+        if kinds <= {"text"} and all(isinstance(p.get("text"), str) for p in value):
+            return "".join(p["text"] for p in value)
+        raise ValueError(f"{where}: content parts of type {', '.join(sorted(map(str, kinds - {'text'})))} are not "
+                         "supported (text-only training); give text parts.")
+    raise ValueError(f"{where}: content must be a string or a list of text parts, got {value!r}.")
+
+
+def _messages(messages, where: str) -> list[dict]:
+    """Checked chat turns: role, content (text), and an assistant's tool_calls or a tool's name / tool_call_id kept
+    for the chat template."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
+    checked = []
+    for i, m in enumerate(messages):
+        at = f"{where}: messages[{i}]"
+        if not (isinstance(m, dict) and m.get("role") in ROLES):
+            raise ValueError(f"{at} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}, got {m!r}.")
+        calls = m.get("tool_calls")
+        if m.get("content") is None and not calls:
+            raise ValueError(f"{at} has no content (and no tool_calls).")
+        message = {"role": m["role"], "content": "" if m.get("content") is None else _content(m["content"], at)}
+        if calls:
+            if m["role"] != "assistant" or not isinstance(calls, list):
+                raise ValueError(f"{at}: tool_calls must be a list, on an assistant message.")
+            message["tool_calls"] = calls
+        for extra in ("name", "tool_call_id"):
+            if m["role"] == "tool" and extra in m:
+                message[extra] = m[extra]
+        checked.append(message)
+    if checked[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's (the response to learn).")
+    return checked
+
+
+def _tools(tools, where: str) -> Optional[list]:
+    """Function schemas: a list, or a JSON string of one (LLaMA-Factory's ShareGPT 'tools')."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: 'tools' is a string but not JSON ({err.msg}).") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"{where}: 'tools' must be a list of function schemas (objects).")
+    return tools
+
+
+def _tool_call(value: str, where: str) -> list[dict]:
+    """A ShareGPT function_call turn (JSON: one call or a list, each with name and arguments) as tool_calls."""
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: a function_call turn must hold JSON {{name, arguments}} ({err.msg}).") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise ValueError(f"{where}: a function_call turn must hold JSON {{name, arguments}}.")
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+            for c in calls]
+
+
+def _sharegpt(record: dict, where: str) -> Example:
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
+                                              and isinstance(t.get("value"), str) for t in turns):
+        raise ValueError(f"{where}: 'conversations' must be a list of {{\"from\": one of "
+                         f"{', '.join(SHAREGPT_ROLES)}, \"value\": a string}}.")
+    messages = []
+    for i, turn in enumerate(turns):
+        role = SHAREGPT_ROLES[turn["from"]]
+        if turn["from"] == "function_call":
+            messages.append({"role": role, "content": "",
+                             "tool_calls": _tool_call(turn["value"], f"{where}: conversations[{i}]")})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
+    return Example(_messages(_with_system(record, messages, where), where), where,
+                   _tools(record.get("tools"), where))
+
+
+def _alpaca(record: dict, where: str) -> Example:
+    """Alpaca: instruction, optional input, output, optional system and history ([[instruction, output], ...])."""
+    if not all(isinstance(record.get(k) or "", str) for k in ("instruction", "input", "output")):
+        raise ValueError(f"{where}: 'instruction', 'input' and 'output' must be strings.")
+    history = record.get("history") or []
+    if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str)
+                                                                                      for x in h) for h in history)):
+        raise ValueError(f"{where}: 'history' must be a list of [instruction, output] string pairs.")
+    messages = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    return Example(_with_system(record, messages, where), where)
+
+
+def _prompt_completion(record: dict, where: str) -> Example:
+    """TRL's prompt/completion: two strings (plain text), or two lists of messages (a chat: prompt turns, then the
+    completion's assistant turns)."""
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Example([], where, plain=(prompt, completion))
+    if isinstance(prompt, list) and isinstance(completion, list) and completion:
+        if not all(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
+            raise ValueError(f"{where}: the 'completion' messages must be the assistant's.")
+        return Example(_messages(prompt + completion, where), where, _tools(record.get("tools"), where),
+                       learned_from=len(prompt))
+    raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings or both be lists of messages.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,27 +353,46 @@ def _example(record, where: str) -> Example:
 # ----------------------------------------------------------------------------------------------------
 
 def tokenize_examples(examples: list[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per example: labels hold the assistant's token ids, -100 elsewhere."""
-    if not examples:
-        return []
-    if not tokenizer.chat_template:
-        return _tokenize_plain(examples, tokenizer)
-    # Render every text first and encode them in one batch (the tokenizer's fast path). For each assistant
-    # turn, the prefix up to its start (with the generation prompt) and up to its end locate its tokens.
+    """``(input_ids, labels)`` per example: labels hold the learned token ids (the assistant's, or a plain
+    completion's), -100 elsewhere."""
+    results: list = [None] * len(examples)
+    plain = [i for i, e in enumerate(examples) if e.plain is not None]
+    chats = [i for i, e in enumerate(examples) if e.plain is None]
+    for i, pair in zip(plain, _tokenize_plain_text([examples[i] for i in plain], tokenizer)):
+        results[i] = pair
+    if chats:
+        chat_examples = [examples[i] for i in chats]
+        pairs = (_tokenize_chats(chat_examples, tokenizer) if tokenizer.chat_template
+                 else _tokenize_untemplated(chat_examples, tokenizer))
+        for i, pair in zip(chats, pairs):
+            results[i] = pair
+    return results
+
+
+def _tokenize_chats(examples: list[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
+    # Render every text first and encode them in one batch (the tokenizer's fast path). For each learned
+    # assistant turn, the prefix up to its start (with the generation prompt) and up to its end locate its tokens.
     texts, layout = [], []
+
     for example in examples:
+        def render(messages, tools=example.tools, **kwargs):
+            return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+
         messages = example.messages
-        turns = []  # per assistant turn: (index of its prefix text, index of its end text or None: the end)
+        turns = []  # per learned assistant turn: (index of its prefix text, index of its end text or None: the end)
         full = len(texts)
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        texts.append(render(messages))
         for turn, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or turn < example.learned_from:
                 continue
-            texts.append(tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True))
+            if turn and messages[turn - 1]["role"] == "assistant":  # a continued assistant turn: no new prompt
+                texts.append(render(messages[:turn]))
+            else:
+                texts.append(render(messages[:turn], add_generation_prompt=True))
             prefix = len(texts) - 1
             end = None
             if turn < len(messages) - 1:
-                texts.append(tokenizer.apply_chat_template(messages[:turn + 1], tokenize=False))
+                texts.append(render(messages[:turn + 1]))
                 end = len(texts) - 1
             turns.append((prefix, end))
         layout.append((full, turns))
@@ -244,15 +422,36 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _tokenize_plain(examples: list[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
-    # No template: context turns joined by newlines, then the last response (the only one learned) and EOS.
-    contexts = ["".join(m["content"] + "\n" for m in example.messages[:-1]) for example in examples]
-    responses = [example.messages[-1]["content"] for example in examples]
+def _special(tokenizer) -> tuple[list[int], list[int]]:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return bos, eos
+
+
+def _turn_text(message: dict) -> str:
+    calls = message.get("tool_calls")
+    return message["content"] + (json.dumps([c.get("function", c) for c in calls]) if calls else "")
+
+
+def _tokenize_untemplated(examples: list[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
+    # No template: context turns joined by newlines, then the last response (the only one learned) and EOS.
+    contexts = ["".join(_turn_text(m) + "\n" for m in example.messages[:-1]) for example in examples]
+    responses = [_turn_text(example.messages[-1]) for example in examples]
+    return _join(contexts, responses, tokenizer)
+
+
+def _tokenize_plain_text(examples: list[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
+    # TRL's plain prompt/completion and text: the strings as they are (no chat template), the completion learned.
+    return _join([e.plain[0] for e in examples], [e.plain[1] for e in examples], tokenizer)
+
+
+def _join(prompts: list[str], completions: list[str], tokenizer) -> list[tuple[list[int], list[int]]]:
+    if not prompts:
+        return []
+    bos, eos = _special(tokenizer)
     results = []
-    for prompt, answer in zip(tokenizer(contexts, add_special_tokens=False)["input_ids"],
-                              tokenizer(responses, add_special_tokens=False)["input_ids"]):
+    for prompt, answer in zip(tokenizer(prompts, add_special_tokens=False)["input_ids"],
+                              tokenizer(completions, add_special_tokens=False)["input_ids"]):
         prompt, answer = bos + prompt, answer + eos
         results.append((prompt + answer, [IGNORE] * len(prompt) + answer))
     return results
@@ -288,7 +487,37 @@ def tokenize(train: list[Example], held_out: list[Example], tokenizer, max_lengt
     return result
 
 
-def load_data(source: str, split: str, tokenizer, max_length: int, eval_split: float, seed: int) -> TokenizedData:
-    """Read, split and tokenise ``source``: what `paca train` feeds the Trainer."""
-    train, held_out = split_examples(load_examples(source, split), eval_split, seed)
-    return tokenize(train, held_out, tokenizer, max_length)
+def load_data(source: str, split: str, tokenizer, max_length: int, eval_split: float, seed: int,
+              eval_source: str = "") -> TokenizedData:
+    """Read, split and tokenise ``source``: what `paca train` feeds the Trainer.
+
+    The evaluation examples are ``eval_source`` (a file or dataset read like ``source``, or a split of ``source``),
+    else ``source``'s 'validation' split when it is a saved DatasetDict with one, else ``eval_split`` of
+    ``source`` held out.
+    """
+    train = load_examples(source, split)
+    if not eval_source and split != "validation" and "validation" in splits_of(source):
+        eval_source = "validation"
+    if eval_source:
+        held_out = _eval_examples(source, eval_source)
+    else:
+        train, held_out = split_examples(train, eval_split, seed)
+    data = tokenize(train, held_out, tokenizer, max_length)
+    data.eval_source = eval_source
+    return data
+
+
+def _eval_examples(source: str, eval_source: str) -> list[Example]:
+    if os.path.exists(eval_source) or eval_source in demo.TASKS:
+        return load_examples(eval_source)
+    if eval_source in splits_of(source):
+        return load_examples(source, eval_source)
+    hub_split = not os.path.exists(source) and source not in demo.TASKS and not _looks_like_a_path(eval_source) \
+        and "/" not in eval_source
+    if hub_split:  # a split of a hub dataset, e.g. eval_data=validation
+        return load_examples(source, eval_source)
+    if os.path.isdir(source):
+        splits = splits_of(source)
+        raise ValueError(f"eval_data '{eval_source}' is neither a file or dataset nor a split of data '{source}'"
+                         + (f" (its splits: {', '.join(splits)})." if splits else "."))
+    return load_examples(eval_source)

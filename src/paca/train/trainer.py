@@ -251,7 +251,7 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
 
     set_seed(cfg.seed)
     model, tokenizer, model_path = load_base(cfg)
-    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed)
+    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed, cfg.eval_data)
     model = apply_method(model, cfg)
     trainable, total = count_parameters(model)
     evaluate = bool(data.eval)
