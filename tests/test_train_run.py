@@ -120,6 +120,37 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(task_file, tmp_
     assert before == json.loads((whole / "summary.json").read_text())["eval_before"]
 
 
+def test_a_resume_reads_the_run_s_config_so_omitted_keys_keep_their_values(task_file, tmp_path):
+    """resume=true with only output_dir: model, data, lr, batch size... come from the run's train_config.yaml
+    (not the demo's defaults) and the resumed run lands on the uninterrupted run's weights."""
+    settings = ("max_steps=4", "save_steps=2", "lr=0.01", "max_length=48", "r=4")
+    whole = tmp_path / "whole"
+    run(config(task_file, whole, *settings))
+    parts = tmp_path / "parts"
+    with pytest.raises(Interrupt):
+        run(config(task_file, parts, *settings), callbacks=[InterruptAt(3)])
+    run(load_config([f"output_dir={parts}", "resume=true"]))
+    assert_same_tensors(adapter(parts), adapter(whole))
+
+
+def test_a_resume_with_another_model_data_or_lr_is_refused_before_anything_is_touched(task_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run(config(task_file, out, "max_steps=4", "save_steps=2"), callbacks=[InterruptAt(3)])
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(open(task_file).read())  # the same examples under another name: another data source
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for change, named in ((["model=paca-demo"], "model: 'paca-demo-random' in the run, 'paca-demo' given"),
+                          ([f"data={other_data}"], "data: "),
+                          (["lr=0.5", "r=2"], "lr: None in the run, 0.5 given; r: 8 in the run, 2 given")):
+        code = main([f"output_dir={out}", "resume=true", *change])
+        err = capsys.readouterr().err
+        assert code == 1 and named in err and "A resume can change only epochs, max_steps" in err, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing cut or rewritten
+    assert main([f"output_dir={out}", "resume=true", "max_steps=5", "logging_steps=2"]) == 0  # these may change
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+
+
 def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_its_columns(task_file, tmp_path,
                                                                                          capsys):
     import paca

@@ -113,6 +113,12 @@ class TrainConfig:
 
 
 KEYS = {f.name: f for f in fields(TrainConfig)}
+
+# What a resume may change: how long the run goes on, what it logs and saves, and trades of memory for time. Every
+# other key fixes the model, the data or the optimisation path (lr and its schedule live in the checkpoint) and
+# comes from the run being resumed.
+RESUME_CHANGEABLE = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                     "gradient_checkpointing", "bf16", "resume", "overwrite", "output_dir")
 PATH_KEYS = ("model", "data", "eval_data", "output_dir", "deepspeed")
 
 
@@ -291,7 +297,40 @@ def load_config(argv: list[str]) -> TrainConfig:
         config[name] = _coerce(name, value, sources[name])
     cfg = TrainConfig(**config)
     check(cfg)
+    cfg.given = frozenset(config)  # what the user set, as against defaults (a resume takes the rest from the run)
     return cfg
+
+
+def resumed_config(cfg: TrainConfig, saved_path: str) -> TrainConfig:
+    """The config of a resumed run: the saved run's ``train_config.yaml``, with the keys given now that a resume
+    may change (:data:`RESUME_CHANGEABLE`).
+
+    Raises:
+        ValueError: a key given now differs from the saved run's and a resume cannot change it (all such keys
+            named, with both values).
+    """
+    saved = {name: _coerce(name, value, saved_path) for name, value in read_yaml(saved_path).items() if name in KEYS}
+    given = getattr(cfg, "given", frozenset())
+    differing = [name for name in sorted(given) if name in saved and name not in RESUME_CHANGEABLE
+                 and not _same_value(name, getattr(cfg, name), saved[name])]
+    if differing:
+        changes = "; ".join(f"{name}: {saved[name]!r} in the run, {getattr(cfg, name)!r} given" for name in differing)
+        raise ValueError(f"resume=true continues the run in {os.path.dirname(saved_path)} as it was configured "
+                         f"({os.path.basename(saved_path)}); {changes}. A resume can change only "
+                         f"{', '.join(RESUME_CHANGEABLE[:-3])}; start a new run (another output_dir, or "
+                         "overwrite=true) to change the rest.")
+    resumed = TrainConfig(**{**saved, **{name: getattr(cfg, name) for name in given}})
+    check(resumed)
+    resumed.given = given
+    return resumed
+
+
+def _same_value(name: str, a, b) -> bool:
+    if a == b:
+        return True
+    if name in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and a and b:
+        return os.path.realpath(a) == os.path.realpath(b)  # the same file named from elsewhere
+    return False
 
 
 def check(cfg: TrainConfig) -> None:

@@ -22,7 +22,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from . import checkpoints, report
-from .config import DEMO, DEMO_RANDOM, TrainConfig
+from .config import DEMO, DEMO_RANDOM, TrainConfig, resumed_config
 from .data import IGNORE, TokenizedData, load_data
 from .methods import apply_method, count_parameters, load_base, select_columns_by_gradient
 from .plot import plot_loss
@@ -248,6 +248,9 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
             raise ValueError("set output_dir when launching several processes (each must write to the same one).")
         cfg.output_dir = default_output_dir(cfg)
     resume_from = checkpoints.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, cfg.model)
+    saved_config = os.path.join(cfg.output_dir, checkpoints.CONFIG_FILE)
+    if resume_from and os.path.isfile(saved_config):  # before anything is loaded, cut or rewritten
+        cfg = resumed_config(cfg, saved_config)
 
     set_seed(cfg.seed)
     model, tokenizer, model_path = load_base(cfg)
@@ -304,7 +307,8 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
         raise TrainingStopped(
             f"the {err.what} became {err.value} at step {err.step}: training stopped before that step's update, and "
             f"nothing more was saved. Last good checkpoint: {kept or 'none (no checkpoint was written yet)'}. "
-            "Lower lr (or set bf16=false), then resume=true to continue from it.") from None
+            "Continue from it with bf16=false (resume=true bf16=false), or start again with a lower lr "
+            "(overwrite=true lr=...): a resume keeps the run's lr and schedule.") from None
     # Training time proper: evaluations inside the loop (at start, every eval_steps) are not training.
     train_seconds = time.perf_counter() - started - sum(e.get("eval_runtime", 0.0) for e in progress.evaluations)
     eval_before = None
