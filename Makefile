@@ -3,7 +3,7 @@
 # here; any other version pulls several GB of CUDA packages). docs/DEPENDENCIES.md says how the lock moves.
 PY := .venv/bin/python
 STAMP := .venv/.installed
-EXTRAS := .[quant,trl,test]
+EXTRAS := .[quant,trl,tensorboard,test]
 TORCH := torch==2.13.0
 # Held back when `make lock` takes the newest releases, each for a known break:
 #   transformers 5.24 refuses peft < 0.22 (unreleased on 2026-12-01) in add_adapter.

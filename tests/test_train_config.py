@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from paca.train.config import DEFAULT_LR, KEYS, TrainConfig, load_config, usage
+from paca.train.config import DEFAULT_LR, DEMO_LR, KEYS, TrainConfig, load_config, usage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,10 +16,30 @@ def write(tmp_path, text, name="run.yaml"):
     return str(path)
 
 
-def test_no_arguments_is_the_demo():
+def test_no_arguments_is_the_demo_with_its_own_settings_and_real_data_gets_real_run_defaults(tmp_path):
+    """The demo task brings its settings (examples/demo.yaml spells them out); a user's data gets defaults for real
+    runs, not the demo's lr 0.02, max_length 64 and 256 held-out examples."""
     cfg = load_config([])
-    assert cfg == TrainConfig()
     assert (cfg.model, cfg.data, cfg.method) == ("paca-demo", "paca-demo", "paca")
+    assert cfg == load_config([os.path.join(REPO, "examples", "demo.yaml")])
+    assert (cfg.max_length, cfg.eval_split, cfg.batch_size, cfg.learning_rate) == (64, 256, 32, DEMO_LR["paca"])
+    assert load_config(["max_length=32"]).max_length == 32  # a given key wins over the demo's
+    real = load_config(["model=org/model", f"data={tmp_path / 'train.jsonl'}"])
+    assert (real.max_length, real.eval_split, real.batch_size) == (2048, 0.05, 8)
+    assert {m: load_config([f"data={tmp_path / 'x.jsonl'}", f"method={m}"]).learning_rate
+            for m in DEFAULT_LR} == DEFAULT_LR == {"paca": 2e-4, "qpaca": 2e-4, "lora": 2e-4, "dora": 2e-4,
+                                                   "full": 2e-5}
+
+
+def test_fp16_optimizer_warmup_steps_and_report_to_are_keys_checked_by_name():
+    cfg = load_config(["fp16=true", "optim=adamw_torch_fused", "warmup_steps=20", "report_to=tensorboard"])
+    assert (cfg.fp16, cfg.optim, cfg.warmup_steps, cfg.report_to) == (True, "adamw_torch_fused", 20, "tensorboard")
+    with pytest.raises(ValueError, match="'bf16' and 'fp16' are both true"):
+        load_config(["fp16=true", "bf16=true"])
+    with pytest.raises(ValueError, match="unknown optimizer 'adamw_8bt'; did you mean 'adamw_8bit'"):
+        load_config(["optim=adamw_8bt"])
+    with pytest.raises(ValueError, match="'report_to': 'tensorbord' is not one of none, all, "):
+        load_config(["report_to=tensorbord"])
 
 
 def test_command_line_overrides_the_file_which_overrides_the_defaults(tmp_path):
@@ -44,8 +64,8 @@ def test_unknown_key_names_the_nearest_valid_key(tmp_path, where):
 def test_keys_other_tools_have_and_paca_has_not_say_what_to_do_instead():
     with pytest.raises(ValueError, match="unknown key 'lora_dropout'; PaCA has no dropout"):
         load_config(["lora_dropout=0.05"])
-    with pytest.raises(ValueError, match="unknown key 'fp16'; use bf16=true"):
-        load_config(["fp16=true"])
+    with pytest.raises(ValueError, match="unknown key 'load_in_8bit'; 8-bit bases are not supported"):
+        load_config(["load_in_8bit=true"])
 
 
 @pytest.mark.parametrize("where", ["file", "command line"])
@@ -98,7 +118,8 @@ def test_inconsistent_values_are_refused():
 
 
 def test_lr_defaults_to_the_methods_value():
-    assert load_config(["method=full"]).learning_rate == DEFAULT_LR["full"]
+    assert load_config(["method=full"]).learning_rate == DEMO_LR["full"]  # on the demo task
+    assert load_config(["method=full", "data=mine.jsonl"]).learning_rate == DEFAULT_LR["full"]
     assert load_config(["method=lora", "lr=0.5"]).learning_rate == 0.5
 
 

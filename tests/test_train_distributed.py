@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from paca.train import demo, run
 from paca.train.config import load_config
 
-STEPS = ["max_steps=4", "save_steps=2", "logging_steps=1", "eval_split=8"]
+STEPS = ["max_steps=4", "save_steps=2", "logging_steps=1", "eval_split=8", "lr=0.02"]  # the demo task's lr
 
 # Runs `paca train` with two extra callbacks: one records, at step 1, the local (per-process) shape of a
 # frozen weight and of its PaCA delta; the other stands for a kill after a given step.

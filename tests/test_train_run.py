@@ -25,7 +25,7 @@ PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\) \| loss [\d.]+ \| lr [\d
 
 def config(task_file, output_dir, *overrides):
     return load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={output_dir}", "batch_size=8",
-                        "eval_split=8", "logging_steps=1", "save_steps=0", *overrides])
+                        "eval_split=8", "logging_steps=1", "save_steps=0", "lr=0.02", *overrides])
 
 
 def adapter(output_dir):
@@ -142,7 +142,7 @@ def test_a_resume_with_another_model_data_or_lr_is_refused_before_anything_is_to
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for change, named in ((["model=paca-demo"], "model: 'paca-demo-random' in the run, 'paca-demo' given"),
                           ([f"data={other_data}"], "data: "),
-                          (["lr=0.5", "r=2"], "lr: None in the run, 0.5 given; r: 8 in the run, 2 given")):
+                          (["lr=0.5", "r=2"], "lr: 0.02 in the run, 0.5 given; r: 8 in the run, 2 given")):
         code = main([f"output_dir={out}", "resume=true", *change])
         err = capsys.readouterr().err
         assert code == 1 and named in err and "A resume can change only epochs, max_steps" in err, err
@@ -514,3 +514,16 @@ def test_an_alpaca_json_a_trl_prompt_completion_file_and_a_sharegpt_file_with_to
                      "eval_split=0", "logging_steps=1"]) == 0, capsys.readouterr().err
         assert (out / "adapter_model.safetensors").is_file()
         assert "data: " in capsys.readouterr().out
+
+
+def test_report_to_tensorboard_writes_event_files_offline_and_version_names_the_libraries(task_file, tmp_path,
+                                                                                         capsys):
+    from paca.cli import main as paca_main
+
+    out = tmp_path / "tb"
+    run(config(task_file, out, "max_steps=2", "report_to=tensorboard"))
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    capsys.readouterr()
+    assert paca_main(["--version"]) == 0
+    assert re.match(r"paca 0\.1\.0 \(torch 2\.13\.0.*, transformers 5\.\d+\.\d+, peft 0\.\d+\.\d+, trl ",
+                    capsys.readouterr().out)

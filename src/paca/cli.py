@@ -16,14 +16,29 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: paca <command> [args]", "", "commands:"]
     lines += [f"  {name:<8}{help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`paca <command> --help` for a command's options."]
+    lines += ["", "`paca <command> --help` for a command's options; `paca --version` for the versions."]
     return "\n".join(lines)
+
+
+def _version_or_none(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"paca {version('paca')} (torch {version('torch')}, transformers {version('transformers')}, "
+              f"peft {version('peft')}, trl {_version_or_none('trl')})")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

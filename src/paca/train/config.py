@@ -1,8 +1,9 @@
 """The flat key schema of `paca train`: defaults, types, help; YAML files and key=value overrides.
 
 Every key lives in one flat namespace (LLaMA-Factory / axolotl style) and belongs to a group that only
-orders the help and the YAML comment headers. The defaults are the built-in demo: ``paca train`` with no
-arguments runs it, and ``paca train method=lora`` runs the same demo with LoRA.
+orders the help and the YAML comment headers. The defaults are for real runs; the built-in demo task (``data``
+left at 'paca-demo') brings its own settings for the keys not given (:data:`DEMO_SETTINGS`): ``paca train``
+with no arguments runs the demo, and ``paca train method=lora`` runs the same demo with LoRA.
 """
 
 from __future__ import annotations
@@ -21,9 +22,16 @@ GROUPS = ("model", "method", "data", "training", "output")
 DEMO = "paca-demo"
 DEMO_RANDOM = "paca-demo-random"
 
-# Learning rates used when `lr` is not set, chosen on the demo (docs/TRAINING.md shows a sweep around them).
-# PaCA trains r columns whose values start at zero, so like LoRA it takes a larger step than full fine-tuning.
-DEFAULT_LR = {"paca": 2e-2, "qpaca": 2e-2, "lora": 1e-2, "dora": 1e-2, "full": 3e-3}
+# Learning rates used when `lr` is not set. Real runs: the field's usual LoRA rate, the same for PaCA (whose
+# paper trains at rates equal to or above LoRA's), a tenth of it for full fine-tuning; not tuned here (no real
+# model runs on this project's machines). PaCA trains r columns whose values start at zero, so like LoRA it takes
+# a larger step than full fine-tuning.
+DEFAULT_LR = {"paca": 2e-4, "qpaca": 2e-4, "lora": 2e-4, "dora": 2e-4, "full": 2e-5}
+# The demo task's, chosen on it (docs/TRAINING.md shows a sweep around them): a tiny model takes large steps.
+DEMO_LR = {"paca": 2e-2, "qpaca": 2e-2, "lora": 1e-2, "dora": 1e-2, "full": 3e-3}
+DEMO_DATA = ("paca-demo", "paca-demo-pretrain")  # the built-in tasks (paca.train.demo.TASKS)
+# What the demo task sets for the keys a run does not give (its YAML, examples/demo.yaml, spells them out).
+DEMO_SETTINGS = {"max_length": 64, "eval_split": 256, "batch_size": 32, "grad_accum": 1, "epochs": 1.0}
 
 
 def key(default: Any, group: str, help: str, choices: Optional[tuple] = None):
@@ -57,26 +65,32 @@ class TrainConfig:
                     "instruction/input/output or ShareGPT 'conversations'), a directory "
                     "written by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task).")
     data_split: str = key("train", "data", "Split to read from a hub or saved dataset.")
-    max_length: int = key(64, "data", "Tokens per example; longer examples are truncated (and counted).")
+    max_length: int = key(2048, "data", "Tokens per example; longer examples are truncated (and counted).")
     eval_data: str = key("", "data", "Evaluation examples: a file or dataset read like data, or a split of data "
                          "(e.g. validation); unset: data's 'validation' split if it is a saved DatasetDict with one, "
                          "else eval_split of data held out.")
-    eval_split: float = key(256, "data", "Held-out examples for evaluation: a fraction in (0, 1) or a count; "
+    eval_split: float = key(0.05, "data", "Held-out examples for evaluation: a fraction in (0, 1) or a count; "
                             "0 disables evaluation.")
     # -- training
-    batch_size: int = key(32, "training", "Examples per device per micro-step; the global batch is "
+    batch_size: int = key(8, "training", "Examples per device per micro-step; the global batch is "
                           "batch_size x grad_accum x processes.")
     grad_accum: int = key(1, "training", "Micro-steps accumulated per optimizer step.")
     lr: Optional[float] = key(None, "training", "Peak learning rate; unset: the method's default "
-                              + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ".")
+                              + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items())
+                              + " (on the demo task: " + ", ".join(f"{m} {v:g}" for m, v in DEMO_LR.items()) + ").")
     lr_scheduler: str = key("linear", "training", "Learning-rate schedule after warmup.",
                             ("linear", "cosine", "constant"))
     warmup_ratio: float = key(0.05, "training", "Fraction of the steps spent warming the learning rate up.")
+    warmup_steps: int = key(0, "training", "Optimizer steps spent warming the learning rate up (> 0: instead of "
+                            "warmup_ratio).")
+    optim: str = key("adamw_torch", "training", "Optimizer, by transformers' name: adamw_torch, adamw_torch_fused, "
+                     "adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd, adafactor, ...")
     weight_decay: float = key(0.0, "training", "AdamW weight decay.")
     max_grad_norm: float = key(1.0, "training", "Gradient clipping norm (0: no clipping).")
     epochs: float = key(1.0, "training", "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = key(-1, "training", "Optimizer steps to run; -1: as many as epochs gives.")
     bf16: bool = key(False, "training", "bfloat16 mixed precision.")
+    fp16: bool = key(False, "training", "float16 mixed precision (with loss scaling), for GPUs without bfloat16.")
     gradient_checkpointing: bool = key(False, "training", "Recompute activations in backward to save memory.")
     seed: int = key(0, "training", "Seed of data order, initialisation and PaCA column choice.")
     logging_steps: int = key(10, "training", "Optimizer steps between progress lines (and metrics.jsonl rows).")
@@ -90,13 +104,17 @@ class TrainConfig:
                           "new directory.")
     save_steps: int = key(50, "output", "Optimizer steps between checkpoints (0: none; resume needs them).")
     save_total_limit: int = key(2, "output", "Checkpoints kept (the oldest are deleted; 0: keep all).")
+    report_to: str = key("none", "output", "Where the Trainer also logs: none, tensorboard (output_dir/runs), "
+                         "wandb, ... (comma-separated; metrics.jsonl and loss.png are always written).")
     resume: bool = key(False, "output", "Continue from the newest complete checkpoint in output_dir.")
     overwrite: bool = key(False, "output", "Allow an output_dir that holds another run: its checkpoints, adapter "
                           "and metrics are deleted once the new run's model and data have loaded.")
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        if self.lr is not None:
+            return self.lr
+        return (DEMO_LR if self.data in DEMO_DATA else DEFAULT_LR)[self.method]
 
     def to_yaml(self) -> str:
         """The config as the flat YAML `paca train` reads, keys under their group headers."""
@@ -118,7 +136,7 @@ KEYS = {f.name: f for f in fields(TrainConfig)}
 # other key fixes the model, the data or the optimisation path (lr and its schedule live in the checkpoint) and
 # comes from the run being resumed.
 RESUME_CHANGEABLE = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "gradient_checkpointing", "bf16", "resume", "overwrite", "output_dir")
+                     "report_to", "gradient_checkpointing", "bf16", "resume", "overwrite", "output_dir")
 PATH_KEYS = ("model", "data", "eval_data", "output_dir", "deepspeed")
 
 
@@ -151,7 +169,6 @@ OTHER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs"
 
 # Keys of other tools with no counterpart here: what to do instead (a nearest-name guess would mislead).
 NO_COUNTERPART = {"lora_dropout": "PaCA has no dropout: its delta is not a branch that could be dropped; remove it.",
-                  "fp16": "use bf16=true (fp16 mixed precision is not offered).",
                   "load_in_8bit": "8-bit bases are not supported; method=qpaca trains on a 4-bit NF4 base."}
 
 
@@ -295,9 +312,12 @@ def load_config(argv: list[str]) -> TrainConfig:
         if name not in KEYS:
             raise ValueError(f"{sources[name]}: unknown key '{name}'; {_nearest_key_hint(name)}")
         config[name] = _coerce(name, value, sources[name])
+    if config.get("data", DEMO) in DEMO_DATA:
+        config = {**DEMO_SETTINGS, **config}
     cfg = TrainConfig(**config)
     check(cfg)
-    cfg.given = frozenset(config)  # what the user set, as against defaults (a resume takes the rest from the run)
+    # What the user set, as against defaults and the demo's settings (a resume takes the rest from the run).
+    cfg.given = frozenset(values)
     return cfg
 
 
@@ -317,7 +337,8 @@ def resumed_config(cfg: TrainConfig, saved_path: str) -> TrainConfig:
         changes = "; ".join(f"{name}: {saved[name]!r} in the run, {getattr(cfg, name)!r} given" for name in differing)
         raise ValueError(f"resume=true continues the run in {os.path.dirname(saved_path)} as it was configured "
                          f"({os.path.basename(saved_path)}); {changes}. A resume can change only "
-                         f"{', '.join(RESUME_CHANGEABLE[:-3])}; start a new run (another output_dir, or "
+                         f"{', '.join(k for k in RESUME_CHANGEABLE if k not in ('resume', 'overwrite', 'output_dir'))}"
+                         "; start a new run (another output_dir, or "
                          "overwrite=true) to change the rest.")
     resumed = TrainConfig(**{**saved, **{name: getattr(cfg, name) for name in given}})
     check(resumed)
@@ -344,6 +365,23 @@ def check(cfg: TrainConfig) -> None:
             raise ValueError(f"key '{name}' is empty; `paca train --help` says what it takes.")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"key 'warmup_ratio' is a fraction of the steps in [0, 1), got {cfg.warmup_ratio}.")
+    if cfg.bf16 and cfg.fp16:
+        raise ValueError("keys 'bf16' and 'fp16' are both true; choose one mixed precision.")
+    from transformers.training_args import OptimizerNames
+
+    optimizers = [o.value for o in OptimizerNames]
+    if cfg.optim not in optimizers:
+        close = difflib.get_close_matches(cfg.optim, optimizers, n=1)
+        raise ValueError(f"key 'optim': unknown optimizer '{cfg.optim}'"
+                         + (f"; did you mean '{close[0]}'?" if close else f"; transformers offers {', '.join(optimizers)}."))
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    reporters = ("none", "all", *sorted(INTEGRATION_TO_CALLBACK))
+    unknown = [r for r in (r.strip() for r in cfg.report_to.split(",")) if r and r not in reporters]
+    if unknown:
+        raise ValueError(f"key 'report_to': '{unknown[0]}' is not one of {', '.join(reporters)}.")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"key 'warmup_steps' must be 0 or more, got {cfg.warmup_steps}.")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise ValueError("nothing to train: set max_steps > 0 or epochs > 0.")
     if cfg.learning_rate <= 0:

@@ -190,7 +190,7 @@ def ensure_base() -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"the demo base model is not built yet (expected in {path}); run `paca train` once in a "
                          "single process to build it, then launch several processes.")
-    from .config import DEMO_RANDOM, TrainConfig
+    from .config import DEMO_RANDOM, DEMO_SETTINGS, TrainConfig
     from .trainer import run
 
     os.makedirs(cache_root(), exist_ok=True)
@@ -198,9 +198,10 @@ def ensure_base() -> str:
     shutil.rmtree(building, ignore_errors=True)
     print(f"stage 1: building the demo base model once (cached in {path}): full training of a random "
           f"{BASE_SHAPE['num_hidden_layers']}-layer model on {', '.join(PRETRAIN_OPERATIONS)}", flush=True)
-    cfg = TrainConfig(model=DEMO_RANDOM, method="full", data="paca-demo-pretrain", max_steps=PRETRAIN_STEPS,
-                      batch_size=PRETRAIN_BATCH, lr=PRETRAIN_LR, eval_split=256, output_dir=building,
-                      save_steps=0, logging_steps=100, seed=PRETRAIN_SEED)
+    cfg = TrainConfig(**{**DEMO_SETTINGS, "model": DEMO_RANDOM, "method": "full", "data": "paca-demo-pretrain",
+                         "max_steps": PRETRAIN_STEPS, "batch_size": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
+                         "eval_split": 256, "output_dir": building, "save_steps": 0, "logging_steps": 100,
+                         "seed": PRETRAIN_SEED})
     run(cfg, evaluate_before=False)
     with open(os.path.join(building, "recipe.json"), "w") as f:  # what the cache key was derived from, for people
         json.dump(base_recipe(), f, indent=1, sort_keys=True)

@@ -183,9 +183,10 @@ def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before:
         output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, optim=cfg.optim,
         max_grad_norm=cfg.max_grad_norm, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        bf16=cfg.bf16, **_checkpointing_arguments(cfg.gradient_checkpointing),
+        bf16=cfg.bf16, fp16=cfg.fp16, **_checkpointing_arguments(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no", eval_steps=cfg.eval_steps or None,
         # Inside the training loop, once the model is wrapped: an evaluate() before train() would prepare the
@@ -194,7 +195,8 @@ def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before:
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
         save_total_limit=cfg.save_total_limit or None,
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, label_names=["labels"],
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        report_to=[r.strip() for r in cfg.report_to.split(",") if r.strip()] or "none",  # tensorboard: output_dir/runs
+        disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
         dataloader_pin_memory=torch.cuda.is_available(), use_cpu=_cpu_only(),
         fsdp=cfg.fsdp, fsdp_config=_fsdp_config(model) if cfg.fsdp else None,
         deepspeed=_deepspeed_config(cfg.deepspeed),
