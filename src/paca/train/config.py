@@ -83,8 +83,8 @@ class TrainConfig:
     warmup_ratio: float = key(0.05, "training", "Fraction of the steps spent warming the learning rate up.")
     warmup_steps: int = key(0, "training", "Optimizer steps spent warming the learning rate up (> 0: instead of "
                             "warmup_ratio).")
-    optim: str = key("adamw_torch", "training", "Optimizer, by transformers' name: adamw_torch, adamw_torch_fused, "
-                     "adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd, adafactor, ...")
+    optim: str = key("adamw_torch_fused", "training", "Optimizer, by transformers' name (its default: "
+                     "adamw_torch_fused), adamw_torch, adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd, adafactor...")
     weight_decay: float = key(0.0, "training", "AdamW weight decay.")
     max_grad_norm: float = key(1.0, "training", "Gradient clipping norm (0: no clipping).")
     epochs: float = key(1.0, "training", "Passes over the training data (ignored when max_steps > 0).")
