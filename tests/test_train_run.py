@@ -527,3 +527,20 @@ def test_report_to_tensorboard_writes_event_files_offline_and_version_names_the_
     assert paca_main(["--version"]) == 0
     assert re.match(r"paca 0\.1\.0 \(torch 2\.13\.0.*, transformers 5\.\d+\.\d+, peft 0\.\d+\.\d+, trl ",
                     capsys.readouterr().out)
+
+
+def test_a_relative_model_path_is_recorded_absolute_so_export_works_from_elsewhere(task_file, tmp_path,
+                                                                                  monkeypatch):
+    from paca.export import export_lora
+
+    base = tmp_path / "models" / "base"
+    demo.random_model(0).save_pretrained(base)
+    demo.build_tokenizer().save_pretrained(base)
+    monkeypatch.chdir(tmp_path)
+    run(load_config([f"data={task_file}", "model=models/base", "output_dir=out", "max_steps=1", "eval_split=8",
+                     "save_steps=0"]))
+    recorded = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(base)
+    monkeypatch.chdir(tmp_path / "models")  # elsewhere: the relative path would not resolve here
+    export_lora(str(tmp_path / "out"), str(tmp_path / "lora"))
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

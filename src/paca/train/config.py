@@ -223,6 +223,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     value = str(value)
     if name in PATH_KEYS and value.startswith("~"):
         value = os.path.expanduser(value)  # as a shell would; transformers expands output_dir on its own copy
+    if name in ("model", "data", "eval_data") and value and os.path.exists(value):
+        # A local model or data file, recorded absolute (train_config.yaml, the adapter's base): a resume or an
+        # export from another directory finds it, and it is the same source however it was named.
+        value = os.path.abspath(value)
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise ValueError(f"{bad}must be one of {', '.join(choices)}; got '{value}'.")

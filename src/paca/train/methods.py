@@ -48,6 +48,10 @@ def load_base(cfg: TrainConfig):
         return model, demo.build_tokenizer(), DEMO_RANDOM
     path = demo.ensure_base() if cfg.model == DEMO else cfg.model
     _check_model_exists(path)
+    if os.path.isdir(path):
+        # The adapter records where its base came from: an absolute path still finds it from another directory
+        # (`paca export`, PeftModel.from_pretrained); a relative one only from where the run started.
+        path = os.path.abspath(path)
     tokenizer = load_tokenizer(path)
     from ..modeling import load_model
 
