@@ -152,3 +152,13 @@ def test_example_configs_are_valid(path):
 def test_non_finite_out_of_range_and_empty_values_are_refused(item, message):
     with pytest.raises(ValueError, match=message):
         load_config([item])
+
+
+def test_several_datasets_are_one_comma_separated_key_from_a_yaml_list_or_the_command_line(tmp_path):
+    existing = tmp_path / "a.jsonl"
+    existing.write_text("")
+    from_yaml = load_config([write(tmp_path, f"data: [{existing}, org/hub-set]\n")])
+    assert from_yaml.data == f"{existing},org/hub-set"
+    assert load_config([f"data={existing},org/hub-set"]).data == from_yaml.data
+    with pytest.raises(ValueError, match="key 'data' expects a name or a list of names"):
+        load_config([write(tmp_path, "data: [a, 3]\n")])

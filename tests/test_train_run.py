@@ -544,3 +544,17 @@ def test_a_relative_model_path_is_recorded_absolute_so_export_works_from_elsewhe
     monkeypatch.chdir(tmp_path / "models")  # elsewhere: the relative path would not resolve here
     export_lora(str(tmp_path / "out"), str(tmp_path / "lora"))
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_a_dry_run_prints_the_first_example_with_its_learned_tokens_and_writes_nothing(tmp_path, capsys):
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps({"prompt": "upper abc", "response": "ABC"}) + "\n")
+    more = tmp_path / "b.json"
+    more.write_text(json.dumps([{"instruction": "upper dog", "output": "DOG"}]))
+    out = tmp_path / "never"
+    assert main([f"data={data},{more}", "model=paca-demo-random", f"output_dir={out}", "eval_split=0",
+                 "dry_run=true"]) == 0
+    printed = capsys.readouterr().out
+    assert "data: 2 train / 0 eval examples" in printed  # two files, concatenated
+    assert "<s><|user|>upper abc<|assistant|>[[ABC</s>]]" in printed
+    assert not out.exists()

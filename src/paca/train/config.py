@@ -61,9 +61,10 @@ class TrainConfig:
     selection_steps: int = key(100, "method", "Global batches (optimizer steps' worth of training data) scored by "
                                "selection=gradient (the paper: 100).")
     # -- data
-    data: str = key(DEMO, "data", "A JSONL file (per line: prompt/response, chat 'messages', Alpaca "
-                    "instruction/input/output or ShareGPT 'conversations'), a directory "
-                    "written by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task).")
+    data: str = key(DEMO, "data", "A JSONL or JSON array file (chat 'messages' with tools, ShareGPT "
+                    "'conversations', Alpaca, prompt/response, TRL prompt/completion or text), a directory written "
+                    "by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task); several, "
+                    "comma-separated (or a YAML list), are concatenated.")
     data_split: str = key("train", "data", "Split to read from a hub or saved dataset.")
     max_length: int = key(2048, "data", "Tokens per example; longer examples are truncated (and counted).")
     eval_data: str = key("", "data", "Evaluation examples: a file or dataset read like data, or a split of data "
@@ -107,6 +108,8 @@ class TrainConfig:
     report_to: str = key("none", "output", "Where the Trainer also logs: none, tensorboard (output_dir/runs), "
                          "wandb, ... (comma-separated; metrics.jsonl and loss.png are always written).")
     resume: bool = key(False, "output", "Continue from the newest complete checkpoint in output_dir.")
+    dry_run: bool = key(False, "output", "Read and tokenise the data, print the first training example with its "
+                        "learned tokens in [[...]], and stop: no model is loaded, nothing is written.")
     overwrite: bool = key(False, "output", "Allow an output_dir that holds another run: its checkpoints, adapter "
                           "and metrics are deleted once the new run's model and data have loaded.")
 
@@ -186,6 +189,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     f = KEYS[name]
     default = f.default
     bad = f"{where}: key '{name}' "
+    if name == "data" and isinstance(value, list):  # several datasets: kept as one comma-separated key
+        if not value or not all(isinstance(v, str) and v.strip() and "," not in v for v in value):
+            raise ValueError(f"{bad}expects a name or a list of names, got {value!r}.")
+        return ",".join(os.path.abspath(os.path.expanduser(v)) if os.path.exists(os.path.expanduser(v)) else v
+                        for v in value)
+    if name == "data" and isinstance(value, str) and "," in value:
+        return _coerce(name, value.split(","), where)
     if name == "target_modules":
         if isinstance(value, str):
             items = [v.strip() for v in value.split(",") if v.strip()]

@@ -495,8 +495,13 @@ def load_data(source: str, split: str, tokenizer, max_length: int, eval_split: f
     else ``source``'s 'validation' split when it is a saved DatasetDict with one, else ``eval_split`` of
     ``source`` held out.
     """
-    train = load_examples(source, split)
-    if not eval_source and split != "validation" and "validation" in splits_of(source):
+    sources = [s.strip() for s in source.split(",") if s.strip()]
+    if len(sources) > 1:  # several datasets, concatenated (each example keeps its file:line)
+        train = [e for s in sources for e in load_examples(s, split)]
+        source = sources[0] if not eval_source else source
+    else:
+        train = load_examples(source, split)
+    if not eval_source and split != "validation" and len(sources) == 1 and "validation" in splits_of(source):
         eval_source = "validation"
     if eval_source:
         held_out = _eval_examples(source, eval_source)
@@ -505,6 +510,18 @@ def load_data(source: str, split: str, tokenizer, max_length: int, eval_split: f
     data = tokenize(train, held_out, tokenizer, max_length)
     data.eval_source = eval_source
     return data
+
+
+def render_with_labels(ids: list[int], labels: list[int], tokenizer) -> str:
+    """The example as the model sees it, learned spans in ``[[...]]``: what `paca train dry_run=true` prints."""
+    parts, learned, span = [], False, []
+    for token, label in zip(ids, labels):
+        if (label != IGNORE) != learned:
+            parts.append(tokenizer.decode(span) if not learned else f"[[{tokenizer.decode(span)}]]")
+            span, learned = [], label != IGNORE
+        span.append(token)
+    parts.append(f"[[{tokenizer.decode(span)}]]" if learned else tokenizer.decode(span))
+    return "".join(parts)
 
 
 def _eval_examples(source: str, eval_source: str) -> list[Example]:

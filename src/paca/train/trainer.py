@@ -23,7 +23,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from . import checkpoints, report
 from .config import DEMO, DEMO_RANDOM, TrainConfig, resumed_config
-from .data import IGNORE, TokenizedData, load_data
+from .data import IGNORE, TokenizedData, load_data, render_with_labels
 from .methods import apply_method, count_parameters, load_base, select_columns_by_gradient
 from .plot import plot_loss
 
@@ -240,7 +240,24 @@ def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_be
             hf_logging.enable_progress_bar()
 
 
+def dry_run(cfg: TrainConfig, stream) -> dict:
+    """Read and tokenise the data as a run would; print the data line and the first training example with its
+    learned tokens marked. Loads the tokenizer only and writes nothing."""
+    from . import demo
+    from .methods import load_tokenizer
+
+    tokenizer = demo.build_tokenizer() if cfg.model in (DEMO, DEMO_RANDOM) else load_tokenizer(cfg.model)
+    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed, cfg.eval_data)
+    first = data.train[0]
+    print(data.report(cfg.max_length), file=stream)
+    print(f"first training example ({len(first['input_ids'])} tokens, learned in [[...]]):", file=stream)
+    print(render_with_labels(first["input_ids"], first["labels"], tokenizer), file=stream, flush=True)
+    return {"dry_run": True, "train_examples": len(data.train), "eval_examples": len(data.eval)}
+
+
 def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
+    if cfg.dry_run:
+        return dry_run(cfg, stream)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.fsdp and processes == 1:
         raise ValueError("fsdp=true shards across processes and this is one: launch with `torchrun "
