@@ -266,3 +266,39 @@ def test_a_saved_validation_split_or_eval_data_is_the_eval_set_instead_of_a_held
     with pytest.raises(ValueError, match=r"eval_data 'dev' is neither a file or dataset nor a split of data .*"
                                          r"\(its splits: train, validation, test\)"):
         load_data(path, "train", tokenizer, 64, 0.5, 0, eval_source="dev")
+
+
+# -- preference pairs (stage=dpo) ----------------------------------------------------------------------
+
+def test_preference_pairs_of_trl_and_llama_factory_read_as_trl_pairs(tmp_path):
+    from paca.train.data import load_preferences
+
+    user = [{"role": "user", "content": "upper abc"}]
+    records = [{"prompt": user, "chosen": [{"role": "assistant", "content": "ABC"}],
+                "rejected": [{"role": "assistant", "content": "abc"}]},
+               {"instruction": "upper abc", "input": "", "chosen": "ABC", "rejected": "abc"},
+               {"conversations": [{"from": "human", "value": "upper abc"}], "chosen": {"from": "gpt", "value": "ABC"},
+                "rejected": {"from": "gpt", "value": "abc"}},
+               {"prompt": "upper abc:", "chosen": " ABC", "rejected": " abc"}]
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps(records))
+    data = load_preferences(str(path), "train", eval_split=0, seed=0)
+    trl, alpaca, sharegpt, plain = data.train
+    assert trl == alpaca == sharegpt == {"prompt": user, "chosen": [{"role": "assistant", "content": "ABC"}],
+                                         "rejected": [{"role": "assistant", "content": "abc"}]}
+    assert plain == records[3]
+    assert data.report(64) == "data: 4 train / 0 eval preference pairs"
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"prompt": "a", "response": "b"}, r"expected a preference pair: 'prompt'/'chosen'/'rejected'"),
+    ({"prompt": "a", "chosen": "b", "rejected": [{"role": "assistant", "content": "c"}]},
+     "'prompt', 'chosen' and 'rejected' must all be strings or all lists of messages"),
+    ({"instruction": "a", "chosen": 3, "rejected": "c"}, "'chosen' must be a string or a {from, value} turn"),
+])
+def test_bad_preference_records_name_file_and_line(tmp_path, record, message):
+    from paca.train.data import load_preferences
+
+    path = write_jsonl(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c"}, record])
+    with pytest.raises(ValueError, match=f"{path}:2: {message}"):
+        load_preferences(path, "train", 0, 0)

@@ -558,3 +558,29 @@ def test_a_dry_run_prints_the_first_example_with_its_learned_tokens_and_writes_n
     assert "data: 2 train / 0 eval examples" in printed  # two files, concatenated
     assert "<s><|user|>upper abc<|assistant|>[[ABC</s>]]" in printed
     assert not out.exists()
+
+
+def test_stage_dpo_trains_preference_pairs_through_trl_with_paca_s_checkpoints_and_report(tmp_path, capsys):
+    """stage=dpo: TRL's DPOTrainer on the PaCA model, with paca's atomic checkpoints, progress lines, metrics and
+    summary; the loss starts at log 2 (the policy equals its reference) and falls, the reward accuracy rises."""
+    base = tmp_path / "base"
+    demo.random_model(0).save_pretrained(base)
+    demo.build_tokenizer().save_pretrained(base)
+    prefs = tmp_path / "prefs.jsonl"
+    words = ["abc", "dog", "sun", "cat", "map", "pen", "cup", "hat"] * 3
+    prefs.write_text("".join(json.dumps({"instruction": f"upper {w}", "input": "", "chosen": w.upper(),
+                                         "rejected": w}) + "\n" for w in words))
+    out = tmp_path / "dpo"
+    assert main([f"model={base}", f"data={prefs}", "stage=dpo", f"output_dir={out}", "max_steps=4", "batch_size=4",
+                 "eval_split=4", "logging_steps=1", "lr=0.005", "save_steps=2"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "data: 20 train / 4 eval preference pairs" in printed
+    assert all(PROGRESS_LINE.match(line) or "tok/s" not in line for line in printed.splitlines())
+    summary = json.loads((out / "summary.json").read_text())
+    assert abs(summary["eval_before"]["eval_loss"] - 0.6931) < 1e-3
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    assert summary["eval_after"]["eval_rewards/accuracies"] > summary["eval_before"]["eval_rewards/accuracies"]
+    assert (out / "adapter_model.safetensors").is_file() and newest_checkpoint(out).endswith("checkpoint-4")
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PACA"
+    with pytest.raises(ValueError, match="stage=dpo needs preference pairs"):
+        load_config(["stage=dpo"])

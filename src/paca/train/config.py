@@ -46,6 +46,11 @@ class TrainConfig:
     model: str = key(DEMO, "model", "Hub id or local directory of the base model; 'paca-demo' is the built-in "
                      "base (built on first use, cached), 'paca-demo-random' the same model randomly initialised.")
     # -- method
+    stage: str = key("sft", "method", "What is learned: sft (supervised: the responses of the data) or dpo "
+                     "(preference pairs: chosen over rejected, through TRL's DPOTrainer; the reference is the base "
+                     "model, i.e. the adapter disabled).", ("sft", "dpo"))
+    dpo_beta: float = key(0.1, "method", "DPO's beta: how far the tuned model may move from the reference "
+                          "(stage=dpo).")
     method: str = key("paca", "method", "How to fine-tune: paca, qpaca (PaCA on a 4-bit NF4 base), lora, dora, "
                       "full.", METHODS)
     r: int = key(8, "method", "Tuned input columns per layer (PaCA), or rank (LoRA/DoRA).")
@@ -379,6 +384,12 @@ def check(cfg: TrainConfig) -> None:
             raise ValueError(f"key '{name}' is empty; `paca train --help` says what it takes.")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"key 'warmup_ratio' is a fraction of the steps in [0, 1), got {cfg.warmup_ratio}.")
+    if cfg.stage == "dpo" and cfg.selection == "gradient":
+        raise ValueError("selection=gradient scores supervised batches; with stage=dpo use selection=random, "
+                         "weight_norm or structured.")
+    if cfg.stage == "dpo" and cfg.data in DEMO_DATA:
+        raise ValueError("stage=dpo needs preference pairs: set data to a file or dataset of prompt / chosen / "
+                         "rejected records (the demo task has none).")
     if cfg.bf16 and cfg.fp16:
         raise ValueError("keys 'bf16' and 'fp16' are both true; choose one mixed precision.")
     from transformers.training_args import OptimizerNames

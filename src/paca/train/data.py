@@ -127,13 +127,14 @@ def _looks_like_a_path(source: str) -> bool:
     return source.endswith((".jsonl", ".json", ".txt")) or source.startswith((".", os.sep, "~"))
 
 
-def _read_json_file(path: str) -> list[Example]:
+def _read_json_file(path: str, parse=None) -> list:
     """A JSON array of records (LLaMA-Factory's ``alpaca_data.json``) or JSON lines, told apart by the first
-    character."""
+    character; each record read by ``parse(record, where)`` (default: as an :class:`Example`)."""
+    parse = parse or _example
     with open(path, "rb") as f:
         head = f.read(4096).decode("utf-8-sig", errors="replace").lstrip()
     if not head.startswith("["):
-        return _read_jsonl(path)
+        return _read_jsonl(path, parse)
     try:
         with open(path, encoding="utf-8-sig") as f:
             records = json.load(f)
@@ -142,10 +143,10 @@ def _read_json_file(path: str) -> list[Example]:
                          "the file as UTF-8.") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: malformed JSON array ({err.msg} at column {err.colno}).") from None
-    return [_example(record, f"{path}[{i}]") for i, record in enumerate(records)]
+    return [parse(record, f"{path}[{i}]") for i, record in enumerate(records)]
 
 
-def _read_jsonl(path: str) -> list[Example]:
+def _read_jsonl(path: str, parse) -> list:
     examples = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -162,7 +163,7 @@ def _read_jsonl(path: str) -> list[Example]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be "
                                  "one JSON object (or give the file as one JSON array).") from None
-            examples.append(_example(record, where))
+            examples.append(parse(record, where))
     return examples
 
 
@@ -538,3 +539,93 @@ def _eval_examples(source: str, eval_source: str) -> list[Example]:
         raise ValueError(f"eval_data '{eval_source}' is neither a file or dataset nor a split of data '{source}'"
                          + (f" (its splits: {', '.join(splits)})." if splits else "."))
     return load_examples(eval_source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preference pairs (stage=dpo)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class PreferenceData:
+    """Preference pairs in TRL's form (``prompt``, ``chosen``, ``rejected``), for its DPOTrainer to tokenise."""
+
+    train: list[dict]
+    eval: list[dict]
+    eval_source: str = ""
+    truncated: int = 0  # TRL truncates the pairs to max_length itself
+    dropped: list[str] = field(default_factory=list)
+
+    def report(self, max_length: int) -> str:
+        line = f"data: {len(self.train):,} train / {len(self.eval):,} eval preference pairs"
+        return line + (f" (eval: {self.eval_source})" if self.eval_source and self.eval else "")
+
+
+PREFERENCE_FORMATS = ("'prompt'/'chosen'/'rejected' (TRL: strings or lists of messages), 'chosen'/'rejected' "
+                      "conversations (TRL's implicit prompt), 'instruction'/'chosen'/'rejected' (LLaMA-Factory "
+                      "Alpaca) or 'conversations'/'chosen'/'rejected' (LLaMA-Factory ShareGPT)")
+
+
+def preference_pair(record, where: str) -> dict:
+    """A record of any preference format as TRL's ``{prompt, chosen, rejected}`` (conversational where the record
+    is); ValueError naming ``where`` otherwise."""
+    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+        got = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where}: expected a preference pair: {PREFERENCE_FORMATS}; got {got}.")
+    chosen, rejected = record["chosen"], record["rejected"]
+    if "instruction" in record:  # LLaMA-Factory's Alpaca-style ranking data
+        prompt = _alpaca({**record, "output": ""}, where).messages[:-1]
+        return {"prompt": prompt, "chosen": [_reply(chosen, where, "chosen")],
+                "rejected": [_reply(rejected, where, "rejected")]}
+    if "conversations" in record:  # LLaMA-Factory's ShareGPT-style ranking data: the turns are the prompt
+        reply = {"from": "gpt", "value": ""}
+        prompt = _sharegpt({**record, "conversations": [*record["conversations"], reply]}, where).messages[:-1]
+        return {"prompt": prompt, "chosen": [_reply(chosen, where, "chosen")],
+                "rejected": [_reply(rejected, where, "rejected")]}
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}  # plain text, no chat template
+        if all(isinstance(x, list) for x in (prompt, chosen, rejected)):
+            prompt_messages = _messages([*prompt, {"role": "assistant", "content": ""}], where)[:-1]
+            return {"prompt": prompt_messages, "chosen": _messages(chosen, f"{where} (chosen)"),
+                    "rejected": _messages(rejected, f"{where} (rejected)")}
+        raise ValueError(f"{where}: 'prompt', 'chosen' and 'rejected' must all be strings or all lists of messages.")
+    if isinstance(chosen, list) and isinstance(rejected, list):  # implicit prompt: TRL takes the common prefix
+        return {"chosen": _messages(chosen, f"{where} (chosen)"), "rejected": _messages(rejected, f"{where} (rejected)")}
+    raise ValueError(f"{where}: expected a preference pair: {PREFERENCE_FORMATS}.")
+
+
+def _reply(value, where: str, name: str) -> dict:
+    """An assistant reply: a string, or a ShareGPT turn ``{"from": "gpt", "value": ...}``."""
+    if isinstance(value, dict) and isinstance(value.get("value"), str):
+        value = value["value"]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: '{name}' must be a string or a {{from, value}} turn, got {value!r}.")
+    return {"role": "assistant", "content": value}
+
+
+def load_preferences(source: str, split: str, eval_split: float, seed: int, eval_source: str = "") -> PreferenceData:
+    """Preference pairs from the same sources as :func:`load_examples` (files, saved or hub datasets, several
+    comma-separated), held out or read from ``eval_source`` as :func:`load_data` does."""
+    def read(name: str, part: str) -> list[dict]:
+        if os.path.isfile(name):
+            return _read_json_file(name, preference_pair)
+        if os.path.isdir(name):
+            rows = _load_from_disk(name, part)
+        elif _looks_like_a_path(name) or _nearest_local_file(name):
+            nearest = _nearest_local_file(name)
+            raise FileNotFoundError(f"data file '{name}' not found" + (f"; did you mean '{nearest}'?" if nearest
+                                                                       else "."))
+        else:
+            rows = _load_from_hub(name, part)
+        return [preference_pair(dict(row), f"{name}[{i}]") for i, row in enumerate(rows)]
+
+    train = [pair for name in source.split(",") if name.strip() for pair in read(name.strip(), split)]
+    if not train:
+        raise ValueError(f"data '{source}' holds no preference pairs.")
+    if eval_source:
+        in_source = eval_source in splits_of(source)
+        held_out = read(source, eval_source) if in_source else read(eval_source, "train")
+        return PreferenceData(train, held_out, eval_source)
+    train, held_out = split_examples(train, eval_split, seed)
+    return PreferenceData(train, held_out)

@@ -84,10 +84,13 @@ class ProgressReport(TrainerCallback):
         now = time.perf_counter()
         if "eval_loss" in logs:
             row = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
-            if "eval_exact_match" in logs:
-                row["eval_exact_match"] = logs["eval_exact_match"]
+            for name in ("eval_exact_match", "eval_rewards/accuracies", "eval_rewards/margins"):  # SFT; DPO
+                if name in logs:
+                    row[name] = logs[name]
             self._write(row)
-            match = (f" | exact match {100 * row['eval_exact_match']:.1f}%" if "eval_exact_match" in row else "")
+            match = (f" | exact match {100 * row['eval_exact_match']:.1f}%" if "eval_exact_match" in row else
+                     f" | reward accuracy {100 * row['eval_rewards/accuracies']:.1f}%"
+                     if "eval_rewards/accuracies" in row else "")
             self._print(f"eval step {state.global_step} | loss {row['eval_loss']:.4f}{match}")
             return
         if "loss" not in logs:
@@ -104,8 +107,9 @@ class ProgressReport(TrainerCallback):
         self._last_time, self._last_tokens = now, tokens
         total = state.max_steps
         self._print(f"step {state.global_step}/{total} ({100 * state.global_step / total:.0f}%) | "
-                    f"loss {row['loss']:.4f} | lr {row['lr']:.1e} | {human_count(tokens_per_s)} tok/s | "
-                    f"peak {human_bytes(row['peak_memory_bytes'])} | eta {human_duration(eta)}")
+                    f"loss {row['loss']:.4f} | lr {row['lr']:.1e} | "
+                    + (f"{human_count(tokens_per_s)} tok/s | " if tokens else "")  # DPO: TRL counts no tokens
+                    + f"peak {human_bytes(row['peak_memory_bytes'])} | eta {human_duration(eta)}")
 
     def _write(self, row: dict) -> None:
         self.rows.append(row)
@@ -148,7 +152,8 @@ def truncate_metrics(path: str, step: int) -> None:
 def format_summary(summary: dict) -> str:
     """The end-of-run block: steps, time, throughput, memory, first/last loss, eval before and after."""
     lines = [f"done: {summary['steps']} steps in {human_duration(summary['train_seconds'])} | "
-             f"{human_count(summary['tokens_per_s'])} tok/s | peak {human_bytes(summary['peak_memory_bytes'])} "
+             + (f"{human_count(summary['tokens_per_s'])} tok/s | " if summary["tokens_seen"] else "")
+             + f"peak {human_bytes(summary['peak_memory_bytes'])} "
              f"({summary['peak_memory_kind']}) | trainable {human_count(summary['trainable_parameters'])} of "
              f"{human_count(summary['total_parameters'])} parameters ({summary['method']}), optimizer state "
              f"{human_bytes(summary['optimizer_state_bytes'])}"]
@@ -162,6 +167,8 @@ def format_summary(summary: dict) -> str:
             text = f"loss {ev['eval_loss']:.4f}"
             if "eval_exact_match" in ev:
                 text += f", exact match {100 * ev['eval_exact_match']:.1f}%"
+            if "eval_rewards/accuracies" in ev:
+                text += f", reward accuracy {100 * ev['eval_rewards/accuracies']:.1f}%"
             return text
         lines.append(f"held-out eval ({summary['eval_examples']} examples): before {fmt(before)} -> after {fmt(after)}")
     lines.append(f"saved: {summary['saved']} in {summary['output_dir']}")

@@ -23,7 +23,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from . import checkpoints, report
 from .config import DEMO, DEMO_RANDOM, TrainConfig, resumed_config
-from .data import IGNORE, TokenizedData, load_data, render_with_labels
+from .data import IGNORE, TokenizedData, load_data, load_preferences, render_with_labels
 from .methods import apply_method, count_parameters, load_base, select_columns_by_gradient
 from .plot import plot_loss
 
@@ -42,8 +42,9 @@ class _NotFinite(Exception):
         self.what, self.step, self.value = what, step, value
 
 
-class PacaTrainer(Trainer):
-    """The Trainer with checkpoints published atomically and a stop on the first non-finite loss."""
+class _PacaTrainerMixin:
+    """What paca adds to a transformers Trainer (or a TRL trainer built on it): checkpoints published atomically,
+    a stop on the first non-finite loss or gradient norm, FSDP2 on CPU processes."""
 
     _staging_root: Optional[str] = None
 
@@ -115,6 +116,23 @@ class PacaTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+class PacaTrainer(_PacaTrainerMixin, Trainer):
+    """The Trainer with paca's additions (supervised fine-tuning)."""
+
+
+def preference_trainer_class():
+    """TRL's DPOTrainer with paca's additions (``stage=dpo``); imported on demand (TRL is an extra)."""
+    try:
+        from trl import DPOTrainer
+    except ImportError:
+        raise ImportError("stage=dpo trains through TRL's DPOTrainer: pip install 'paca[trl]'.") from None
+
+    class PacaDPOTrainer(_PacaTrainerMixin, DPOTrainer):
+        """TRL's DPOTrainer with paca's additions: a PaCA model's reference is the model with its adapter disabled."""
+
+    return PacaDPOTrainer
+
+
 def _argmax_tokens(logits, labels):
     return logits.argmax(dim=-1)  # keep only what exact match needs, not (B, T, vocab) logits
 
@@ -179,7 +197,19 @@ def _checkpointing_arguments(enabled: bool) -> dict:
 
 
 def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before: bool) -> TrainingArguments:
-    return TrainingArguments(
+    """The Trainer's arguments for ``cfg``; TRL's DPOConfig (which extends them) for ``stage=dpo``."""
+    kwargs = _training_kwargs(cfg, model, evaluate, evaluate_before)
+    if cfg.stage != "dpo":
+        return TrainingArguments(**kwargs)
+    from trl import DPOConfig
+
+    # DPO batches hold prompt / chosen / rejected ids, not input_ids and labels: TRL tokenises, pads and counts.
+    kwargs.update(include_num_input_tokens_seen="no", remove_unused_columns=False, label_names=None)
+    return DPOConfig(**kwargs, beta=cfg.dpo_beta, max_length=cfg.max_length)
+
+
+def _training_kwargs(cfg: TrainConfig, model, evaluate: bool, evaluate_before: bool) -> dict:
+    return dict(
         output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
@@ -224,20 +254,25 @@ def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_be
         FileNotFoundError, FileExistsError, ValueError: bad input, with what, where and what to do.
         TrainingStopped: the loss turned NaN or Inf; the last good checkpoint is kept.
     """
+    from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as hf_logging
 
     threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    dataset_bars = datasets_logging.is_progress_bar_enabled()
     if cfg.model in (DEMO, DEMO_RANDOM):
         # The demo's matmuls are tiny: a second thread gains ~15% when the cores are idle, but its
         # synchronisation costs up to 50x when another process keeps a core busy.
         torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # weight loading/saving bars would break the one-line-per-step output
+    datasets_logging.disable_progress_bar()  # and so would TRL's tokenising bars (stage=dpo)
     try:
         return _run(cfg, callbacks, evaluate_before, stream or sys.stdout)
     finally:
         torch.set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
+        if dataset_bars:
+            datasets_logging.enable_progress_bar()
 
 
 def dry_run(cfg: TrainConfig, stream) -> dict:
@@ -273,7 +308,11 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
 
     set_seed(cfg.seed)
     model, tokenizer, model_path = load_base(cfg)
-    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed, cfg.eval_data)
+    if cfg.stage == "dpo":
+        data = load_preferences(cfg.data, cfg.data_split, cfg.eval_split, cfg.seed, cfg.eval_data)
+    else:
+        data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed,
+                         cfg.eval_data)
     model = apply_method(model, cfg)
     trainable, total = count_parameters(model)
     evaluate = bool(data.eval)
@@ -295,13 +334,15 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     import datasets
 
     progress = report.ProgressReport(os.path.join(cfg.output_dir, "metrics.jsonl"), is_main=False, stream=stream)
-    trainer = PacaTrainer(
-        model=model, args=args,
-        train_dataset=datasets.Dataset.from_list(data.train),
-        eval_dataset=datasets.Dataset.from_list(data.eval) if evaluate else None,
-        data_collator=_collator(tokenizer), processing_class=tokenizer,
-        compute_metrics=exact_match, preprocess_logits_for_metrics=_argmax_tokens,
-        callbacks=[progress, *callbacks])
+    splits = dict(train_dataset=datasets.Dataset.from_list(data.train),
+                  eval_dataset=datasets.Dataset.from_list(data.eval) if evaluate else None)
+    if cfg.stage == "dpo":  # TRL tokenises the pairs; the reference is the model with its adapter disabled
+        trainer = preference_trainer_class()(model=model, args=args, processing_class=tokenizer,
+                                             callbacks=[progress, *callbacks], **splits)
+    else:
+        trainer = PacaTrainer(model=model, args=args, data_collator=_collator(tokenizer), processing_class=tokenizer,
+                              compute_metrics=exact_match, preprocess_logits_for_metrics=_argmax_tokens,
+                              callbacks=[progress, *callbacks], **splits)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     is_main = progress.is_main = trainer.is_world_process_zero()
@@ -435,4 +476,5 @@ def _optimizer_state_bytes(optimizer) -> int:
 def _eval_fields(metrics: Optional[dict]) -> Optional[dict]:
     if not metrics:
         return None
-    return {k: float(v) for k, v in metrics.items() if k in ("eval_loss", "eval_exact_match")}
+    return {k: float(v) for k, v in metrics.items()
+            if k in ("eval_loss", "eval_exact_match", "eval_rewards/accuracies", "eval_rewards/margins")}
