@@ -523,3 +523,27 @@ def test_torch_compile_fullgraph_of_a_router_matches_eager():
         torch.testing.assert_close(layer.paca_delta["default"].grad, expected_grad)
     finally:
         torch._dynamo.reset()
+
+
+def test_review_fixes_narrow_experts_export_and_target_parameters_beside_all_linear(tmp_path, token_ids):
+    """r above the experts' input width is clamped and the LoRA export carries the clamped rank (it loads in plain
+    PEFT exactly); target_parameters naming one projection beside all-linear keeps both projections tuned."""
+    from paca.export import export_lora
+
+    base_dir = tmp_path / "base"
+    tiny_moe("mixtral").save_pretrained(base_dir)
+    with pytest.warns(UserWarning, match="r exceeds the input dimension"):
+        model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=28, target_modules="all-linear", init_weights=False))
+    with torch.no_grad():
+        expected = model(token_ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    export_lora(str(tmp_path / "adapter"), str(tmp_path / "lora"), str(base_dir))
+    from transformers import AutoModelForCausalLM
+
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
+    both = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules="all-linear",
+                                                          target_parameters=["mlp.experts.down_proj"]))
+    assert [sorted(m.paca_delta["default"]) for m in both.modules() if isinstance(m, Experts)] == \
+        [["down_proj", "gate_up_proj"]] * 2

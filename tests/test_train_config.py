@@ -162,3 +162,20 @@ def test_several_datasets_are_one_comma_separated_key_from_a_yaml_list_or_the_co
     assert load_config([f"data={existing},org/hub-set"]).data == from_yaml.data
     with pytest.raises(ValueError, match="key 'data' expects a name or a list of names"):
         load_config([write(tmp_path, "data: [a, 3]\n")])
+
+
+def test_review_fixes_in_the_config(tmp_path):
+    """Spaces around comma-separated data names; a resume restating stage=dpo without data; fp16 off on resume."""
+    from paca.train.config import resumed_config
+
+    c, d = tmp_path / "c.jsonl", tmp_path / "d.jsonl"
+    c.write_text("")
+    d.write_text("")
+    assert load_config([f"data={c}, {d}"]).data == f"{c},{d}"
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = load_config([f"data={c}", "stage=dpo", "fp16=true"])
+    (run / "train_config.yaml").write_text(saved.to_yaml())
+    again = load_config(["stage=dpo", "resume=true", f"output_dir={run}", "fp16=false"])  # data from the run
+    resumed = resumed_config(again, str(run / "train_config.yaml"))
+    assert (resumed.data, resumed.stage, resumed.fp16) == (str(c), "dpo", False)

@@ -302,3 +302,38 @@ def test_bad_preference_records_name_file_and_line(tmp_path, record, message):
     path = write_jsonl(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c"}, record])
     with pytest.raises(ValueError, match=f"{path}:2: {message}"):
         load_preferences(path, "train", 0, 0)
+
+
+def test_review_fixes_in_reading(tmp_path, tokenizer):
+    """Null Alpaca fields, a template that fails on a record, bare LLaMA-Factory tool schemas, a split named beside
+    several sources, and the preference reader's eval split (a saved DatasetDict's validation, a named split)."""
+    import datasets
+
+    from paca.train.data import load_preferences
+
+    for record, message in (({"instruction": None, "output": "x"}, "'instruction', 'input' and 'output' must be "
+                                                                  "strings"),
+                            ({"instruction": "q", "output": None}, "'instruction', 'input' and 'output' must be")):
+        with pytest.raises(ValueError, match=f":1: {message}"):
+            load_examples(write_jsonl(tmp_path, [record]))
+    strict = demo.build_tokenizer()
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+                            "turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b", "system": "s"}])
+    with pytest.raises(ValueError, match=f"{path}:1: the tokenizer's chat template cannot render this "
+                                         r"conversation \(TemplateError: no system turns\)"):
+        tokenize_examples(load_examples(path), strict)
+    bare = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "tools": json.dumps([{"name": "weather", "parameters": {}}])}
+    [example] = load_examples(write_jsonl(tmp_path, [bare]))
+    assert example.tools == [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    a, b = (write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}] * 3, name=n) for n in ("a.jsonl", "b.jsonl"))
+    with pytest.raises(ValueError, match="eval_data 'validation' names a split, which needs a single data source"):
+        load_data(f"{a},{b}", "train", tokenizer, 64, 0, 0, eval_source="validation")
+
+    pairs = lambda n: datasets.Dataset.from_dict({"prompt": ["p"] * n, "chosen": ["c"] * n, "rejected": ["r"] * n})  # noqa: E731
+    saved = str(tmp_path / "prefs")
+    datasets.DatasetDict({"train": pairs(5), "validation": pairs(2), "test": pairs(3)}).save_to_disk(saved)
+    assert [len(load_preferences(saved, "train", 0.5, 0).train), len(load_preferences(saved, "train", 0.5, 0).eval)] \
+        == [5, 2]
+    assert len(load_preferences(saved, "train", 0.5, 0, eval_source="test").eval) == 3

@@ -584,3 +584,12 @@ def test_stage_dpo_trains_preference_pairs_through_trl_with_paca_s_checkpoints_a
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PACA"
     with pytest.raises(ValueError, match="stage=dpo needs preference pairs"):
         load_config(["stage=dpo"])
+
+
+def test_a_dry_run_of_stage_dpo_prints_the_first_pair(tmp_path, capsys):
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text(json.dumps({"prompt": "upper abc:", "chosen": " ABC", "rejected": " abc"}) + "\n")
+    assert main([f"data={prefs}", "stage=dpo", "model=paca-demo-random", "eval_split=0", "dry_run=true"]) == 0
+    printed = capsys.readouterr().out
+    assert "data: 1 train / 0 eval preference pairs" in printed
+    assert '{"prompt": "upper abc:", "chosen": " ABC", "rejected": " abc"}' in printed

@@ -139,8 +139,9 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
             lora_tensors[f"{paths[projection]}.lora_A.weight"] = a.contiguous()
             lora_tensors[f"{paths[projection]}.lora_B.weight"] = b.contiguous()
             target_parameters.append(f"{name}.{projection}")
-            rank_pattern[f"^{name}.{projection}$"] = r  # per expert; LoRA scaling 1 (alpha = r)
-            alpha_pattern[f"^{name}.{projection}$"] = r
+            rank = tensors[f"{prefix}.paca_delta.{projection}"].shape[2]  # the layer's r (clamped to a narrow d_in)
+            rank_pattern[f"^{name}.{projection}$"] = rank  # per expert; LoRA scaling 1 (alpha = r)
+            alpha_pattern[f"^{name}.{projection}$"] = rank
     for key, delta in tensors.items():
         if ".paca_delta." in key or ".paca_indices." in key:
             continue
@@ -170,13 +171,14 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         a, b = lora_factors(delta, idx, scale, in_features, tuple(module.kernel_size) if is_conv else ())
         lora_tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         lora_tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
+        pattern = f"^{name}$"
         if is_router(module):  # not an nn.Linear: PEFT wraps its weight (target_parameters), at the same key path
-            name = f"{name}.weight"
-            target_parameters.append(name)
+            target_parameters.append(f"{name}.weight")
+            pattern = f"^{name}(.weight)?$"  # PEFT matches the parameter's name, and checks the module's
         else:
             targets.append(name)
-        rank_pattern[f"^{name}$"] = a.shape[0]
-        alpha_pattern[f"^{name}$"] = a.shape[0]
+        rank_pattern[pattern] = a.shape[0]
+        alpha_pattern[pattern] = a.shape[0]
     from peft import LoraConfig
 
     ranks = sorted(set(rank_pattern.values()))

@@ -144,7 +144,7 @@ KEYS = {f.name: f for f in fields(TrainConfig)}
 # other key fixes the model, the data or the optimisation path (lr and its schedule live in the checkpoint) and
 # comes from the run being resumed.
 RESUME_CHANGEABLE = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "gradient_checkpointing", "bf16", "resume", "overwrite", "output_dir")
+                     "report_to", "gradient_checkpointing", "bf16", "fp16", "resume", "overwrite", "output_dir")
 PATH_KEYS = ("model", "data", "eval_data", "output_dir", "deepspeed")
 
 
@@ -197,8 +197,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     if name == "data" and isinstance(value, list):  # several datasets: kept as one comma-separated key
         if not value or not all(isinstance(v, str) and v.strip() and "," not in v for v in value):
             raise ValueError(f"{bad}expects a name or a list of names, got {value!r}.")
-        return ",".join(os.path.abspath(os.path.expanduser(v)) if os.path.exists(os.path.expanduser(v)) else v
-                        for v in value)
+        return ",".join(_coerce(name, v.strip(), where) for v in value)
     if name == "data" and isinstance(value, str) and "," in value:
         return _coerce(name, value.split(","), where)
     if name == "target_modules":
@@ -387,7 +386,7 @@ def check(cfg: TrainConfig) -> None:
     if cfg.stage == "dpo" and cfg.selection == "gradient":
         raise ValueError("selection=gradient scores supervised batches; with stage=dpo use selection=random, "
                          "weight_norm or structured.")
-    if cfg.stage == "dpo" and cfg.data in DEMO_DATA:
+    if cfg.stage == "dpo" and cfg.data in DEMO_DATA and not cfg.resume:  # a resume takes data from the run
         raise ValueError("stage=dpo needs preference pairs: set data to a file or dataset of prompt / chosen / "
                          "rejected records (the demo task has none).")
     if cfg.bf16 and cfg.fp16:

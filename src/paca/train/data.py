@@ -287,7 +287,8 @@ def _tools(tools, where: str) -> Optional[list]:
             raise ValueError(f"{where}: 'tools' is a string but not JSON ({err.msg}).") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError(f"{where}: 'tools' must be a list of function schemas (objects).")
-    return tools
+    # LLaMA-Factory lists bare schemas ({name, description, parameters}); chat templates read OpenAI's form.
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
 def _tool_call(value: str, where: str) -> list[dict]:
@@ -323,7 +324,8 @@ def _sharegpt(record: dict, where: str) -> Example:
 
 def _alpaca(record: dict, where: str) -> Example:
     """Alpaca: instruction, optional input, output, optional system and history ([[instruction, output], ...])."""
-    if not all(isinstance(record.get(k) or "", str) for k in ("instruction", "input", "output")):
+    if not (isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str)
+            and isinstance(record.get("input") or "", str)):
         raise ValueError(f"{where}: 'instruction', 'input' and 'output' must be strings.")
     history = record.get("history") or []
     if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str)
@@ -376,8 +378,12 @@ def _tokenize_chats(examples: list[Example], tokenizer) -> list[tuple[list[int],
     texts, layout = [], []
 
     for example in examples:
-        def render(messages, tools=example.tools, **kwargs):
-            return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+        def render(messages, example=example, **kwargs):
+            try:
+                return tokenizer.apply_chat_template(messages, tools=example.tools, tokenize=False, **kwargs)
+            except Exception as err:  # jinja2's TemplateError and whatever the template's own code raises
+                raise ValueError(f"{example.where}: the tokenizer's chat template cannot render this conversation "
+                                 f"({type(err).__name__}: {err}).") from None
 
         messages = example.messages
         turns = []  # per learned assistant turn: (index of its prefix text, index of its end text or None: the end)
@@ -386,10 +392,7 @@ def _tokenize_chats(examples: list[Example], tokenizer) -> list[tuple[list[int],
         for turn, message in enumerate(messages):
             if message["role"] != "assistant" or turn < example.learned_from:
                 continue
-            if turn and messages[turn - 1]["role"] == "assistant":  # a continued assistant turn: no new prompt
-                texts.append(render(messages[:turn]))
-            else:
-                texts.append(render(messages[:turn], add_generation_prompt=True))
+            texts.append(render(messages[:turn], add_generation_prompt=True))
             prefix = len(texts) - 1
             end = None
             if turn < len(messages) - 1:
@@ -496,21 +499,42 @@ def load_data(source: str, split: str, tokenizer, max_length: int, eval_split: f
     else ``source``'s 'validation' split when it is a saved DatasetDict with one, else ``eval_split`` of
     ``source`` held out.
     """
-    sources = [s.strip() for s in source.split(",") if s.strip()]
-    if len(sources) > 1:  # several datasets, concatenated (each example keeps its file:line)
-        train = [e for s in sources for e in load_examples(s, split)]
-        source = sources[0] if not eval_source else source
-    else:
-        train = load_examples(source, split)
-    if not eval_source and split != "validation" and len(sources) == 1 and "validation" in splits_of(source):
-        eval_source = "validation"
-    if eval_source:
-        held_out = _eval_examples(source, eval_source)
-    else:
-        train, held_out = split_examples(train, eval_split, seed)
+    train, held_out, eval_source = read_splits(source, split, eval_split, seed, eval_source, load_examples)
     data = tokenize(train, held_out, tokenizer, max_length)
     data.eval_source = eval_source
     return data
+
+
+def read_splits(source: str, split: str, eval_split: float, seed: int, eval_source: str, read) -> tuple:
+    """``(train, eval, eval_source)`` records of ``source`` (several comma-separated ones concatenated), each read
+    by ``read(name, split)``: the eval records are ``eval_source`` (a file or dataset, or a split of a single
+    ``source``), else a saved DatasetDict's 'validation' split, else ``eval_split`` of the training records."""
+    sources = [s.strip() for s in source.split(",") if s.strip()]
+    train = [record for name in sources for record in read(name, split)]
+    single = sources[0] if len(sources) == 1 else None
+    if not eval_source and single and split != "validation" and "validation" in splits_of(single):
+        eval_source = "validation"
+    if not eval_source:
+        train, held_out = split_examples(train, eval_split, seed)
+        return train, held_out, ""
+    if os.path.exists(eval_source) or eval_source in demo.TASKS:
+        return train, read(eval_source, "train"), eval_source
+    if single and (eval_source in splits_of(single) or _hub_split(single, eval_source)):
+        return train, read(single, eval_source), eval_source
+    if not _looks_like_a_path(eval_source) and "/" not in eval_source and not single:
+        raise ValueError(f"eval_data '{eval_source}' names a split, which needs a single data source (data holds "
+                         f"{len(sources)}); give an eval file or dataset instead.")
+    if single and os.path.isdir(single):
+        splits = splits_of(single)
+        raise ValueError(f"eval_data '{eval_source}' is neither a file or dataset nor a split of data '{single}'"
+                         + (f" (its splits: {', '.join(splits)})." if splits else "."))
+    return train, read(eval_source, "train"), eval_source
+
+
+def _hub_split(source: str, name: str) -> bool:
+    """Whether ``name`` reads as a split of the hub dataset ``source`` (e.g. eval_data=validation)."""
+    return (not os.path.exists(source) and source not in demo.TASKS and not _looks_like_a_path(name)
+            and "/" not in name)
 
 
 def render_with_labels(ids: list[int], labels: list[int], tokenizer) -> str:
@@ -523,22 +547,6 @@ def render_with_labels(ids: list[int], labels: list[int], tokenizer) -> str:
         span.append(token)
     parts.append(f"[[{tokenizer.decode(span)}]]" if learned else tokenizer.decode(span))
     return "".join(parts)
-
-
-def _eval_examples(source: str, eval_source: str) -> list[Example]:
-    if os.path.exists(eval_source) or eval_source in demo.TASKS:
-        return load_examples(eval_source)
-    if eval_source in splits_of(source):
-        return load_examples(source, eval_source)
-    hub_split = not os.path.exists(source) and source not in demo.TASKS and not _looks_like_a_path(eval_source) \
-        and "/" not in eval_source
-    if hub_split:  # a split of a hub dataset, e.g. eval_data=validation
-        return load_examples(source, eval_source)
-    if os.path.isdir(source):
-        splits = splits_of(source)
-        raise ValueError(f"eval_data '{eval_source}' is neither a file or dataset nor a split of data '{source}'"
-                         + (f" (its splits: {', '.join(splits)})." if splits else "."))
-    return load_examples(eval_source)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -620,12 +628,7 @@ def load_preferences(source: str, split: str, eval_split: float, seed: int, eval
             rows = _load_from_hub(name, part)
         return [preference_pair(dict(row), f"{name}[{i}]") for i, row in enumerate(rows)]
 
-    train = [pair for name in source.split(",") if name.strip() for pair in read(name.strip(), split)]
+    train, held_out, eval_source = read_splits(source, split, eval_split, seed, eval_source, read)
     if not train:
         raise ValueError(f"data '{source}' holds no preference pairs.")
-    if eval_source:
-        in_source = eval_source in splits_of(source)
-        held_out = read(source, eval_source) if in_source else read(eval_source, "train")
-        return PreferenceData(train, held_out, eval_source)
-    train, held_out = split_examples(train, eval_split, seed)
-    return PreferenceData(train, held_out)
+    return PreferenceData(train, held_out, eval_source)

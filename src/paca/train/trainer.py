@@ -282,6 +282,12 @@ def dry_run(cfg: TrainConfig, stream) -> dict:
     from .methods import load_tokenizer
 
     tokenizer = demo.build_tokenizer() if cfg.model in (DEMO, DEMO_RANDOM) else load_tokenizer(cfg.model)
+    if cfg.stage == "dpo":  # TRL tokenises the pairs: show the first one as it is handed over
+        data = load_preferences(cfg.data, cfg.data_split, cfg.eval_split, cfg.seed, cfg.eval_data)
+        print(data.report(cfg.max_length), file=stream)
+        print(f"first training pair (prompt, chosen, rejected):\n{json.dumps(data.train[0], ensure_ascii=False)}",
+              file=stream, flush=True)
+        return {"dry_run": True, "train_examples": len(data.train), "eval_examples": len(data.eval)}
     data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed, cfg.eval_data)
     first = data.train[0]
     print(data.report(cfg.max_length), file=stream)
@@ -367,8 +373,8 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
         raise TrainingStopped(
             f"the {err.what} became {err.value} at step {err.step}: training stopped before that step's update, and "
             f"nothing more was saved. Last good checkpoint: {kept or 'none (no checkpoint was written yet)'}. "
-            "Continue from it with bf16=false (resume=true bf16=false), or start again with a lower lr "
-            "(overwrite=true lr=...): a resume keeps the run's lr and schedule.") from None
+            "Continue from it in full precision (resume=true bf16=false fp16=false), or start again with a lower "
+            "lr (overwrite=true lr=...): a resume keeps the run's lr and schedule.") from None
     # Training time proper: evaluations inside the loop (at start, every eval_steps) are not training.
     train_seconds = time.perf_counter() - started - sum(e.get("eval_runtime", 0.0) for e in progress.evaluations)
     eval_before = None

@@ -211,6 +211,11 @@ class PacaModel(BaseTuner):
                     matched.setdefault(name, []).append(param_name)
         for name, params in matched.items():
             parent, target, target_name = _get_submodules(model, name)
+            if isinstance(target, (Experts, Router)) and adapter_name in target.paca_delta:
+                tuned = set(target.paca_delta[adapter_name]) if isinstance(target, Experts) else {"weight"}
+                if set(params) <= tuned:
+                    continue  # target_modules (all-linear, "experts") already tunes these for this adapter
+                params = [p for p in expert_projections(target.get_base_layer()) if p in tuned | set(params)]
             if params == ["weight"] and (is_router(target) or isinstance(target, Router)):
                 self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=name)
                 continue
