@@ -19,12 +19,12 @@ from typing import Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from .. import selection
 from ..ops import ResidentColumns, experts_forward, put_columns, take_columns
-from .layer import _ResidentModule, _restore_before_load, _restore_before_state_dict, broken_adapter_error
+from .layer import ResidentTunerLayer, _ResidentModule, broken_adapter_error
 
 
 def expert_projections(module: nn.Module) -> tuple[str, ...]:
@@ -51,7 +51,7 @@ class ColumnRecords(dict):
             record.forget()
 
 
-class Experts(_ResidentModule, BaseTunerLayer):
+class Experts(_ResidentModule, ResidentTunerLayer):
     """PaCA on a transformers experts module: ``forward(hidden_states, top_k_index, top_k_weights)`` as the module's.
 
     Args:
@@ -79,8 +79,7 @@ class Experts(_ResidentModule, BaseTunerLayer):
         self.kwargs = kwargs
         self._columns = ColumnRecords({name: ResidentColumns(self.in_dim, transposed=self.is_transposed)
                                        for name in expert_projections(base_layer)})
-        self.register_state_dict_pre_hook(_restore_before_state_dict)
-        self.register_load_state_dict_pre_hook(_restore_before_load)
+        self._watch_base_reads()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, projections=projections, **kwargs)
 
@@ -180,11 +179,6 @@ class Experts(_ResidentModule, BaseTunerLayer):
         idx = self.paca_indices[name]
         return {p: (delta, idx[p], self.scaling[name], self._columns[p]) for p, delta in self.paca_delta[name].items()}
 
-    def _applied_delta(self) -> Optional[dict]:
-        if self._disable_adapters or self.merged_adapters:
-            return None
-        return self._active_delta()
-
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *args, **kwargs) -> Tensor:
         if "adapter_names" in kwargs:
             raise ValueError(f"module '{self.layer_name}': adapter_names (one adapter per batch row) cannot reach "
@@ -196,12 +190,6 @@ class Experts(_ResidentModule, BaseTunerLayer):
         for p in untouched:  # another adapter tuned them: W0 there
             self._columns[p].restore()
         return experts_forward(self._modules["base_layer"], hidden_states, top_k_index, top_k_weights, tuned)
-
-    def _base_forward(self, *args, **kwargs) -> Tensor:
-        self._columns.restore()
-        if self._disable_adapters and self.merged_adapters:
-            self.unmerge()
-        return self.base_layer(*args, **kwargs)
 
     # -- merge --------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str, projection: str) -> Tensor:
@@ -241,31 +229,6 @@ class Experts(_ResidentModule, BaseTunerLayer):
             for p in self.paca_delta[name]:
                 put_columns(self.weight_of(p).data, self.in_dim, self.paca_indices[name][p],
                             self._premerge_columns.pop((name, p)))
-
-    def release_base_layer(self) -> nn.Module:
-        self._columns.forget()
-        return self.get_base_layer()
-
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool = False,
-                                           adapter_names: Optional[list[str]] = None) -> nn.Module:
-        if merge:
-            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        return self.release_base_layer()
-
-    def enable_adapters(self, enabled: bool) -> None:
-        if not enabled:
-            self._columns.restore()
-        super().enable_adapters(enabled)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._columns.forget()
-        super().delete_adapter(adapter_name)
-
-    def restore_base_weight(self) -> None:
-        self._columns.restore()
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
 
 
 def check_expert_indices(idx: Tensor, num_experts: int, d_in: Optional[int], r: int, where: str) -> None:

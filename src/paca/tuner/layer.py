@@ -28,7 +28,61 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
-class PacaLayer(BaseTunerLayer):
+class ResidentTunerLayer(BaseTunerLayer):
+    """What every tuned layer whose columns stay written in its base weights shares (linear, convolution, 4-bit,
+    router, fused experts): the base weights read back as pretrained (state_dict, load_state_dict, disabled
+    adapters, unload, delete), through ``self._columns`` (``restore()`` / ``forget()``), ``merge`` / ``unmerge`` and
+    ``_active_delta`` of the subclass."""
+
+    def _watch_base_reads(self) -> None:
+        """Checkpoints store, and loads replace, the pretrained weights (see the hooks below)."""
+        self.register_state_dict_pre_hook(_restore_before_state_dict)
+        self.register_load_state_dict_pre_hook(_restore_before_load)
+
+    def release_base_layer(self) -> nn.Module:
+        """The base layer, handed back when this PaCA layer is removed from the model."""
+        self._columns.forget()
+        return self.get_base_layer()
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool = False,
+                                           adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """PEFT's unload: the base layer, with the adapters merged if ``merge``, else exactly pretrained."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.release_base_layer()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled:
+            self._columns.restore()  # disable_adapter(): the base weight is read as the base from now on
+        super().enable_adapters(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._columns.forget()
+        super().delete_adapter(adapter_name)
+
+    def restore_base_weight(self) -> None:
+        """Write the pretrained columns back now (the next forward writes the tuned ones again)."""
+        self._columns.restore()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def _applied_delta(self):
+        """What the forward applies (the subclass's ``_active_delta``); None when it is the base layer's
+        (disabled, merged, none active)."""
+        if self._disable_adapters or self.merged_adapters:
+            return None
+        return self._active_delta()
+
+    def _base_forward(self, *args, **kwargs) -> Tensor:
+        """The base layer's output, with W0 in the tuned columns (merged columns when merged and enabled)."""
+        self._columns.restore()
+        if self._disable_adapters and self.merged_adapters:
+            self.unmerge()
+        return self.base_layer(*args, **kwargs)
+
+
+class PacaLayer(ResidentTunerLayer):
     """Adapter state and the operations every PaCA layer type shares.
 
     Subclasses set ``in_dim`` (the weight dimension indexed by ``idx``) and implement ``forward``.
@@ -52,8 +106,7 @@ class PacaLayer(BaseTunerLayer):
         self.kwargs = kwargs
         self._columns = ResidentColumns(self.in_dim)
         if isinstance(self, nn.Module):
-            self.register_state_dict_pre_hook(_restore_before_state_dict)
-            self.register_load_state_dict_pre_hook(_restore_before_load)
+            self._watch_base_reads()
 
     # -- shapes -------------------------------------------------------------------------------------
     @property
@@ -196,40 +249,6 @@ class PacaLayer(BaseTunerLayer):
             name = self.merged_adapters.pop()
             storage.index_copy_(self.in_dim, self.paca_indices[name], self._premerge_columns.pop(name))
 
-    def release_base_layer(self) -> nn.Module:
-        """The base layer, handed back when this PaCA layer is removed from the model."""
-        self._columns.forget()
-        return self.get_base_layer()
-
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool = False,
-                                           adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """PEFT's unload: the base layer, with the adapters merged if ``merge``, else exactly pretrained."""
-        if merge:
-            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        return self.release_base_layer()
-
-    def enable_adapters(self, enabled: bool) -> None:
-        if not enabled:
-            self._columns.restore()  # disable_adapter(): the base weight is read as the base from now on
-        super().enable_adapters(enabled)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._columns.forget()
-        super().delete_adapter(adapter_name)
-
-    def restore_base_weight(self) -> None:
-        """Write the pretrained columns back now (the next forward writes the tuned ones again)."""
-        self._columns.restore()
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
-
-    def _applied_delta(self) -> Optional[tuple[Tensor, Tensor, float]]:
-        """(delta, idx, scale) the forward applies; None when it is the base layer's (disabled, merged, none active)."""
-        if self._disable_adapters or self.merged_adapters:
-            return None
-        return self._active_delta()
-
     def _mixed_batch_forward(self, x: Tensor, *args, adapter_names: list[str], **kwargs) -> Tensor:
         """Each row of the batch (dim 0) through its own adapter (``"__base__"``: none), as PEFT's
         ``model(..., adapter_names=[...])``: rows are grouped by adapter, each group runs with its columns."""
@@ -254,13 +273,6 @@ class PacaLayer(BaseTunerLayer):
 
     def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         raise NotImplementedError
-
-    def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """The base layer's output, with W0 in the tuned columns (merged columns when merged and enabled)."""
-        self._columns.restore()
-        if self._disable_adapters and self.merged_adapters:
-            self.unmerge()
-        return self.base_layer(x, *args, **kwargs)
 
     @staticmethod
     def _autocast_input(x: Tensor) -> Tensor:
