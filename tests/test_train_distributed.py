@@ -151,7 +151,10 @@ def test_deepspeed_zero_equals_one_process(task_file, single_process, tmp_path, 
 
 def test_moe_experts_under_fsdp2_equal_one_process(task_file, tmp_path):
     """PaCA on fused MoE experts (a tiny Mixtral): FSDP2 shards the 3-D expert weights and deltas along the expert
-    dimension and re-gathers them for every forward and backward; 2 processes reach the single-process adapter."""
+    dimension and re-gathers them for every forward and backward; 2 processes reach the single-process adapter.
+
+    The load-balancing loss is off here: it is a mean over each process's own micro-batch (as under DDP), so 2 x 4
+    examples give a different value than 1 x 8 by design."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     tokenizer = demo.build_tokenizer()
@@ -163,7 +166,7 @@ def test_moe_experts_under_fsdp2_equal_one_process(task_file, tmp_path):
     base = tmp_path / "base"
     MixtralForCausalLM(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    moe = (f"model={base}", "target_modules=experts,q_proj")
+    moe = (f"model={base}", "target_modules=experts,q_proj", "router_aux_loss_coef=0")
     reference = single_process_run(task_file, tmp_path / "single", *moe)
     assert any(".experts.paca_delta." in name for name in reference)
     out = tmp_path / "fsdp"

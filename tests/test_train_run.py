@@ -17,7 +17,7 @@ from paca.train import TrainingStopped, demo, run
 from paca.train.checkpoints import newest_checkpoint
 from paca.train.cli import main
 from paca.train.config import load_config
-from paca.train.trainer import PacaTrainer
+from paca.train.trainer import sft_trainer_class
 
 PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\) \| loss [\d.]+ \| lr [\d.]+e[-+]\d+ \| [\d.]+[kMG]? tok/s \| "
                            r"peak [\d.]+ (KiB|MiB|GiB) \| eta \w+$")
@@ -186,33 +186,36 @@ def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_i
 
 def test_a_kill_during_a_checkpoint_save_never_leaves_a_complete_looking_checkpoint(task_file, tmp_path,
                                                                                     monkeypatch):
-    original = PacaTrainer._save_rng_state  # runs after the weights and optimizer are written
+    trainer_class = sft_trainer_class()
+    original = trainer_class._save_rng_state  # runs after the weights and optimizer are written
 
     def dies_at_step_4(self, output_dir):
         if self.state.global_step == 4:
             raise Interrupt("killed while saving checkpoint-4")
         return original(self, output_dir)
 
-    monkeypatch.setattr(PacaTrainer, "_save_rng_state", dies_at_step_4)
+    monkeypatch.setattr(trainer_class, "_save_rng_state", dies_at_step_4)
     out = tmp_path / "run"
     with pytest.raises(Interrupt):
         run(config(task_file, out, "max_steps=6", "save_steps=2"))
     assert not (out / "checkpoint-4").exists()  # half-written, so never published
     assert newest_checkpoint(out).endswith("checkpoint-2")
-    monkeypatch.setattr(PacaTrainer, "_save_rng_state", original)
+    monkeypatch.setattr(trainer_class, "_save_rng_state", original)
     run(config(task_file, out, "max_steps=6", "save_steps=2", "resume=true"))
     assert newest_checkpoint(out).endswith("checkpoint-6") and not (out / ".staging").exists()
 
 
 class NaNLossFrom(TrainerCallback):
-    """From optimizer step ``step`` on, the model's logits (and so its loss) are NaN."""
+    """From optimizer step ``step`` on, the hidden states entering the LM head (and so the loss) are NaN."""
 
     def __init__(self, step):
         self.step = step
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 == self.step:
-            model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out * float("nan"))
+            # TRL's fused LM head reads the head's weight directly: poison what it is applied to.
+            final_norm = model.get_base_model().get_decoder().norm
+            final_norm.register_forward_hook(lambda module, inputs, out: out * float("nan"))
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(task_file, tmp_path):

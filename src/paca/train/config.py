@@ -77,6 +77,16 @@ class TrainConfig:
                          "else eval_split of data held out.")
     eval_split: float = key(0.05, "data", "Held-out examples for evaluation: a fraction in (0, 1) or a count; "
                             "0 disables evaluation.")
+    train_on_prompt: bool = key(False, "data", "Learn every token, prompts and user turns too (LLaMA-Factory's "
+                                "train_on_prompt, axolotl's train_on_inputs); false: only the assistant's turns and "
+                                "completions (TRL's assistant_only_loss / completion_only_loss).")
+    chat_template: str = key("", "data", "Chat template to render the conversations with: a Jinja file, or a model "
+                             "or tokenizer directory whose template to take; unset: the model's own. Saved with the "
+                             "tokenizer.")
+    packing: bool = key(False, "data", "Pack several examples into each max_length row (TRL's best-fit packing; "
+                        "each example still attends only to itself): fewer, fuller rows.")
+    padding_free: bool = key(False, "data", "Concatenate each batch's examples into one row with no padding "
+                             "(TRL's padding-free batches; each example attends only to itself).")
     # -- training
     batch_size: int = key(8, "training", "Examples per device per micro-step; the global batch is "
                           "batch_size x grad_accum x processes.")
@@ -98,6 +108,9 @@ class TrainConfig:
     bf16: bool = key(False, "training", "bfloat16 mixed precision.")
     fp16: bool = key(False, "training", "float16 mixed precision (with loss scaling), for GPUs without bfloat16.")
     gradient_checkpointing: bool = key(False, "training", "Recompute activations in backward to save memory.")
+    router_aux_loss_coef: Optional[float] = key(None, "training", "Weight of a mixture-of-experts model's "
+                                                "load-balancing loss (added by TRL's SFTTrainer); unset: the model "
+                                                "config's own, 0: none.")
     seed: int = key(0, "training", "Seed of data order, initialisation and PaCA column choice.")
     logging_steps: int = key(10, "training", "Optimizer steps between progress lines (and metrics.jsonl rows).")
     eval_steps: int = key(0, "training", "Optimizer steps between evaluations; 0: only before and after.")
@@ -145,7 +158,8 @@ KEYS = {f.name: f for f in fields(TrainConfig)}
 # comes from the run being resumed.
 RESUME_CHANGEABLE = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
                      "report_to", "gradient_checkpointing", "bf16", "fp16", "resume", "overwrite", "output_dir")
-PATH_KEYS = ("model", "data", "eval_data", "output_dir", "deepspeed")
+PATH_KEYS = ("model", "data", "eval_data", "output_dir", "deepspeed", "chat_template")
+OPTIONAL_NUMBERS = ("lr", "router_aux_loss_coef")  # unset (None) means "the default of the method / the model"
 
 
 def usage() -> str:
@@ -215,7 +229,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if number < 0 or (number >= 1 and number != int(number)):
             raise ValueError(f"{bad}expects a fraction in (0, 1) or a whole count, got {value!r}.")
         return int(number) if number >= 1 else number
-    if name == "lr" and value in (None, "", "null", "none", "None"):
+    if name in OPTIONAL_NUMBERS and value in (None, "", "null", "none", "None"):
         return None
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -228,7 +242,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         raise ValueError(f"{bad}expects true or false, got {value!r}.")
     if isinstance(default, int):
         return _number(value, int, bad)
-    if isinstance(default, float) or name == "lr":
+    if isinstance(default, float) or name in OPTIONAL_NUMBERS:
         return _number(value, float, bad)
     if value is None:
         return ""
@@ -389,6 +403,12 @@ def check(cfg: TrainConfig) -> None:
     if cfg.stage == "dpo" and cfg.data in DEMO_DATA and not cfg.resume:  # a resume takes data from the run
         raise ValueError("stage=dpo needs preference pairs: set data to a file or dataset of prompt / chosen / "
                          "rejected records (the demo task has none).")
+    if cfg.stage == "dpo" and (cfg.packing or cfg.padding_free or cfg.train_on_prompt):
+        key_name = "packing" if cfg.packing else "padding_free" if cfg.padding_free else "train_on_prompt"
+        raise ValueError(f"key '{key_name}' shapes supervised batches (stage=sft); TRL's DPOTrainer batches the "
+                         "preference pairs itself.")
+    if cfg.router_aux_loss_coef is not None and cfg.router_aux_loss_coef < 0:
+        raise ValueError(f"key 'router_aux_loss_coef' must be 0 or more, got {cfg.router_aux_loss_coef}.")
     if cfg.bf16 and cfg.fp16:
         raise ValueError("keys 'bf16' and 'fp16' are both true; choose one mixed precision.")
     from transformers.training_args import OptimizerNames

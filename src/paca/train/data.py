@@ -473,11 +473,16 @@ def split_examples(examples: list[Example], eval_split: float, seed: int) -> tup
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
-def tokenize(train: list[Example], held_out: list[Example], tokenizer, max_length: int) -> TokenizedData:
-    """Tokenise both splits, truncating to ``max_length`` and dropping examples left without a response token."""
+def tokenize(train: list[Example], held_out: list[Example], tokenizer, max_length: int,
+             train_on_prompt: bool = False) -> TokenizedData:
+    """Tokenise both splits, truncating to ``max_length`` and dropping examples left without a response token;
+    with ``train_on_prompt`` every token of the training split is learned (evaluation still scores the responses:
+    what the run is for)."""
     result = TokenizedData([], [])
     for examples, out in ((train, result.train), (held_out, result.eval)):
         for example, (ids, labels) in zip(examples, tokenize_examples(examples, tokenizer)):
+            if train_on_prompt and out is result.train:
+                labels = list(ids)
             if len(ids) > max_length:
                 result.truncated += 1
                 ids, labels = ids[:max_length], labels[:max_length]
@@ -492,7 +497,7 @@ def tokenize(train: list[Example], held_out: list[Example], tokenizer, max_lengt
 
 
 def load_data(source: str, split: str, tokenizer, max_length: int, eval_split: float, seed: int,
-              eval_source: str = "") -> TokenizedData:
+              eval_source: str = "", train_on_prompt: bool = False) -> TokenizedData:
     """Read, split and tokenise ``source``: what `paca train` feeds the Trainer.
 
     The evaluation examples are ``eval_source`` (a file or dataset read like ``source``, or a split of ``source``),
@@ -500,7 +505,7 @@ def load_data(source: str, split: str, tokenizer, max_length: int, eval_split: f
     ``source`` held out.
     """
     train, held_out, eval_source = read_splits(source, split, eval_split, seed, eval_source, load_examples)
-    data = tokenize(train, held_out, tokenizer, max_length)
+    data = tokenize(train, held_out, tokenizer, max_length, train_on_prompt)
     data.eval_source = eval_source
     return data
 

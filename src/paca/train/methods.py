@@ -34,6 +34,32 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def use_chat_template(tokenizer, source: str):
+    """``tokenizer`` rendering chats with the template of ``source`` (key chat_template): a Jinja file, or a model or
+    tokenizer directory; ``tokenizer`` as it is for an empty ``source``."""
+    if not source:
+        return tokenizer
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            template = f.read()
+    elif os.path.isdir(source):
+        template = load_tokenizer(source).chat_template
+        if not template:
+            raise ValueError(f"chat_template '{source}': that tokenizer has no chat template.")
+    else:
+        raise FileNotFoundError(f"chat_template '{source}' not found: give a Jinja file or a tokenizer directory.")
+    if not template.strip():
+        raise ValueError(f"chat_template '{source}' is empty.")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def run_tokenizer(cfg: TrainConfig, path: str):
+    """The tokenizer a run of ``cfg`` uses (``path``: where the model is), with its chat_template choice."""
+    tokenizer = demo.build_tokenizer() if path in (DEMO, DEMO_RANDOM) else load_tokenizer(path)
+    return use_chat_template(tokenizer, cfg.chat_template)
+
+
 def _check_model_exists(name: str) -> None:
     if os.path.isdir(name):
         return
@@ -45,14 +71,14 @@ def load_base(cfg: TrainConfig):
     """``(model, tokenizer, model_path)`` for ``cfg.model``; 4-bit NF4 weights for method=qpaca."""
     if cfg.model == DEMO_RANDOM:
         model = demo.random_model(cfg.seed)
-        return model, demo.build_tokenizer(), DEMO_RANDOM
+        return model, run_tokenizer(cfg, DEMO_RANDOM), DEMO_RANDOM
     path = demo.ensure_base() if cfg.model == DEMO else cfg.model
     _check_model_exists(path)
     if os.path.isdir(path):
         # The adapter records where its base came from: an absolute path still finds it from another directory
         # (`paca export`, PeftModel.from_pretrained); a relative one only from where the run started.
         path = os.path.abspath(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = run_tokenizer(cfg, path)
     from ..modeling import load_model
 
     kwargs = {}

@@ -7,6 +7,7 @@ accelerate), checkpoint contents and resumption; this module only configures it 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -116,10 +117,72 @@ class _PacaTrainerMixin:
         self.accelerator.wait_for_everyone()
 
 
-class PacaTrainer(_PacaTrainerMixin, Trainer):
-    """The Trainer with paca's additions (supervised fine-tuning)."""
+@functools.cache
+def sft_trainer_class():
+    """TRL's SFTTrainer with paca's additions (``stage=sft``); imported on demand, like TRL's own CLI does."""
+    from trl import SFTTrainer
+
+    class PacaSFTTrainer(_PacaTrainerMixin, SFTTrainer):
+        """TRL's SFTTrainer with paca's additions, and exact match measured from its fused LM head's outputs."""
+
+        def __init__(self, model, *args, **kwargs):
+            _refuse_tuned_output_head(model)
+            # TRL casts a 4-bit base's trainable parameters to bfloat16 (QLoRA's recipe); paca keeps the dtype its
+            # method chose (QPaCA's deltas: float32 unless bf16=true), so no optimizer step is rounded away.
+            dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+            super().__init__(model, *args, **kwargs)
+            for name, p in model.named_parameters():
+                if name in dtypes and p.dtype != dtypes[name]:
+                    p.data = p.data.to(dtypes[name])
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            if prediction_loss_only:
+                return super().prediction_step(model, inputs, True, ignore_keys)
+            # TRL's loss runs the model once with its fused head, which already says per token whether the label
+            # is the top prediction: keep that output (asking TRL for outputs would run a second, full-logits
+            # forward).
+            seen = []
+            handle = model.register_forward_hook(lambda module, args, output: seen.append(output))
+            try:
+                loss, _, _ = super().prediction_step(model, inputs, True, ignore_keys)
+            finally:
+                handle.remove()
+            verdicts = exact_match_verdicts(seen[-1].is_top1, seen[-1].label_mask, inputs.get("position_ids"))
+            return loss, verdicts, verdicts
+
+    return PacaSFTTrainer
 
 
+def _refuse_tuned_output_head(model) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # Full fine-tuning trains the head's weight through the fused head's matmul; an adapter on it is never applied.
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        raise ValueError("the output head (lm_head) has an adapter, but TRL's SFTTrainer computes the loss from the "
+                         "head's weight directly (its fused LM head) and would neither apply nor train it; leave the "
+                         "head out of target_modules (all-linear does).")
+
+
+def exact_match_verdicts(is_top1: torch.Tensor, label_mask: torch.Tensor,
+                         position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(examples, 2)``: whether each example's every learned token is the top prediction, and whether it has one.
+
+    ``is_top1`` and ``label_mask`` are per next-token label, ``(rows, length - 1)``. A padding-free or packed row
+    holds several examples, each starting where ``position_ids`` restarts at 0; otherwise a row is one example.
+    """
+    wrong = (label_mask.bool() & ~is_top1.bool()).long()
+    if position_ids is None:
+        return torch.stack([1 - wrong.amax(1), label_mask.long().amax(1)], dim=1)
+    starts = (position_ids == 0).long()
+    example = (starts.flatten().cumsum(0) - 1).view_as(starts)[:, 1:]  # example of each label (token t + 1)
+    count = int(starts.sum())
+    per_example = torch.zeros(2, count, dtype=torch.long, device=wrong.device)
+    per_example[0].scatter_reduce_(0, example.flatten(), wrong.flatten(), "amax")
+    per_example[1].scatter_reduce_(0, example.flatten(), label_mask.long().flatten(), "amax")
+    return torch.stack([1 - per_example[0], per_example[1]], dim=1)
+
+
+@functools.cache
 def preference_trainer_class():
     """TRL's DPOTrainer with paca's additions (``stage=dpo``); imported on demand (TRL is an extra)."""
     try:
@@ -133,21 +196,15 @@ def preference_trainer_class():
     return PacaDPOTrainer
 
 
-def _argmax_tokens(logits, labels):
-    return logits.argmax(dim=-1)  # keep only what exact match needs, not (B, T, vocab) logits
-
-
 def exact_match(prediction) -> dict:
     """Fraction of examples whose every response token is the model's top prediction.
 
     Teacher-forced argmax over the response equals greedy decoding's output exactly (ties aside): greedy
-    reproduces the response iff each next-token argmax along the true prefix is the true token.
+    reproduces the response iff each next-token argmax along the true prefix is the true token. The predictions are
+    :func:`exact_match_verdicts` rows.
     """
-    predicted, labels = prediction.predictions, prediction.label_ids
-    target, guess = labels[:, 1:], predicted[:, :-1]  # the logits at t predict token t+1
-    scored = target != IGNORE
-    correct = ((guess == target) | ~scored).all(axis=1)
-    has_response = scored.any(axis=1)
+    verdicts = prediction.predictions
+    correct, has_response = verdicts[:, 0] == 1, verdicts[:, 1] == 1
     return {"exact_match": float(correct[has_response].mean()) if has_response.any() else 0.0}
 
 
@@ -200,7 +257,16 @@ def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before:
     """The Trainer's arguments for ``cfg``; TRL's DPOConfig (which extends them) for ``stage=dpo``."""
     kwargs = _training_kwargs(cfg, model, evaluate, evaluate_before)
     if cfg.stage != "dpo":
-        return TrainingArguments(**kwargs)
+        from trl import SFTConfig
+
+        # The examples arrive tokenised, learned tokens labelled (for any chat template, with or without
+        # {% generation %} markers); TRL packs, pads and computes the loss through its fused LM head (no
+        # (batch, length, vocab) logits).
+        # Padding-free rows without packing are never cut by TRL (it refuses a max_length then): the examples
+        # already are.
+        max_length = None if cfg.padding_free and not cfg.packing else cfg.max_length
+        return SFTConfig(**kwargs, max_length=max_length, packing=cfg.packing, padding_free=cfg.padding_free,
+                         router_aux_loss_coef=cfg.router_aux_loss_coef)
     from trl import DPOConfig
 
     # DPO batches hold prompt / chosen / rejected ids, not input_ids and labels: TRL tokenises, pads and counts.
@@ -234,10 +300,10 @@ def _training_kwargs(cfg: TrainConfig, model, evaluate: bool, evaluate_before: b
 
 
 def _collator(tokenizer):
-    from transformers import DataCollatorForSeq2Seq
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    # Pads input_ids with the pad token, labels with -100 (ignored), and builds the attention mask.
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+    # The SFTTrainer's own: pads input_ids with the pad token, labels with -100 (ignored), builds the attention mask.
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
 
 
 def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_before: bool = True,
@@ -278,17 +344,17 @@ def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_be
 def dry_run(cfg: TrainConfig, stream) -> dict:
     """Read and tokenise the data as a run would; print the data line and the first training example with its
     learned tokens marked. Loads the tokenizer only and writes nothing."""
-    from . import demo
-    from .methods import load_tokenizer
+    from .methods import run_tokenizer
 
-    tokenizer = demo.build_tokenizer() if cfg.model in (DEMO, DEMO_RANDOM) else load_tokenizer(cfg.model)
+    tokenizer = run_tokenizer(cfg, DEMO_RANDOM if cfg.model in (DEMO, DEMO_RANDOM) else cfg.model)
     if cfg.stage == "dpo":  # TRL tokenises the pairs: show the first one as it is handed over
         data = load_preferences(cfg.data, cfg.data_split, cfg.eval_split, cfg.seed, cfg.eval_data)
         print(data.report(cfg.max_length), file=stream)
         print(f"first training pair (prompt, chosen, rejected):\n{json.dumps(data.train[0], ensure_ascii=False)}",
               file=stream, flush=True)
         return {"dry_run": True, "train_examples": len(data.train), "eval_examples": len(data.eval)}
-    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed, cfg.eval_data)
+    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed, cfg.eval_data,
+                     cfg.train_on_prompt)
     first = data.train[0]
     print(data.report(cfg.max_length), file=stream)
     print(f"first training example ({len(first['input_ids'])} tokens, learned in [[...]]):", file=stream)
@@ -318,7 +384,7 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
         data = load_preferences(cfg.data, cfg.data_split, cfg.eval_split, cfg.seed, cfg.eval_data)
     else:
         data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed,
-                         cfg.eval_data)
+                         cfg.eval_data, cfg.train_on_prompt)
     model = apply_method(model, cfg)
     trainable, total = count_parameters(model)
     evaluate = bool(data.eval)
@@ -346,9 +412,8 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
         trainer = preference_trainer_class()(model=model, args=args, processing_class=tokenizer,
                                              callbacks=[progress, *callbacks], **splits)
     else:
-        trainer = PacaTrainer(model=model, args=args, data_collator=_collator(tokenizer), processing_class=tokenizer,
-                              compute_metrics=exact_match, preprocess_logits_for_metrics=_argmax_tokens,
-                              callbacks=[progress, *callbacks], **splits)
+        trainer = sft_trainer_class()(model=model, args=args, processing_class=tokenizer, compute_metrics=exact_match,
+                                      callbacks=[progress, *callbacks], **splits)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     is_main = progress.is_main = trainer.is_world_process_zero()

@@ -1,0 +1,140 @@
+"""`paca train` supervised runs through TRL's SFTTrainer: padding-free and packed batches, train_on_prompt, a
+chat_template override, exact match from TRL's fused LM head, and what the SFTTrainer would otherwise change
+silently (a 4-bit base's deltas cast to bf16, an adapter on the LM head the fused head never applies).
+
+Runs use the demo architecture (2 layers, hidden 64) on a small JSONL of the demo task, in-process.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from paca.train import demo, run
+from paca.train.cli import main
+from paca.train.config import load_config
+from paca.train.data import IGNORE, load_data
+from paca.train.trainer import exact_match_verdicts, sft_trainer_class
+
+
+def config(task_file, output_dir, *overrides):
+    return load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={output_dir}", "batch_size=8",
+                        "eval_split=8", "logging_steps=1", "save_steps=0", "lr=0.02", "max_steps=3", *overrides])
+
+
+def adapter(output_dir):
+    return load_file(os.path.join(output_dir, "adapter_model.safetensors"))
+
+
+def test_padding_free_batches_reach_the_padded_run_s_adapter_and_metrics(task_file, tmp_path):
+    """One row per batch, no padding: attention stays within each example (transformers reads the boundaries from
+    the position ids), so the update and the evaluation equal the padded run's."""
+    padded = run(config(task_file, tmp_path / "padded"))
+    free = run(config(task_file, tmp_path / "free", "padding_free=true"))
+    a, b = adapter(tmp_path / "padded"), adapter(tmp_path / "free")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    assert any(t.abs().max() > 1e-3 for n, t in a.items() if "delta" in n)
+    for when in ("eval_before", "eval_after"):
+        assert free[when]["eval_loss"] == pytest.approx(padded[when]["eval_loss"], abs=1e-5)
+        assert free[when]["eval_exact_match"] == padded[when]["eval_exact_match"]
+
+
+def test_packing_fills_max_length_rows_so_an_epoch_takes_fewer_steps(task_file, tmp_path):
+    settings = ("max_steps=-1", "epochs=1", "max_length=64")
+    unpacked = run(config(task_file, tmp_path / "rows", *settings))
+    packed = run(config(task_file, tmp_path / "packed", *settings, "packing=true"))
+    assert unpacked["steps"] == 8  # 64 examples, 8 per batch
+    assert packed["steps"] <= unpacked["steps"] // 2  # two or more examples per 64-token row
+    assert packed["last_loss"] < packed["first_loss"]
+
+
+def test_exact_match_verdicts_split_a_padding_free_row_at_each_example_start():
+    # Two examples in one row: positions 0..3 and 0..2, then one pad token (position 0, nothing learned).
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0]])
+    label_mask = torch.tensor([[0, 1, 1, 0, 1, 1, 0]])  # per next-token label: t + 1 = 1..7
+    is_top1 = torch.tensor([[0, 1, 1, 0, 1, 0, 0]])  # the second example misses its last token
+    verdicts = exact_match_verdicts(is_top1, label_mask, position_ids)
+    assert verdicts.tolist() == [[1, 1], [0, 1], [1, 0]]  # (all right, has a learned token) per example
+    # Rows of one example each: the same rule per row.
+    rows = exact_match_verdicts(torch.tensor([[1, 1], [1, 0]]), torch.tensor([[1, 1], [0, 1]]))
+    assert rows.tolist() == [[1, 1], [0, 1]]
+
+
+def test_train_on_prompt_learns_every_training_token_and_still_evaluates_responses(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"upper {w}", "response": w.upper()}) + "\n"
+                            for w in ("abc", "dog", "cat", "sun")))
+    tokenizer = demo.build_tokenizer()
+    loaded = load_data(str(data), "train", tokenizer, 64, 1, 0, train_on_prompt=True)
+    assert all(row["labels"] == row["input_ids"] for row in loaded.train)
+    assert all(IGNORE in row["labels"] for row in loaded.eval)  # the eval example's prompt is not scored
+
+
+def test_a_chat_template_file_or_directory_replaces_the_model_s_own(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "upper abc", "response": "ABC"}) + "\n")
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.role | upper }} {{ m.content }}{% if m.role == 'assistant' %}"
+                        "{{ eos_token }}{% else %} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT "
+                        "{% endif %}")
+    base = ["model=paca-demo-random", f"data={data}", "eval_split=0", "dry_run=true"]
+    assert main([*base, f"chat_template={template}"]) == 0
+    assert "USER upper abc ASSISTANT [[ABC</s>]]" in capsys.readouterr().out
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer = demo.build_tokenizer()
+    tokenizer.chat_template = template.read_text()
+    tokenizer.save_pretrained(tokenizer_dir)
+    assert main([*base, f"chat_template={tokenizer_dir}"]) == 0
+    assert "USER upper abc ASSISTANT [[ABC</s>]]" in capsys.readouterr().out
+    assert main([*base, f"chat_template={tmp_path / 'missing.jinja'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "chat_template" in err[0] and "missing.jinja" in err[0] and "not found" in err[0]
+
+
+def test_an_adapter_on_the_lm_head_is_refused_since_the_fused_head_would_skip_it(task_file, tmp_path):
+    with pytest.raises(ValueError, match="output head .*lm_head.* has an adapter"):
+        run(config(task_file, tmp_path / "head", "target_modules=q_proj,lm_head"))
+    assert not (tmp_path / "head" / "adapter_model.safetensors").exists()
+
+
+def test_a_4bit_base_keeps_float32_deltas_where_trl_would_cast_them_to_bf16(task_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    base = tmp_path / "base"
+    demo.random_model(0).save_pretrained(base)
+    demo.build_tokenizer().save_pretrained(base)
+    seen = []
+
+    from transformers import TrainerCallback
+
+    class DeltaDtypes(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.extend({p.dtype for n, p in model.named_parameters() if p.requires_grad})
+
+    run(config(task_file, tmp_path / "q", f"model={base}", "method=qpaca", "max_steps=1"), callbacks=[DeltaDtypes()])
+    assert seen == [torch.float32]
+
+
+def test_router_aux_loss_coef_weights_the_moe_load_balancing_loss(task_file, tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = demo.build_tokenizer()
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    first = {coef: run(config(task_file, tmp_path / f"c{coef}", f"model={tmp_path / 'moe'}", "max_steps=1",
+                              "eval_split=0", f"router_aux_loss_coef={coef}"))["first_loss"] for coef in (0, 1)}
+    # Top-2 of 4 experts: the balancing loss is num_experts_per_tok = 2 when the routing is even, near that here.
+    assert 1.5 < first[1] - first[0] < 3
+
+
+def test_the_sft_trainer_is_trl_s():
+    from trl import SFTTrainer
+
+    assert issubclass(sft_trainer_class(), SFTTrainer)
