@@ -3,13 +3,13 @@
 # here; any other version pulls several GB of CUDA packages). docs/DEPENDENCIES.md says how the lock moves.
 PY := .venv/bin/python
 STAMP := .venv/.installed
-EXTRAS := .[quant,trl,tensorboard,test]
+EXTRAS := .[train,quant,tensorboard,test]
 TORCH := torch==2.13.0
 # Held back when `make lock` takes the newest releases, each for a known break:
 #   transformers 5.24 refuses peft < 0.22 (unreleased on 2026-12-01) in add_adapter.
 HOLD := transformers==5.23.0
 
-.PHONY: demo test bench test-latest lock clean
+.PHONY: demo test bench test-latest test-axolotl lock clean
 
 # A fresh venv in $(1) with the newest releases (torch held), then $(2) more requirements.
 define newest_venv
@@ -42,6 +42,19 @@ test-latest:
 	.venv-latest/bin/python tools/lock.py diff constraints.txt
 	PACA_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -p no:cacheprovider tests
 
+# paca's core beside axolotl 0.19 at exactly the versions it pins (constraints-axolotl.txt, in .venv-axolotl): pip
+# must accept paca's lower bounds there, the plugin trains through `axolotl train`, the tuner's tests pass.
+AXOLOTL_TESTS := tests/test_axolotl.py tests/test_layers.py tests/test_bad_input.py tests/test_ops.py tests/test_columns.py \
+	tests/test_peft_integration.py tests/test_save_load.py tests/test_switching.py tests/test_export.py \
+	tests/test_experts.py tests/test_architectures.py tests/test_selection.py tests/test_qpaca.py tests/test_compile.py
+test-axolotl:
+	rm -rf .venv-axolotl && python3 -m venv .venv-axolotl
+	.venv-axolotl/bin/pip install -q -c constraints-axolotl.txt pip setuptools
+	.venv-axolotl/bin/pip install -q -c constraints-axolotl.txt torch
+	.venv-axolotl/bin/pip install -q -c constraints-axolotl.txt axolotl
+	.venv-axolotl/bin/pip install -q -c constraints-axolotl.txt --no-build-isolation -e ".[quant,test]"
+	.venv-axolotl/bin/python -m pytest -q -p no:cacheprovider $(AXOLOTL_TESTS)
+
 # Rewrite constraints.txt from the newest releases but $(HOLD); then `make test` rebuilds .venv from it.
 lock:
 	$(call newest_venv,.venv-lock,$(HOLD))
@@ -49,4 +62,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf .venv .venv-latest .venv-lock build src/*.egg-info
+	rm -rf .venv .venv-latest .venv-lock .venv-axolotl build src/*.egg-info

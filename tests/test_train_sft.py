@@ -138,3 +138,16 @@ def test_the_sft_trainer_is_trl_s():
     from trl import SFTTrainer
 
     assert issubclass(sft_trainer_class(), SFTTrainer)
+
+
+def test_older_training_libraries_are_one_line_naming_each_and_the_extra(task_file, tmp_path, monkeypatch, capsys):
+    """The core installs beside axolotl's older pins; `paca train` then says what its extra needs, before anything."""
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "1.9.0" if name == "trl" else real(name))
+    out = tmp_path / "never"
+    assert main([f"data={task_file}", "model=paca-demo-random", f"output_dir={out}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trl 1.9.0 (needs >=1.16)" in err[0] and "pip install 'paca[train]'" in err[0]
+    assert not out.exists()

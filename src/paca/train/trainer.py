@@ -188,7 +188,7 @@ def preference_trainer_class():
     try:
         from trl import DPOTrainer
     except ImportError:
-        raise ImportError("stage=dpo trains through TRL's DPOTrainer: pip install 'paca[trl]'.") from None
+        raise ImportError("stage=dpo trains through TRL's DPOTrainer: pip install 'paca[train]'.") from None
 
     class PacaDPOTrainer(_PacaTrainerMixin, DPOTrainer):
         """TRL's DPOTrainer with paca's additions: a PaCA model's reference is the model with its adapter disabled."""
@@ -306,6 +306,41 @@ def _collator(tokenizer):
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
 
 
+def missing_training_libraries() -> list[str]:
+    """What the installed libraries lack against paca's ``train`` extra (TRL, datasets and the floors `paca train`
+    was tested at), one entry each (``'trl 1.9.0 (needs >=1.16)'``); empty when paca is not installed as a
+    distribution (nothing recorded to check against)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        requires = metadata.requires("paca") or []
+    except metadata.PackageNotFoundError:
+        return []
+    problems = []
+    for line in requires:
+        requirement = Requirement(line)
+        if requirement.marker is None or not requirement.marker.evaluate({"extra": "train"}):
+            continue  # the core (pip checked it) or another extra
+        try:
+            installed = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{requirement.name} (not installed)")
+            continue
+        if not requirement.specifier.contains(installed.split("+")[0], prereleases=True):
+            problems.append(f"{requirement.name} {installed} (needs {requirement.specifier})")
+    return problems
+
+
+def _check_training_libraries() -> None:
+    problems = missing_training_libraries()
+    if problems:
+        raise ImportError(f"paca train runs on the libraries of paca's 'train' extra: {', '.join(problems)}; "
+                          "pip install 'paca[train]' (axolotl 0.19 pins older ones: train there with the axolotl "
+                          "plugin instead).")
+
+
 def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_before: bool = True,
         stream=None) -> dict:
     """Train as ``cfg`` says; return the summary (also written to ``output_dir/summary.json``).
@@ -320,6 +355,7 @@ def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_be
         FileNotFoundError, FileExistsError, ValueError: bad input, with what, where and what to do.
         TrainingStopped: the loss turned NaN or Inf; the last good checkpoint is kept.
     """
+    _check_training_libraries()
     from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as hf_logging
 

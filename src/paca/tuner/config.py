@@ -98,6 +98,11 @@ class PacaConfig(PeftConfig):
             raise ValueError(f"PacaConfig.r must be a positive integer, got {self.r!r}.")
         if self.bias not in ("none", "all", "paca_only"):
             raise ValueError(f"PacaConfig.bias must be 'none', 'all' or 'paca_only', got {self.bias!r}.")
+        if self.bias != "none" and not _peft_saves_paca_biases():
+            import peft
+
+            raise ValueError(f"PacaConfig.bias={self.bias!r} needs peft >= 0.21: peft {peft.__version__} saves no bias "
+                             "of a PaCA adapter, so the trained biases would be lost; upgrade peft or use bias='none'.")
         if self.selection not in ("random", "weight_norm", "gradient", "structured"):
             raise ValueError(f"PacaConfig.selection must be one of random, weight_norm, gradient, structured; "
                              f"got {self.selection!r}.")
@@ -153,3 +158,11 @@ def layer_r_and_alpha(r: int, paca_alpha: float, rank_pattern: dict, alpha_patte
     r_key = get_pattern_key((rank_pattern or {}).keys(), module_name)
     alpha_key = get_pattern_key((alpha_pattern or {}).keys(), module_name)
     return (rank_pattern or {}).get(r_key, r), float((alpha_pattern or {}).get(alpha_key, paca_alpha))
+
+
+def _peft_saves_paca_biases() -> bool:
+    """Whether PEFT asks the tuner which entries an adapter's state dict holds (peft >= 0.21, where PaCA adds the
+    biases that ``bias`` trains); older PEFT keeps entries by name only and drops PaCA's biases."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    return hasattr(BaseTuner, "_get_adapter_state_dict")

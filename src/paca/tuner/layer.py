@@ -60,6 +60,20 @@ class ResidentTunerLayer(BaseTunerLayer):
         self._columns.forget()
         super().delete_adapter(adapter_name)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT moves (and casts) an adapter's entries to the base layer's device and float dtype. peft < 0.21 (the
+        # release axolotl 0.19 pins) casts integer buffers too: the column indices would become floats (rounded,
+        # in 16 bits). They keep their int64 and only follow the device.
+        indices = {}
+        for name in (*self.adapter_layer_names, *self.other_param_names):
+            held = getattr(self, name, None)
+            if isinstance(held, BufferDict) and adapter_name in held and not held[adapter_name].is_floating_point():
+                indices[name] = held[adapter_name]
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        for name, tensor in indices.items():
+            held = getattr(self, name)
+            held[adapter_name] = tensor.to(held[adapter_name].device)
+
     def restore_base_weight(self) -> None:
         """Write the pretrained columns back now (the next forward writes the tuned ones again)."""
         self._columns.restore()

@@ -1,0 +1,1 @@
+"""Where other training tools meet paca: plugins that let their configs train PaCA (axolotl's ``plugins:``)."""
