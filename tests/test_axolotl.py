@@ -44,8 +44,11 @@ def axolotl_train(tmp_path, **keys):
     path = tmp_path / "paca.yml"
     path.write_text(yaml.safe_dump(config))
     axolotl = os.path.join(os.path.dirname(sys.executable), "axolotl")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    # axolotl relaunches itself through `accelerate launch`, found on PATH: this venv's. Its telemetry, on by
+    # default, would keep retrying an unreachable host after training.
+    search_path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": search_path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "AXOLOTL_DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([axolotl, "train", str(path)], capture_output=True, text=True, timeout=600, env=env,
                           cwd=tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

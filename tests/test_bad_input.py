@@ -9,11 +9,12 @@ import struct
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import needs_peft_0_21, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from paca import PacaConfig, paca_layers
+from paca.tuner.config import _peft_saves_paca_biases
 
 WEIGHTS = "adapter_model.safetensors"
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -133,6 +134,7 @@ def _other_llama():
     return LlamaForCausalLM(config).eval()
 
 
+@needs_peft_0_21
 def test_adapter_for_a_differently_sized_model_names_the_module(adapter_dir):
     """Loading onto a wider model: ValueError naming a module and the shapes; the base model is untouched."""
     model = _other_llama()
@@ -142,6 +144,7 @@ def test_adapter_for_a_differently_sized_model_names_the_module(adapter_dir):
     assert_unchanged(before, model)
 
 
+@needs_peft_0_21
 def test_bad_adapter_loaded_into_existing_peft_model_leaves_it_unchanged(adapter_dir, tmp_path, token_ids):
     """PeftModel.load_adapter of an adapter that does not fit: error, and the loaded adapters are as before."""
     model = get_peft_model(_other_llama(), PacaConfig(r=2, target_modules=["q_proj"]))
@@ -152,6 +155,15 @@ def test_bad_adapter_loaded_into_existing_peft_model_leaves_it_unchanged(adapter
     assert_unchanged(before, model)
     assert set(model.peft_config) == {"default"}
     assert torch.equal(model(token_ids).logits, logits)
+
+
+@pytest.mark.skipif(_peft_saves_paca_biases(), reason="peft >= 0.21 saves PaCA's biases and checks files itself")
+def test_under_peft_0_20_biases_are_refused_and_a_misfit_adapter_is_a_value_error_naming_the_module(adapter_dir):
+    """axolotl 0.19 pins peft 0.20 (`make test-axolotl`): nothing that peft would lose or take silently passes."""
+    with pytest.raises(ValueError, match=r"bias='all' needs peft >= 0.21.*saves no bias"):
+        PacaConfig(r=2, target_modules=["q_proj"], bias="all")
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.\d\.\w+\.\w+_proj'.*shape"):
+        PeftModel.from_pretrained(_other_llama(), adapter_dir)
 
 
 def _load_fails(directory, match):
@@ -207,6 +219,7 @@ def test_corrupted_weights_file_names_the_file(adapter_dir, garbage):
     ("wrong_count", "paca_indices for r="),
     ("float_indices", "integer"),
 ])
+@needs_peft_0_21
 def test_bad_indices_in_file_are_rejected_naming_file_or_module(adapter_dir, defect, match):
     """Duplicate, unsorted, out-of-range, miscounted or non-integer paca_indices: error naming where."""
     def edit(tensors):
@@ -228,6 +241,7 @@ def test_bad_indices_in_file_are_rejected_naming_file_or_module(adapter_dir, def
     _load_fails(adapter_dir, rf"(layers\.0\.self_attn\.q_proj|{adapter_dir / WEIGHTS}).*{match}")
 
 
+@needs_peft_0_21
 @pytest.mark.parametrize("defect", ["nan", "missing_indices", "r_in_config"])
 def test_inconsistent_adapter_is_rejected(adapter_dir, defect):
     """NaN delta, a delta without its indices, or a config r that disagrees with the file: clear error."""

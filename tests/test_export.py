@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import needs_peft_0_21, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -97,6 +97,7 @@ def test_export_lora_of_layers_with_their_own_r_and_scale_is_exact(tmp_path, con
     torch.testing.assert_close(merged(token_ids).logits, expected, rtol=1e-6, atol=1e-6)
 
 
+@needs_peft_0_21
 @pytest.mark.parametrize("bias", ["all", "paca_only"])
 def test_export_lora_carries_trained_biases_and_modules_to_save(tmp_path, bias, token_ids):
     """Biases (bias='all' / 'paca_only') and modules_to_save travel into the LoRA adapter; outputs still equal."""

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import needs_peft_0_21, tiny_gpt2, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -193,6 +193,7 @@ def test_load_adapter_adds_a_second_named_adapter(tmp_path, token_ids):
     assert torch.equal(first(token_ids).logits, expected_other)
 
 
+@needs_peft_0_21
 @pytest.mark.parametrize("bias", ["all", "paca_only"])
 def test_trained_biases_are_saved_and_restored(tmp_path, bias, token_ids):
     """bias='all' saves every bias, bias='paca_only' those of tuned layers; loading restores the outputs."""

@@ -243,6 +243,16 @@ class PacaModel(BaseTuner):
                 module.unmerge()
         return self._unload_and_optionally_merge(merge=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # peft >= 0.21 checks an adapter file against the model before loading it (the hook below, with a clean
+        # rollback); peft 0.20 has no such hook and would take out-of-range column indices silently. There, check
+        # at load_state_dict, which PEFT calls with the adapter's entries: a ValueError naming the module.
+        if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):
+            own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            for adapter_name in self.peft_config:
+                check_state_dict_fits(self, adapter_name, own)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
