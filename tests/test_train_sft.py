@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from paca.train import demo, run
 from paca.train.cli import main
@@ -107,8 +108,6 @@ def test_a_4bit_base_keeps_float32_deltas_where_trl_would_cast_them_to_bf16(task
     demo.build_tokenizer().save_pretrained(base)
     seen = []
 
-    from transformers import TrainerCallback
-
     class DeltaDtypes(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             seen.extend({p.dtype for n, p in model.named_parameters() if p.requires_grad})
@@ -151,3 +150,22 @@ def test_older_training_libraries_are_one_line_naming_each_and_the_extra(task_fi
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trl 1.9.0 (needs >=1.16)" in err[0] and "pip install 'paca[train]'" in err[0]
     assert not out.exists()
+
+
+def test_a_resume_may_turn_padding_free_on_but_not_change_packing(task_file, tmp_path, capsys):
+    """padding_free keeps each batch's examples (other memory, same update); packing makes other batches."""
+    from paca.train.config import RESUME_CHANGEABLE
+
+    assert "padding_free" in RESUME_CHANGEABLE and "packing" not in RESUME_CHANGEABLE
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        class KilledAfterStep3(TrainerCallback):  # checkpoint-2 is the last one written
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == 3:
+                    raise KeyboardInterrupt
+
+        run(config(task_file, out, "max_steps=4", "save_steps=2"), callbacks=[KilledAfterStep3()])
+    assert main([f"output_dir={out}", "resume=true", "packing=true"]) == 1
+    assert "packing: False in the run, True given" in capsys.readouterr().err
+    assert main([f"output_dir={out}", "resume=true", "padding_free=true"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4

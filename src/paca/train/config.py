@@ -157,7 +157,8 @@ KEYS = {f.name: f for f in fields(TrainConfig)}
 # other key fixes the model, the data or the optimisation path (lr and its schedule live in the checkpoint) and
 # comes from the run being resumed.
 RESUME_CHANGEABLE = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "gradient_checkpointing", "bf16", "fp16", "resume", "overwrite", "output_dir")
+                     "report_to", "gradient_checkpointing", "padding_free", "bf16", "fp16", "resume", "overwrite",
+                     "output_dir")
 PATH_KEYS = ("model", "data", "eval_data", "output_dir", "deepspeed", "chat_template")
 OPTIONAL_NUMBERS = ("lr", "router_aux_loss_coef")  # unset (None) means "the default of the method / the model"
 
