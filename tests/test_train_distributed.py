@@ -98,6 +98,16 @@ def test_ddp_on_two_processes_equals_one_process(task_file, single_process, tmp_
     assert_close_to(single_process, out, atol=1e-6)
 
 
+def test_ddp_with_packed_rows_equals_one_process(task_file, tmp_path):
+    """Packed training rows split across processes as plain rows do; evaluation stays one example per row, so
+    both processes score the same count (packed eval rows would differ per process and break the gather)."""
+    reference = single_process_run(task_file, tmp_path / "single", "packing=true", "max_length=64")
+    out = tmp_path / "ddp"
+    done = torchrun(["-m", "paca", "train"], two_process_args(task_file, out, "packing=true", "max_length=64"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_close_to(reference, out, atol=1e-6)
+
+
 def test_fsdp2_shards_frozen_and_tuned_weights_and_a_resumed_run_equals_one_process(task_file, tmp_path):
     """With selection=gradient: rank 0 scores the same global batches as the single process, split in two."""
     gradient = ("selection=gradient", "selection_steps=2")

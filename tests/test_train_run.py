@@ -339,6 +339,9 @@ def test_an_output_dir_that_is_a_file_is_refused_before_loading(task_file, tmp_p
     (["lrr=0.1"], "unknown key 'lrr'; did you mean 'lr'"),
     (["max_length=4"], "no training example has a response token within max_length=4"),
     (["fsdp=true"], "fsdp=true shards across processes and this is one: launch with `torchrun"),
+    (["stage=dpo", "packing=true"], "key 'packing' shapes supervised batches (stage=sft)"),
+    (["stage=dpo", "train_on_prompt=true"], "key 'train_on_prompt' shapes supervised batches"),
+    (["router_aux_loss_coef=-1"], "key 'router_aux_loss_coef' must be 0 or more"),
 ])
 def test_bad_input_exits_with_a_message_and_writes_nothing(task_file, tmp_path, capsys, overrides, message):
     out = tmp_path / "run"

@@ -40,7 +40,22 @@ def test_padding_free_batches_reach_the_padded_run_s_adapter_and_metrics(task_fi
     assert any(t.abs().max() > 1e-3 for n, t in a.items() if "delta" in n)
     for when in ("eval_before", "eval_after"):
         assert free[when]["eval_loss"] == pytest.approx(padded[when]["eval_loss"], abs=1e-5)
-        assert free[when]["eval_exact_match"] == padded[when]["eval_exact_match"]
+
+
+def test_exact_match_of_padding_free_rows_equals_the_padded_rows_on_the_same_weights(task_file, tmp_path):
+    """80 steps on 8 examples, evaluated on the same 8 (so exact match is not 0); then the finished run resumed
+    with padding_free=true: no step left, so the final evaluation scores the same weights in one padding-free row
+    per batch."""
+    eight = tmp_path / "eight.jsonl"
+    eight.write_text("".join(open(task_file).readlines()[:8]))
+    out = tmp_path / "run"
+    padded = run(config(task_file, out, f"data={eight}", f"eval_data={eight}", "max_steps=80", "lr=0.05",
+                        "logging_steps=40", "save_steps=80"))
+    free = run(load_config([f"output_dir={out}", "resume=true", "padding_free=true"]))
+    assert free["steps"] == padded["steps"] == 80
+    assert 0 < padded["eval_after"]["eval_exact_match"] < 1
+    assert free["eval_after"]["eval_exact_match"] == padded["eval_after"]["eval_exact_match"]
+    assert free["eval_after"]["eval_loss"] == pytest.approx(padded["eval_after"]["eval_loss"], abs=1e-5)
 
 
 def test_packing_fills_max_length_rows_so_an_epoch_takes_fewer_steps(task_file, tmp_path):
@@ -62,6 +77,9 @@ def test_exact_match_verdicts_split_a_padding_free_row_at_each_example_start():
     # Rows of one example each: the same rule per row.
     rows = exact_match_verdicts(torch.tensor([[1, 1], [1, 0]]), torch.tensor([[1, 1], [0, 1]]))
     assert rows.tolist() == [[1, 1], [0, 1]]
+    # A row that does not start at position 0 still starts an example.
+    assert exact_match_verdicts(torch.tensor([[1, 1, 1]]), torch.tensor([[1, 1, 1]]),
+                                torch.tensor([[5, 6, 0, 1]])).tolist() == [[1, 1], [1, 1]]
 
 
 def test_train_on_prompt_learns_every_training_token_and_still_evaluates_responses(tmp_path):
@@ -167,5 +185,11 @@ def test_a_resume_may_turn_padding_free_on_but_not_change_packing(task_file, tmp
         run(config(task_file, out, "max_steps=4", "save_steps=2"), callbacks=[KilledAfterStep3()])
     assert main([f"output_dir={out}", "resume=true", "packing=true"]) == 1
     assert "packing: False in the run, True given" in capsys.readouterr().err
+    # A run saved before a key existed had that key's default: a resume still cannot change it.
+    saved = out / "train_config.yaml"
+    saved.write_text("".join(line for line in saved.read_text().splitlines(keepends=True)
+                             if not line.startswith(("packing:", "train_on_prompt:"))))
+    assert main([f"output_dir={out}", "resume=true", "train_on_prompt=true"]) == 1
+    assert "train_on_prompt: False in the run, True given" in capsys.readouterr().err
     assert main([f"output_dir={out}", "resume=true", "padding_free=true"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4

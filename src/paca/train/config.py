@@ -174,7 +174,7 @@ def usage() -> str:
         lines += ["", f"{group}:"]
         for f in fields(TrainConfig):
             if f.metadata["group"] == group:
-                default = "unset" if f.default is None else repr(f.default)
+                default = "unset" if f.default in (None, "") else repr(f.default)
                 lines.append(f"  {f.name:<24}{f.metadata['help']} [default: {default}]")
     return "\n".join(lines)
 
@@ -252,7 +252,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     value = str(value)
     if name in PATH_KEYS and value.startswith("~"):
         value = os.path.expanduser(value)  # as a shell would; transformers expands output_dir on its own copy
-    if name in ("model", "data", "eval_data") and value and os.path.exists(value):
+    if name in ("model", "data", "eval_data", "chat_template") and value and os.path.exists(value):
         # A local model or data file, recorded absolute (train_config.yaml, the adapter's base): a resume or an
         # export from another directory finds it, and it is the same source however it was named.
         value = os.path.abspath(value)
@@ -364,10 +364,12 @@ def resumed_config(cfg: TrainConfig, saved_path: str) -> TrainConfig:
     """
     saved = {name: _coerce(name, value, saved_path) for name, value in read_yaml(saved_path).items() if name in KEYS}
     given = getattr(cfg, "given", frozenset())
-    differing = [name for name in sorted(given) if name in saved and name not in RESUME_CHANGEABLE
-                 and not _same_value(name, getattr(cfg, name), saved[name])]
+    # A key the saved run does not list (it predates the key) had its default there.
+    was = {name: saved.get(name, KEYS[name].default) for name in given if name in KEYS}
+    differing = [name for name in sorted(was) if name not in RESUME_CHANGEABLE
+                 and not _same_value(name, getattr(cfg, name), was[name])]
     if differing:
-        changes = "; ".join(f"{name}: {saved[name]!r} in the run, {getattr(cfg, name)!r} given" for name in differing)
+        changes = "; ".join(f"{name}: {was[name]!r} in the run, {getattr(cfg, name)!r} given" for name in differing)
         raise ValueError(f"resume=true continues the run in {os.path.dirname(saved_path)} as it was configured "
                          f"({os.path.basename(saved_path)}); {changes}. A resume can change only "
                          f"{', '.join(k for k in RESUME_CHANGEABLE if k not in ('resume', 'overwrite', 'output_dir'))}"

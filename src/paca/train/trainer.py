@@ -1,7 +1,9 @@
-"""`paca train` wiring: transformers' Trainer, with atomic checkpoints, a NaN/Inf guard and the progress report.
+"""`paca train` wiring: TRL's SFTTrainer / DPOTrainer (on transformers' Trainer), with atomic checkpoints, a
+NaN/Inf guard and the progress report.
 
-The Trainer does the training loop, mixed precision, gradient accumulation, DDP / FSDP2 / DeepSpeed (through
-accelerate), checkpoint contents and resumption; this module only configures it and adds what it lacks.
+TRL and the Trainer do the batching, the loss, the training loop, mixed precision, gradient accumulation,
+DDP / FSDP2 / DeepSpeed (through accelerate), checkpoint contents and resumption; this module only configures
+them and adds what they lack.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from . import checkpoints, report
 from .config import DEMO, DEMO_RANDOM, TrainConfig, resumed_config
-from .data import IGNORE, TokenizedData, load_data, load_preferences, render_with_labels
+from .data import TokenizedData, load_data, load_preferences, render_with_labels
 from .methods import apply_method, count_parameters, load_base, select_columns_by_gradient
 from .plot import plot_loss
 
@@ -48,6 +50,17 @@ class _PacaTrainerMixin:
     a stop on the first non-finite loss or gradient norm, FSDP2 on CPU processes."""
 
     _staging_root: Optional[str] = None
+
+    def __init__(self, *args, **kwargs):
+        model = kwargs["model"] if "model" in kwargs else args[0]
+        # TRL casts a 4-bit base's trainable parameters to bfloat16 (QLoRA's recipe), in SFT and DPO alike; paca
+        # keeps the dtype its method chose (QPaCA's deltas: float32 in a float32 run), so no optimizer step is
+        # rounded away.
+        dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+        super().__init__(*args, **kwargs)
+        for name, p in model.named_parameters():
+            if name in dtypes and p.dtype != dtypes[name]:
+                p.data = p.data.to(dtypes[name])
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -127,13 +140,7 @@ def sft_trainer_class():
 
         def __init__(self, model, *args, **kwargs):
             _refuse_tuned_output_head(model)
-            # TRL casts a 4-bit base's trainable parameters to bfloat16 (QLoRA's recipe); paca keeps the dtype its
-            # method chose (QPaCA's deltas: float32 unless bf16=true), so no optimizer step is rounded away.
-            dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
             super().__init__(model, *args, **kwargs)
-            for name, p in model.named_parameters():
-                if name in dtypes and p.dtype != dtypes[name]:
-                    p.data = p.data.to(dtypes[name])
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             if prediction_loss_only:
@@ -174,6 +181,7 @@ def exact_match_verdicts(is_top1: torch.Tensor, label_mask: torch.Tensor,
     if position_ids is None:
         return torch.stack([1 - wrong.amax(1), label_mask.long().amax(1)], dim=1)
     starts = (position_ids == 0).long()
+    starts[:, 0] = 1  # a row always starts an example, whatever its first position id
     example = (starts.flatten().cumsum(0) - 1).view_as(starts)[:, 1:]  # example of each label (token t + 1)
     count = int(starts.sum())
     per_example = torch.zeros(2, count, dtype=torch.long, device=wrong.device)
@@ -254,7 +262,7 @@ def _checkpointing_arguments(enabled: bool) -> dict:
 
 
 def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before: bool) -> TrainingArguments:
-    """The Trainer's arguments for ``cfg``; TRL's DPOConfig (which extends them) for ``stage=dpo``."""
+    """TRL's SFTConfig for ``cfg`` (TrainingArguments with TRL's batching keys); its DPOConfig for ``stage=dpo``."""
     kwargs = _training_kwargs(cfg, model, evaluate, evaluate_before)
     if cfg.stage != "dpo":
         from trl import SFTConfig
@@ -265,13 +273,16 @@ def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before:
         # Padding-free rows without packing are never cut by TRL (it refuses a max_length then): the examples
         # already are.
         max_length = None if cfg.padding_free and not cfg.packing else cfg.max_length
+        # Evaluation stays one example per row: each process then scores the same count of examples (packed rows
+        # differ per process, which breaks the gather under DDP) and exact match reads one example per row.
         return SFTConfig(**kwargs, max_length=max_length, packing=cfg.packing, padding_free=cfg.padding_free,
-                         router_aux_loss_coef=cfg.router_aux_loss_coef)
+                         eval_packing=False, router_aux_loss_coef=cfg.router_aux_loss_coef)
     from trl import DPOConfig
 
     # DPO batches hold prompt / chosen / rejected ids, not input_ids and labels: TRL tokenises, pads and counts.
     kwargs.update(include_num_input_tokens_seen="no", remove_unused_columns=False, label_names=None)
-    return DPOConfig(**kwargs, beta=cfg.dpo_beta, max_length=cfg.max_length)
+    return DPOConfig(**kwargs, beta=cfg.dpo_beta, max_length=cfg.max_length,
+                     router_aux_loss_coef=cfg.router_aux_loss_coef)
 
 
 def _training_kwargs(cfg: TrainConfig, model, evaluate: bool, evaluate_before: bool) -> dict:
@@ -308,16 +319,18 @@ def _collator(tokenizer):
 
 def missing_training_libraries() -> list[str]:
     """What the installed libraries lack against paca's ``train`` extra (TRL, datasets and the floors `paca train`
-    was tested at), one entry each (``'trl 1.9.0 (needs >=1.16)'``); empty when paca is not installed as a
-    distribution (nothing recorded to check against)."""
+    was tested at), one entry each (``'trl 1.9.0 (needs >=1.16)'``); when paca is not installed as a
+    distribution (no floors recorded), only whether TRL and datasets are there."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
 
     try:
         requires = metadata.requires("paca") or []
-    except metadata.PackageNotFoundError:
-        return []
+    except metadata.PackageNotFoundError:  # run from a source tree: no floors recorded, but TRL must be there
+        import importlib.util
+
+        return [f"{name} (not installed)" for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
     problems = []
     for line in requires:
         requirement = Requirement(line)
