@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from paca.train.config import DEFAULT_LR
+from paca.train.config import DEMO_LR
 
 RUNS = {
     "methods": {
@@ -32,7 +32,7 @@ RUNS = {
         "full, random-init model": ["model=paca-demo-random", "method=full"],
     },
     "selection": {f"selection={s}": [f"selection={s}"] for s in ("random", "weight_norm", "gradient", "structured")},
-    "lr": {f"{m} lr={DEFAULT_LR[m] * f:g}": [f"method={m}", f"lr={DEFAULT_LR[m] * f:g}"]
+    "lr": {f"{m} lr={DEMO_LR[m] * f:g}": [f"method={m}", f"lr={DEMO_LR[m] * f:g}"]
            for m in ("paca", "lora", "full") for f in (0.5, 1, 2)},
 }
 
