@@ -119,18 +119,25 @@ def test_an_adapter_on_the_lm_head_is_refused_since_the_fused_head_would_skip_it
     assert not (tmp_path / "head" / "adapter_model.safetensors").exists()
 
 
-def test_a_4bit_base_keeps_float32_deltas_where_trl_would_cast_them_to_bf16(task_file, tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_4bit_base_keeps_float32_deltas_where_trl_would_cast_them_to_bf16(task_file, tmp_path, stage):
     pytest.importorskip("bitsandbytes")
     base = tmp_path / "base"
     demo.random_model(0).save_pretrained(base)
     demo.build_tokenizer().save_pretrained(base)
+    data = task_file
+    if stage == "dpo":
+        data = tmp_path / "prefs.jsonl"
+        data.write_text("".join(json.dumps({"instruction": f"upper {w}", "input": "", "chosen": w.upper(),
+                                            "rejected": w}) + "\n" for w in ["abc", "dog", "sun", "cat"] * 3))
     seen = []
 
     class DeltaDtypes(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             seen.extend({p.dtype for n, p in model.named_parameters() if p.requires_grad})
 
-    run(config(task_file, tmp_path / "q", f"model={base}", "method=qpaca", "max_steps=1"), callbacks=[DeltaDtypes()])
+    run(config(task_file, tmp_path / "q", f"model={base}", "method=qpaca", "max_steps=1", f"stage={stage}",
+               f"data={data}", "eval_split=0", "batch_size=4"), callbacks=[DeltaDtypes()])
     assert seen == [torch.float32]
 
 
