@@ -54,6 +54,24 @@ def test_the_lock_pins_each_dependency_within_its_declared_range():
     assert locked["torch"] == "2.13.0"  # the local CPU wheel; any other version pulls several GB of CUDA packages
 
 
+def test_the_core_admits_the_versions_axolotl_pins_and_only_the_train_extra_asks_more():
+    """pip accepts paca beside axolotl 0.19 (constraints-axolotl.txt, `make test-axolotl`): every core requirement
+    and those of the quant and test extras hold there; `paca train`'s extra is what needs newer releases."""
+    lock = lock_tool()
+    pins = lock.read_lock(os.path.join(ROOT, "constraints-axolotl.txt"))
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    extras = project["optional-dependencies"]
+    for line in project["dependencies"] + extras["quant"] + extras["test"]:
+        requirement = Requirement(line)
+        name = lock.canonical(requirement.name)
+        assert name in pins and requirement.specifier.contains(pins[name], prereleases=True), \
+            f"'{requirement}' excludes axolotl's {name}=={pins.get(name, 'missing')} (constraints-axolotl.txt)"
+    too_old = [line for line in extras["train"]
+               if not Requirement(line).specifier.contains(pins[lock.canonical(Requirement(line).name)])]
+    assert too_old, "the train extra admits axolotl's set: docs/TRAINING.md's 'From axolotl' says it does not"
+
+
 def test_a_command_starts_without_third_party_noise():
     done = subprocess.run([sys.executable, "-m", "paca", "--help"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
