@@ -138,10 +138,6 @@ def sft_trainer_class():
     class PacaSFTTrainer(_PacaTrainerMixin, SFTTrainer):
         """TRL's SFTTrainer with paca's additions, and exact match measured from its fused LM head's outputs."""
 
-        def __init__(self, model, *args, **kwargs):
-            _refuse_tuned_output_head(model)
-            super().__init__(model, *args, **kwargs)
-
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             if prediction_loss_only:
                 return super().prediction_step(model, inputs, True, ignore_keys)
@@ -158,16 +154,6 @@ def sft_trainer_class():
             return loss, verdicts, verdicts
 
     return PacaSFTTrainer
-
-
-def _refuse_tuned_output_head(model) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    # Full fine-tuning trains the head's weight through the fused head's matmul; an adapter on it is never applied.
-    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
-        raise ValueError("the output head (lm_head) has an adapter, but TRL's SFTTrainer computes the loss from the "
-                         "head's weight directly (its fused LM head) and would neither apply nor train it; leave the "
-                         "head out of target_modules (all-linear does).")
 
 
 def exact_match_verdicts(is_top1: torch.Tensor, label_mask: torch.Tensor,
