@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import paca
+from paca.bench.measure import SavedTensorBytes
 
 warnings.filterwarnings("ignore")
 
@@ -42,18 +43,9 @@ def block_bytes(model) -> int:
 
 def saved_activation_bytes(model, ids) -> int:
     """Bytes autograd keeps for backward in one forward (distinct storages; parameters excluded)."""
-    params = {p.data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorBytes(exclude=model.parameters()) as saved:
         model(input_ids=ids, labels=ids).loss
-    return sum(storages.values())
+    return saved.bytes
 
 
 def main():

@@ -19,6 +19,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from paca import PacaConfig, paca_layers
+from paca.bench.measure import SavedTensorBytes
 from paca.ops import experts_forward
 from paca.tuner.experts import Experts
 from paca.tuner.router import Router
@@ -118,18 +119,9 @@ def test_outputs_and_gradients_equal_the_dense_reference_in_float64(kind):
 def _saved_bytes(fn, module: nn.Module) -> int:
     """Bytes of the distinct tensors autograd saves during ``fn()`` that are not ``module``'s parameters or buffers
     (those are kept referenced, not copied)."""
-    own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensorBytes(exclude=[*module.parameters(), *module.buffers()]) as saved:
         fn()
-    return sum(storages.values())
+    return saved.bytes
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
