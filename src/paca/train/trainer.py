@@ -178,11 +178,8 @@ def exact_match_verdicts(is_top1: torch.Tensor, label_mask: torch.Tensor,
 
 @functools.cache
 def preference_trainer_class():
-    """TRL's DPOTrainer with paca's additions (``stage=dpo``); imported on demand (TRL is an extra)."""
-    try:
-        from trl import DPOTrainer
-    except ImportError:
-        raise ImportError("stage=dpo trains through TRL's DPOTrainer: pip install 'paca[train]'.") from None
+    """TRL's DPOTrainer with paca's additions (``stage=dpo``); imported on demand, like the SFTTrainer."""
+    from trl import DPOTrainer
 
     class PacaDPOTrainer(_PacaTrainerMixin, DPOTrainer):
         """TRL's DPOTrainer with paca's additions: a PaCA model's reference is the model with its adapter disabled."""
@@ -365,7 +362,7 @@ def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_be
         # synchronisation costs up to 50x when another process keeps a core busy.
         torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # weight loading/saving bars would break the one-line-per-step output
-    datasets_logging.disable_progress_bar()  # and so would TRL's tokenising bars (stage=dpo)
+    datasets_logging.disable_progress_bar()  # and so would TRL's dataset preparation bars
     try:
         return _run(cfg, callbacks, evaluate_before, stream or sys.stdout)
     finally:
