@@ -79,6 +79,7 @@ class ResidentColumns:
         self._idx_version = -1
         self._weight: Optional[Tensor] = None  # the tensor P + s * D was last written into
         self._written: Optional[tuple] = None  # what that write was; None when the storage holds W0 there
+        self._per_expert = False  # idx is (E, r): a scatter, not an index_copy_
 
     def __deepcopy__(self, memo):
         # A copied layer gets its own record (and key): it writes into its own, copied, weight.
@@ -103,10 +104,24 @@ class ResidentColumns:
             self._read_pretrained(storage, idx)
         shift = delta.transpose(-1, -2) if self.transposed else delta  # no autograd here: no detach needed
         torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
-        put_columns(storage, self.in_dim, self._idx, self._sum)
+        if self._per_expert:
+            put_columns(storage, self.in_dim, self._idx, self._sum)
+        else:
+            storage.index_copy_(self.in_dim, self._idx, self._sum)
         self._weight = weight
         self._written = (weight.data_ptr(), weight._version, delta, delta._version, delta.data_ptr(), scale, idx)
         return storage
+
+    @property
+    def last_write(self) -> Optional[tuple]:
+        """A token of the last write (None after a restore): :meth:`still_holds` tells whether it is still there."""
+        return self._written
+
+    def still_holds(self, written: Optional[tuple], weight: Tensor) -> bool:
+        """Whether ``weight`` still holds the write ``written`` (a :attr:`last_write`): nothing was written or
+        restored since, nothing changed the weight in place and no sharding framework may have re-gathered it."""
+        return (written is not None and written is self._written and weight._version == written[1]
+                and weight.data_ptr() == written[0] and not self.transient and not regathered(weight))
 
     def holds(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> bool:
         """Whether ``weight`` still holds exactly the last write, made from this ``delta`` at its current version.
@@ -134,12 +149,13 @@ class ResidentColumns:
     # -- the pretrained copy -----------------------------------------------------------------------------
     def _holds_pretrained_for(self, storage: Tensor, idx: Tensor) -> bool:
         # Devices and dtypes change only through .to() and friends, which drop P (the layer's _apply).
-        return (self._pretrained is not None and _same(idx, self._idx_source) and idx._version == self._idx_version
-                and self._pretrained.dtype == storage.dtype)
+        return (self._pretrained is not None and (idx is self._idx_source or _same(idx, self._idx_source))
+                and idx._version == self._idx_version and self._pretrained.dtype == storage.dtype)
 
     def _read_pretrained(self, storage: Tensor, idx: Tensor) -> None:
         # The storage holds W0 at idx now: nothing is written (restored above) or this is the first write.
         self._idx = idx.clone()
+        self._per_expert = idx.dim() > 1
         self._idx_source, self._idx_version = idx, idx._version
         self._pretrained = take_columns(storage, self.in_dim, self._idx)  # (d_out, r, ...): one copy per column set
         self._sum = torch.empty_like(self._pretrained)

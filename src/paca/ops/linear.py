@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .columns import ResidentColumns
+from .eager import eager_apply
 
 
 def _columns_for(columns: Optional[ResidentColumns], transposed: bool) -> ResidentColumns:
@@ -26,20 +27,33 @@ def _columns_for(columns: Optional[ResidentColumns], transposed: bool) -> Reside
 
 def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
                     transposed: bool, columns: ResidentColumns) -> Tensor:
-    w = columns.written(weight, delta, idx, scale, x.dtype)
-    y = F.linear(x, w.t() if transposed else w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
+    w = columns.write(weight, delta, idx, scale)
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = F.linear(x, w.t() if transposed else w, bias)
     if columns.transient:
         columns.restore()
     return y
 
 
 def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor, idx: Tensor,
-                     scale: float, transposed: bool, needs_input_grad: bool, columns: ResidentColumns
-                     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(g W, scale * g^T x[..., idx])``; None for a gradient not asked for (``x_selected`` None: no delta grad)."""
+                     scale: float, transposed: bool, needs_input_grad: bool, columns: ResidentColumns,
+                     written: Optional[tuple] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(g W, scale * g^T x[..., idx])``; None for a gradient not asked for (``x_selected`` None: no delta grad).
+
+    ``written``: the forward's write (:attr:`ResidentColumns.last_write`); the weight is reused as is while it is
+    still the last write (a quicker test than :meth:`ResidentColumns.holds`, which runs otherwise).
+    """
     grad_input = grad_delta = None
     if needs_input_grad:
-        w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
+        if written is not None and columns.still_holds(written, weight):
+            w = weight.data
+        else:
+            w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
+        if w.dtype != grad.dtype:
+            w = w.to(grad.dtype)
         grad_input = grad @ (w.t() if transposed else w)  # (..., d_in)
         if columns.transient:
             columns.restore()
@@ -77,19 +91,24 @@ class PartialLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, delta, idx, scale, transposed, columns):
         y = _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns)
-        # The only activation kept: the r selected input channels (never the full input).
-        x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r)
-        ctx.save_for_backward(x_selected, weight, delta, idx)
-        ctx.scale, ctx.transposed, ctx.columns = scale, transposed, columns
+        # The only activation kept: the r selected input channels (never the full input). The delta is saved for
+        # autograd's check that nothing changed it in place before backward; the frozen weight and the indices are
+        # module state, referenced.
+        ctx.save_for_backward(x.index_select(-1, idx) if delta.requires_grad else None, delta)  # (..., r)
+        ctx.weight, ctx.idx, ctx.scale, ctx.transposed, ctx.columns = weight, idx, scale, transposed, columns
+        ctx.written = columns.last_write
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x_selected, weight, delta, idx = ctx.saved_tensors
-        grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, ctx.scale, ctx.transposed,
-                                                  ctx.needs_input_grad[0], ctx.columns)
+        x_selected, delta = ctx.saved_tensors
+        grad_input, grad_delta = _linear_backward(grad, x_selected, ctx.weight, delta, ctx.idx, ctx.scale,
+                                                  ctx.transposed, ctx.needs_input_grad[0], ctx.columns, ctx.written)
         grad_bias = _bias_grad(grad) if ctx.needs_input_grad[2] else None
         return grad_input, None, grad_bias, grad_delta, None, None, None, None
+
+
+_partial_linear_function = eager_apply(PartialLinearFunction)
 
 
 def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
@@ -113,7 +132,7 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
     columns = _columns_for(columns, transposed)
     if not torch.is_grad_enabled():  # inference: nothing to save
         return _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns)
-    return PartialLinearFunction.apply(x, weight, bias, delta, idx, scale, transposed, columns)
+    return _partial_linear_function(x, weight, bias, delta, idx, scale, transposed, columns)
 
 
 # torch.compile: the custom ops take the ResidentColumns by key (an int the graph keeps as a constant) and find it

@@ -205,7 +205,8 @@ class PacaLayer(ResidentTunerLayer):
         Several active adapters add up: their columns are merged (sorted union) and overlapping
         columns receive the sum of the scaled deltas, differentiably.
         """
-        return self._combined_delta(self.active_adapters)
+        active = self._active_adapter  # PEFT's active_adapters, without its two properties (once per layer call)
+        return self._combined_delta([active] if isinstance(active, str) else active)
 
     def _combined_delta(self, adapter_names: list[str]) -> Optional[tuple[Tensor, Tensor, float]]:
         """(delta, idx, scale) of ``adapter_names`` added up, as for :meth:`_active_delta`; None if none is here."""
@@ -291,6 +292,8 @@ class PacaLayer(ResidentTunerLayer):
     @staticmethod
     def _autocast_input(x: Tensor) -> Tensor:
         # The operators compute in x's dtype; under autocast that is the autocast dtype, as for nn.Linear.
+        if not torch._C._is_any_autocast_enabled():  # the usual case, asked without building a device object
+            return x
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             return x.to(torch.get_autocast_dtype(device_type))
