@@ -4,8 +4,8 @@ The maths lives in two functions; it is registered twice: as a torch.autograd.Fu
 microseconds of Python per call) and as torch.library custom ops that torch.compile keeps as one opaque node per
 layer (the custom-op dispatcher costs ~0.3 ms more per call in eager, which would starve a GPU at 200+ layers per
 step). Per call, beyond the frozen layer's own matmuls: forward ``x[..., idx]`` and the two-operator column write,
-backward the delta-gradient matmul, and on CPU one copy of it (see :mod:`paca.ops.columns` for when backward
-skips the write).
+backward the delta-gradient matmul, and for CPU gradients above a few thousand values one copy of it (see
+:mod:`paca.ops.columns` for when backward skips the write).
 """
 
 from __future__ import annotations
@@ -68,17 +68,24 @@ def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor,
         if delta_grad_in_one_operator(grad):
             grad_delta = torch.addmm(xs[:1], g.t(), xs, beta=0, alpha=scale)  # (d_out, r); cuBLAS reads g^T as is
         else:
-            # On CPU, (r, N) @ (N, d_out) runs 2-10x faster than g^T x_sel, whose output rows have only r values
-            # (measured above a few thousand N * d_out); then one copy to the (d_out, r) layout of the delta.
+            # On CPU, (r, N) @ (N, d_out) runs 1.5-9x faster than g^T x_sel, whose output rows have only r values,
+            # once N * d_out is more than a few thousand; then one copy to the (d_out, r) layout of the delta.
             grad_delta = torch.addmm(g[:1], xs.t(), g, beta=0, alpha=scale).t().contiguous()  # (d_out, r)
         if grad_delta.dtype != delta.dtype:
             grad_delta = grad_delta.to(delta.dtype)
     return grad_input, grad_delta
 
 
+# Up to this many gradient values (tokens x d_out) CPU's one-operator form is the faster one: its cost is the
+# operator's fixed overhead (measured on 1 thread of an AMD EPYC, r = 8: ~7 us vs ~9 us for the two-operator form at
+# 32 x 64, even at 64 x 64 or 32 x 128, 1.5-9x slower from 128 x 64 up).
+ONE_OPERATOR_MAX_CPU_GRAD_VALUES = 4096
+
+
 def delta_grad_in_one_operator(grad: Tensor) -> bool:
-    """Whether the delta gradient is one addmm (CUDA) or an addmm and a transposing copy (CPU's fast form)."""
-    return grad.is_cuda
+    """Whether the delta gradient is one addmm (CUDA; small CPU gradients) or an addmm and a transposing copy (the
+    faster form for CPU gradients above :data:`ONE_OPERATOR_MAX_CPU_GRAD_VALUES` values)."""
+    return grad.is_cuda or grad.numel() <= ONE_OPERATOR_MAX_CPU_GRAD_VALUES
 
 
 def _bias_grad(grad: Tensor) -> Tensor:
