@@ -71,6 +71,36 @@ def test_a_base_forward_between_forward_and_backward_is_rewritten_for_backward(k
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_backward_after_a_later_forward_of_the_same_delta_reuses_the_weight(kind):
+    """Micro-batches whose backward runs after the next one's forward, and a non-reentrant checkpoint's recompute:
+    the weight holds the same write (a later one), so backward rewrites nothing and the gradients are exact."""
+    layer, x = make_layer(kind, dtype=torch.float64)
+    randomize_delta(layer)
+    x.requires_grad_(True)
+    first, second = layer(x), layer(x)
+    assert count_writes(lambda: (second.square().sum() + first.square().sum()).backward()) == 0
+    expected_x, expected_delta = reference_grads(layer, x)
+    torch.testing.assert_close(x.grad, 2 * expected_x)
+    torch.testing.assert_close(layer.paca_delta["default"].grad, 2 * expected_delta)
+
+    layer.paca_delta["default"].grad = x.grad = None
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    assert count_writes(lambda: y.square().sum().backward()) == 1  # the recompute's forward, nothing more
+    torch.testing.assert_close(layer.paca_delta["default"].grad, expected_delta)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_a_base_weight_changed_in_place_between_forward_and_backward_is_refused_as_by_torch(kind):
+    """As for nn.Linear: backward cannot know what the weight held at forward, so autograd's version check refuses."""
+    layer, x = make_layer(kind, dtype=torch.float64)
+    y = layer(x.requires_grad_(True))
+    with torch.no_grad():
+        layer.get_base_layer().weight.mul_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.square().sum().backward()
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_another_adapter_between_forward_and_backward_gives_each_its_own_gradients(kind):
     layer, x = make_layer(kind, dtype=torch.float64, r=4)
     layer.update_layer("other", r=5, paca_alpha=2.0, seed=7)

@@ -149,6 +149,17 @@ def test_partial_conv_matches_dense_reference(conv, bias):
                              lambda x, w, b: F.conv2d(x, w, b, *args), x, w0, b, delta, idx)
 
 
+def test_under_torch_func_transforms_the_operator_takes_the_public_function_apply():
+    """Outside torch.func the eager operator enters its autograd Function through C++ (paca.ops.eager); under a
+    transform it goes through Function.apply, which refuses a Function without setup_context, as before."""
+    weight, delta, idx = torch.randn(5, 6), torch.randn(5, 2, requires_grad=True), torch.tensor([1, 4])
+    x = torch.randn(3, 6, requires_grad=True)
+    partial_linear(x, weight, None, delta, idx, 0.5).sum().backward()  # eager: the C++ entry point
+    assert x.grad is not None and delta.grad is not None
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda v: partial_linear(v, weight, None, delta, idx, 0.5).sum())(x.detach())
+
+
 def test_partial_linear_frozen_delta_gets_no_grad_and_input_grad_still_flows():
     """With D frozen (inference / another adapter), dL/dx is still g W and D receives no gradient."""
     x, w0, b, delta, idx = linear_case((3,), bias=True)

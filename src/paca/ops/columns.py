@@ -99,17 +99,21 @@ class ResidentColumns:
         ``delta`` is ``(d_out, r, ...)``; for ``in_dim`` 0 it is transposed to the weight's ``(r, d_out)``.
         """
         storage = weight.data
-        if not self._holds_pretrained_for(storage, idx):
+        pretrained = self._pretrained
+        # The usual call (the indices P was read at, unchanged) in a few identity tests; anything else in full.
+        if (pretrained is None or idx is not self._idx_source or idx._version != self._idx_version
+                or pretrained.dtype != storage.dtype) and not self._holds_pretrained_for(storage, idx):
             self.restore()  # another column set may be written: give those columns back first
             self._read_pretrained(storage, idx)
+            pretrained = self._pretrained
         shift = delta.transpose(-1, -2) if self.transposed else delta  # no autograd here: no detach needed
-        torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
+        torch.add(pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
         if self._per_expert:
             put_columns(storage, self.in_dim, self._idx, self._sum)
         else:
             storage.index_copy_(self.in_dim, self._idx, self._sum)
         self._weight = weight
-        self._written = (weight.data_ptr(), weight._version, delta, delta._version, delta.data_ptr(), scale, idx)
+        self._written = (weight.data_ptr(), weight._version, delta, scale, idx)
         return storage
 
     @property
@@ -124,16 +128,18 @@ class ResidentColumns:
                 and weight.data_ptr() == written[0] and not self.transient and not regathered(weight))
 
     def holds(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> bool:
-        """Whether ``weight`` still holds exactly the last write, made from this ``delta`` at its current version.
+        """Whether ``weight`` still holds exactly the last write, made from this ``delta`` (backward's question).
 
-        The last write's ``delta`` and ``idx`` are kept referenced, so their addresses cannot have been reused.
+        An in-place change of ``delta`` since its forward is not asked about: autograd refuses it when it unpacks the
+        saved delta. The last write's ``delta`` and ``idx`` are kept referenced, so their addresses cannot have been
+        reused.
         """
         if self._written is None or self.transient or regathered(weight):
             return False
-        ptr, version, _, delta_version, delta_ptr, written_scale, written_idx = self._written
+        ptr, version, written_delta, written_scale, written_idx = self._written
         # Storage addresses, not object identity: autograd may hand backward an alias of the saved delta.
-        return (weight.data_ptr() == ptr and weight._version == version and delta.data_ptr() == delta_ptr
-                and delta._version == delta_version and scale == written_scale and _same(idx, written_idx))
+        return (weight.data_ptr() == ptr and weight._version == version and _same(delta, written_delta)
+                and scale == written_scale and _same(idx, written_idx))
 
     def written(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float, dtype: torch.dtype,
                 reuse: bool = False) -> Tensor:

@@ -98,19 +98,19 @@ class PartialLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, delta, idx, scale, transposed, columns):
         y = _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns)
-        # The only activation kept: the r selected input channels (never the full input). The delta is saved for
-        # autograd's check that nothing changed it in place before backward; the frozen weight and the indices are
-        # module state, referenced.
-        ctx.save_for_backward(x.index_select(-1, idx) if delta.requires_grad else None, delta)  # (..., r)
-        ctx.weight, ctx.idx, ctx.scale, ctx.transposed, ctx.columns = weight, idx, scale, transposed, columns
-        ctx.written = columns.last_write
+        # The only activation kept: the r selected input channels (never the full input). The parameters are saved
+        # (references, no copies) for autograd's check, as nn.Linear's, that nothing changed them in place before
+        # backward.
+        x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r)
+        ctx.save_for_backward(x_selected, weight, delta, idx)
+        ctx.scale, ctx.transposed, ctx.columns, ctx.written = scale, transposed, columns, columns.last_write
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x_selected, delta = ctx.saved_tensors
-        grad_input, grad_delta = _linear_backward(grad, x_selected, ctx.weight, delta, ctx.idx, ctx.scale,
-                                                  ctx.transposed, ctx.needs_input_grad[0], ctx.columns, ctx.written)
+        x_selected, weight, delta, idx = ctx.saved_tensors
+        grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, ctx.scale, ctx.transposed,
+                                                  ctx.needs_input_grad[0], ctx.columns, ctx.written)
         grad_bias = _bias_grad(grad) if ctx.needs_input_grad[2] else None
         return grad_input, None, grad_bias, grad_delta, None, None, None, None
 

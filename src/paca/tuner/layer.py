@@ -355,6 +355,22 @@ class Linear(_ResidentModule, PacaLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
 
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        # The training step's call, once per layer per step, in as few Python operations as it takes: one active
+        # adapter, enabled and not merged. Anything else (a mixed batch, extra arguments) takes the general path.
+        if args or kwargs or self._disable_adapters or self.merged_adapters:
+            return super().forward(x, *args, **kwargs)
+        active = self._active_adapter
+        name = active if isinstance(active, str) else active[0] if len(active) == 1 else None
+        delta = None if name is None else self._modules["paca_delta"]._parameters.get(name)
+        if delta is None:  # several adapters combine, or this layer has none of the active one
+            return super().forward(x)
+        base = self._modules["base_layer"]
+        if torch._C._is_any_autocast_enabled():
+            x = self._autocast_input(x)
+        return partial_linear(x, base.weight, base.bias, delta, self._modules["paca_indices"]._buffers[name],
+                              self.scaling[name], self.is_transposed, self._columns)
+
     def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         base = self._modules["base_layer"]
         return partial_linear(self._autocast_input(x), base.weight, base.bias, delta, idx, scale,
