@@ -43,6 +43,11 @@ class StepRecord:
     def step_s(self) -> float:
         return self.forward_s + self.backward_s + self.optimizer_s
 
+    @property
+    def forward_backward_s(self) -> float:
+        """The step without the optimizer: what the floor (no optimizer) is compared on."""
+        return self.forward_s + self.backward_s
+
 
 class PhaseClock:
     """Marks phase boundaries: host clock on CPU, CUDA events on GPU (read after one final sync)."""

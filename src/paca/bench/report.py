@@ -37,10 +37,12 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     timed = [r for r in results if "step_time_s" in r]
     if timed:
-        header = ["method", "step s", "fwd s", "bwd s", "opt s", "step xLoRA", "step xfloor", "tok/s", "TFLOP/s",
+        header = ["method", "step s", "fwd s", "bwd s", "opt s", "step xLoRA", "step xfloor", "f+b xfloor", "tok/s",
+                  "TFLOP/s",
                   "peak mem GiB", "mem xLoRA", "activations MiB", "act xLoRA", "ops/step", "trainable"]
         rows = [[r["method"], _num(r["step_time_s"], ".4f"), _num(r["forward_s"], ".4f"), _num(r["backward_s"], ".4f"),
                  _num(r["optimizer_s"], ".4f"), _ratio(r, "step_time_s"), _ratio(r, "step_time_s", "floor"),
+                 _ratio(r, "forward_backward_s", "floor"),
                  _num(r["tokens_per_s"], ".0f"), _num(r["tflops_per_s"], ".3f"),
                  _num(r["peak_memory_bytes"], ".3f", GIB), _ratio(r, "peak_memory_bytes"),
                  _num(r["activation_bytes"], ".1f", MIB), _ratio(r, "activation_bytes"),

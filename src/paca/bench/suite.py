@@ -320,7 +320,8 @@ class Run:
                 continue
             for m in records:
                 ratios = {phase: median(self._paired(records, m, reference, phase))
-                          for phase in ("step_s", "forward_s", "backward_s") if self._paired(records, m, reference, phase)}
+                          for phase in ("step_s", "forward_s", "backward_s", "forward_backward_s")
+                          if self._paired(records, m, reference, phase)}
                 ratios = {("step_time_s" if k == "step_s" else k): v for k, v in ratios.items()}
                 paired = self._paired(records, m, reference, "step_s")
                 if len(paired) >= 2:  # how much the per-round ratios scatter: the noise behind the median
