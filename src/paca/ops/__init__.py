@@ -15,6 +15,7 @@ calls; the tuner layer writes ``W0``'s columns back before anyone reads the weig
 (:mod:`paca.ops.columns`). Every forward reads the *current* ``D``, however it was changed.
 
 - :mod:`paca.ops.columns`  the column write, its record and restore
+- :mod:`paca.ops.eager`    how the operators enter their autograd Functions in eager mode (C++, outside functorch)
 - :mod:`paca.ops.linear`   nn.Linear and GPT-2 Conv1D (autograd Function; torch.library custom ops under torch.compile)
 - :mod:`paca.ops.conv`     nn.Conv1d/2d/3d, grouped and depthwise too (autograd Function; custom ops)
 - :mod:`paca.ops.experts`  fused MoE experts (3-D weights): per-expert columns, one matmul per expert block

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .columns import ResidentColumns
+from .eager import c_apply, functorch_active, functorch_wrapped
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
@@ -95,6 +96,9 @@ class PartialConvFunction(torch.autograd.Function):
         return grad_input, None, grad_bias, grad_delta, None, None, None, None, None, None, None
 
 
+_partial_conv_in_cpp = c_apply(PartialConvFunction)
+
+
 def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
                  stride, padding, dilation, groups: int = 1, columns: Optional[ResidentColumns] = None) -> Tensor:
     """Convolution (1-3 d by ``weight``'s rank, zero padding) with input columns ``idx`` of ``weight`` shifted by
@@ -110,8 +114,10 @@ def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tenso
         key = -1 if columns is None else columns.key
         return partial_conv_op(x, weight, bias, delta, idx, scale, list(stride), list(padding), list(dilation),
                                groups, key)
-    return PartialConvFunction.apply(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups,
-                                     _columns_for(columns))
+    args = (x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, _columns_for(columns))
+    if functorch_active() or functorch_wrapped(x):  # see paca.ops.eager
+        return PartialConvFunction.apply(*args)
+    return _partial_conv_in_cpp(*args)
 
 
 @torch.library.custom_op("paca::partial_conv", mutates_args=())
