@@ -1,9 +1,10 @@
 """Eager calls of the operators' autograd Functions without ``Function.apply``'s Python wrapper.
 
-``torch.autograd.Function.apply`` is a Python classmethod that, on every call, binds default arguments, checks for
-functorch transforms and unwraps dead functorch wrappers before it calls the C++ ``_FunctionBase.apply``: ~2.5 us
-per call on CPU, once per tuned layer per step, about as much as the column write's two operators. A PaCA layer's
-arguments are plain tensors, so outside functorch the C++ entry point does the same work. The operators call it as
+``torch.autograd.Function.apply`` is a Python classmethod that, on every call, looks for a ``setup_context``, checks
+for functorch transforms and unwraps dead functorch wrappers before it calls the C++ ``_FunctionBase.apply``: ~2.5 us
+per call on CPU (timed alone), once per tuned layer per step: half of what the column write's two operators cost. A
+PaCA layer's arguments are plain tensors, so outside functorch the C++ entry point does the same work. The operators
+call it as
 
     if functorch_active() or functorch_wrapped(x):
         return Function.apply(...)        # torch.func transforms, or a tensor left from one
