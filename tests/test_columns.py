@@ -90,6 +90,21 @@ def test_backward_after_a_later_forward_of_the_same_delta_reuses_the_weight(kind
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_saved_tensor_hooks_that_copy_give_the_reference_gradients(kind):
+    """torch.autograd.graph.save_on_cpu on a GPU hands backward copies of the saved weight and indices: backward
+    still reads the module's weight (a copy holds the forward's write already; writing into it again doubled it)."""
+    layer, x = make_layer(kind, dtype=torch.float64)
+    randomize_delta(layer)
+    x.requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        y = layer(x)
+    y.square().sum().backward()
+    expected_x, expected_delta = reference_grads(layer, x)
+    torch.testing.assert_close(x.grad, expected_x)
+    torch.testing.assert_close(layer.paca_delta["default"].grad, expected_delta)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_a_base_weight_changed_in_place_between_forward_and_backward_is_refused_as_by_torch(kind):
     """As for nn.Linear: backward cannot know what the weight held at forward, so autograd's version check refuses."""
     layer, x = make_layer(kind, dtype=torch.float64)

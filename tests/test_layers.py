@@ -347,6 +347,24 @@ def test_autocast_bf16_matches_base_layer_dtypes_and_reference(kind):
     assert layer.get_base_layer().weight.dtype == torch.float32
 
 
+def test_mps_autocast_is_seen_though_torch_s_any_autocast_flag_leaves_it_out():
+    """torch._C._is_any_autocast_enabled() is False under MPS autocast alone: the layer asks MPS separately."""
+
+    class MpsInput:  # what the layer reads of an input; this machine has no MPS device
+        is_mps = True
+        device = torch.device("mps")
+
+        def to(self, dtype):
+            return dtype
+
+    enabled = torch.is_autocast_enabled("mps")
+    torch.set_autocast_enabled("mps", True)
+    try:
+        assert PacaLinear._autocast_input(MpsInput()) == torch.get_autocast_dtype("mps")
+    finally:
+        torch.set_autocast_enabled("mps", enabled)
+
+
 # ----------------------------------------------------------------------------------------------------
 # training dynamics on a tiny Llama
 # ----------------------------------------------------------------------------------------------------

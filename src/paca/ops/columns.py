@@ -130,9 +130,10 @@ class ResidentColumns:
     def holds(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> bool:
         """Whether ``weight`` still holds exactly the last write, made from this ``delta`` (backward's question).
 
-        An in-place change of ``delta`` since its forward is not asked about: autograd refuses it when it unpacks the
-        saved delta. The last write's ``delta`` and ``idx`` are kept referenced, so their addresses cannot have been
-        reused.
+        An in-place change of ``delta`` since its forward is not asked about: the weight then still holds what the
+        forward computed with (autograd itself refuses the change when it unpacks the saved delta, unless saved-tensor
+        hooks are active). The last write's ``delta`` and ``idx`` are kept referenced, so their addresses cannot have
+        been reused.
         """
         if self._written is None or self.transient or regathered(weight):
             return False

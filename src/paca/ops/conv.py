@@ -83,13 +83,15 @@ class PartialConvFunction(torch.autograd.Function):
         y = _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns)
         x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
         ctx.save_for_backward(x_selected, weight, delta, idx)
+        ctx.parameters = (weight, delta, idx)  # the tensors themselves, as paca.ops.linear keeps them
         ctx.conv = (stride, padding, dilation, groups)
         ctx.scale, ctx.input_shape, ctx.has_bias, ctx.columns = scale, x.shape, bias is not None, columns
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x_selected, weight, delta, idx = ctx.saved_tensors
+        x_selected = ctx.saved_tensors[0]  # unpacks all four: autograd's in-place check
+        weight, delta, idx = ctx.parameters
         grad_input, grad_delta = _conv_backward(grad, x_selected, weight, delta, idx, ctx.scale, *ctx.conv,
                                                 ctx.input_shape, ctx.needs_input_grad[0], ctx.columns)
         grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None

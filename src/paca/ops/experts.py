@@ -141,12 +141,14 @@ class PartialExpertsFunction(torch.autograd.Function):
     def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns):
         y = _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns)
         ctx.save_for_backward(_selected_input(x, delta, idx, expert_of_row), weight, delta, idx, offsets)
+        ctx.parameters = (weight, delta, idx)  # the tensors themselves, as paca.ops.linear keeps them
         ctx.scale, ctx.transposed, ctx.columns = scale, transposed, columns
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x_selected, weight, delta, idx, offsets = ctx.saved_tensors
+        x_selected, _, _, _, offsets = ctx.saved_tensors
+        weight, delta, idx = ctx.parameters
         grad_x, grad_delta = _experts_backward(grad, x_selected, weight, delta, idx, offsets, ctx.scale,
                                                ctx.transposed, ctx.needs_input_grad[0], ctx.columns)
         return grad_x, None, grad_delta, None, None, None, None, None, None

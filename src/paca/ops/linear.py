@@ -103,12 +103,16 @@ class PartialLinearFunction(torch.autograd.Function):
         # backward.
         x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r)
         ctx.save_for_backward(x_selected, weight, delta, idx)
+        # The parameters themselves too: saved-tensor hooks (save_on_cpu) may unpack copies, and a rewrite in backward
+        # must go into the module's weight, not a copy that already holds the write.
+        ctx.parameters = (weight, delta, idx)
         ctx.scale, ctx.transposed, ctx.columns, ctx.written = scale, transposed, columns, columns.last_write
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x_selected, weight, delta, idx = ctx.saved_tensors
+        x_selected = ctx.saved_tensors[0]  # unpacks all four: autograd's in-place check
+        weight, delta, idx = ctx.parameters
         grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, ctx.scale, ctx.transposed,
                                                   ctx.needs_input_grad[0], ctx.columns, ctx.written)
         grad_bias = _bias_grad(grad) if ctx.needs_input_grad[2] else None

@@ -292,7 +292,8 @@ class PacaLayer(ResidentTunerLayer):
     @staticmethod
     def _autocast_input(x: Tensor) -> Tensor:
         # The operators compute in x's dtype; under autocast that is the autocast dtype, as for nn.Linear.
-        if not torch._C._is_any_autocast_enabled():  # the usual case, asked without building a device object
+        # The usual case, asked without building a device object (torch's "any autocast" leaves MPS out).
+        if not (torch._C._is_any_autocast_enabled() or x.is_mps):
             return x
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -366,8 +367,7 @@ class Linear(_ResidentModule, PacaLayer):
         if delta is None:  # several adapters combine, or this layer has none of the active one
             return super().forward(x)
         base = self._modules["base_layer"]
-        if torch._C._is_any_autocast_enabled():
-            x = self._autocast_input(x)
+        x = self._autocast_input(x)
         return partial_linear(x, base.weight, base.bias, delta, self._modules["paca_indices"]._buffers[name],
                               self.scaling[name], self.is_transposed, self._columns)
 
