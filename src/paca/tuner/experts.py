@@ -185,12 +185,7 @@ class Experts(_ResidentModule, ResidentTunerLayer):
                              "PaCA experts, which see routed tokens; set_adapter() one adapter instead.")
         tuned = self._applied_delta()
         if tuned is None:
-            active = self._active_delta() if self._base_output_needs_w0_in_backward(hidden_states) else None
-            if active is None or args or kwargs:
-                return self._base_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-            # See _base_output_needs_w0_in_backward: W0 through PaCA's operator, a zero delta per projection.
-            tuned = {p: (torch.zeros_like(delta.detach()), idx, 0.0, record) for p, (delta, idx, _, record)
-                     in active.items()}
+            return self._base_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         untouched = [p for p in self._columns if p not in tuned]
         for p in untouched:  # another adapter tuned them: W0 there
             self._columns[p].restore()

@@ -88,16 +88,6 @@ class ResidentTunerLayer(BaseTunerLayer):
             return None
         return self._active_delta()
 
-    def _base_output_needs_w0_in_backward(self, x: Tensor) -> bool:
-        """Whether a base output computed now has a backward that reads the weight (its input requires grad).
-
-        The base layer's own backward would read the weight as it is then, and a PaCA forward of this layer before
-        that backward writes its columns into it (silently: the write bumps no version). Such base outputs are
-        computed by PaCA's operator with a zero delta instead: the same output, and a backward that writes W0's
-        columns back before it reads them.
-        """
-        return x.requires_grad and torch.is_grad_enabled() and not self.merged_adapters
-
     def _base_forward(self, *args, **kwargs) -> Tensor:
         """The base layer's output, with W0 in the tuned columns (merged columns when merged and enabled)."""
         self._columns.restore()
@@ -342,7 +332,11 @@ class _ResidentModule(nn.Module):
         return self._partial_forward(x, *applied)
 
     def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if not (args or kwargs) and self._base_output_needs_w0_in_backward(x):
+        # A base output whose backward needs the weight (an input that requires grad): the base layer's own backward
+        # would read the weight as it is then, and a PaCA forward of this layer before that backward writes its
+        # columns into it (silently: the write does not bump the version). PaCA's operator with a zero delta
+        # computes the same output, and its backward writes W0's columns back before it reads them.
+        if x.requires_grad and torch.is_grad_enabled() and not (args or kwargs or self.merged_adapters):
             applied = self._active_delta()
             if applied is not None:
                 delta, idx, _ = applied
