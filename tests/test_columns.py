@@ -115,30 +115,6 @@ def test_a_base_weight_changed_in_place_between_forward_and_backward_is_refused_
         y.square().sum().backward()
 
 
-@pytest.mark.parametrize("mixed_batch", [False, True], ids=["disabled", "base_rows"])
-@pytest.mark.parametrize("kind", LAYER_KINDS)
-def test_a_base_forward_with_grad_then_a_paca_forward_before_its_backward_gives_both_their_gradients(kind,
-                                                                                                     mixed_batch):
-    """The base output's backward must read W0 although the PaCA forward after it wrote the tuned columns."""
-    layer, x = make_layer(kind, dtype=torch.float64)
-    randomize_delta(layer)
-    x.requires_grad_(True)
-    if mixed_batch:  # PEFT's adapter_names: every row through the base layer
-        y_base = layer(x, adapter_names=["__base__"] * x.shape[0])
-    else:
-        layer.enable_adapters(False)
-        y_base = layer(x)
-        layer.enable_adapters(True)
-    y = layer(x)
-    (y_base.square().sum() + y.square().sum()).backward()
-    xr = x.detach().clone().requires_grad_(True)
-    w0 = layer.state_dict()["base_layer.weight"].detach()
-    reference_forward(layer, xr, w0, layer.get_base_layer().bias.detach()).square().sum().backward()
-    expected_x, expected_delta = reference_grads(layer, x)
-    torch.testing.assert_close(x.grad, xr.grad + expected_x)
-    torch.testing.assert_close(layer.paca_delta["default"].grad, expected_delta)
-
-
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_another_adapter_between_forward_and_backward_gives_each_its_own_gradients(kind):
     layer, x = make_layer(kind, dtype=torch.float64, r=4)

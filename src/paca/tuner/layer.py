@@ -331,18 +331,6 @@ class _ResidentModule(nn.Module):
             return self._base_forward(x, *args, **kwargs)
         return self._partial_forward(x, *applied)
 
-    def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # A base output whose backward needs the weight (an input that requires grad): the base layer's own backward
-        # would read the weight as it is then, and a PaCA forward of this layer before that backward writes its
-        # columns into it (silently: the write does not bump the version). PaCA's operator with a zero delta
-        # computes the same output, and its backward writes W0's columns back before it reads them.
-        if x.requires_grad and torch.is_grad_enabled() and not (args or kwargs or self.merged_adapters):
-            applied = self._active_delta()
-            if applied is not None:
-                delta, idx, _ = applied
-                return self._partial_forward(x, torch.zeros_like(delta.detach()), idx, 0.0)
-        return super()._base_forward(x, *args, **kwargs)
-
     def _apply(self, fn, recurse=True):
         self._columns.forget()  # .to(), .half(), .cuda(): convert the pretrained weight, read the columns again
         return super()._apply(fn, recurse)
