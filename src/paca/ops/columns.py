@@ -99,15 +99,11 @@ class ResidentColumns:
         ``delta`` is ``(d_out, r, ...)``; for ``in_dim`` 0 it is transposed to the weight's ``(r, d_out)``.
         """
         storage = weight.data
-        pretrained = self._pretrained
-        # The usual call (the indices P was read at, unchanged) in a few identity tests; anything else in full.
-        if (pretrained is None or idx is not self._idx_source or idx._version != self._idx_version
-                or pretrained.dtype != storage.dtype) and not self._holds_pretrained_for(storage, idx):
+        if not self._holds_pretrained_for(storage, idx):
             self.restore()  # another column set may be written: give those columns back first
             self._read_pretrained(storage, idx)
-            pretrained = self._pretrained
         shift = delta.transpose(-1, -2) if self.transposed else delta  # no autograd here: no detach needed
-        torch.add(pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
+        torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
         if self._per_expert:
             put_columns(storage, self.in_dim, self._idx, self._sum)
         else:
@@ -115,17 +111,6 @@ class ResidentColumns:
         self._weight = weight
         self._written = (weight.data_ptr(), weight._version, delta, scale, idx)
         return storage
-
-    @property
-    def last_write(self) -> Optional[tuple]:
-        """A token of the last write (None after a restore): :meth:`still_holds` tells whether it is still there."""
-        return self._written
-
-    def still_holds(self, written: Optional[tuple], weight: Tensor) -> bool:
-        """Whether ``weight`` still holds the write ``written`` (a :attr:`last_write`): nothing was written or
-        restored since, nothing changed the weight in place and no sharding framework may have re-gathered it."""
-        return (written is not None and written is self._written and weight._version == written[1]
-                and weight.data_ptr() == written[0] and not self.transient and not regathered(weight))
 
     def holds(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> bool:
         """Whether ``weight`` still holds exactly the last write, made from this ``delta`` (backward's question).

@@ -27,9 +27,7 @@ def _columns_for(columns: Optional[ResidentColumns], transposed: bool) -> Reside
 
 def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
                     transposed: bool, columns: ResidentColumns) -> Tensor:
-    w = columns.write(weight, delta, idx, scale)
-    if w.dtype != x.dtype:
-        w = w.to(x.dtype)
+    w = columns.written(weight, delta, idx, scale, x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     y = F.linear(x, w.t() if transposed else w, bias)
@@ -39,21 +37,12 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Te
 
 
 def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor, idx: Tensor,
-                     scale: float, transposed: bool, needs_input_grad: bool, columns: ResidentColumns,
-                     written: Optional[tuple] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(g W, scale * g^T x[..., idx])``; None for a gradient not asked for (``x_selected`` None: no delta grad).
-
-    ``written``: the forward's write (:attr:`ResidentColumns.last_write`); the weight is reused as is while it is
-    still the last write (a quicker test than :meth:`ResidentColumns.holds`, which runs otherwise).
-    """
+                     scale: float, transposed: bool, needs_input_grad: bool, columns: ResidentColumns
+                     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(g W, scale * g^T x[..., idx])``; None for a gradient not asked for (``x_selected`` None: no delta grad)."""
     grad_input = grad_delta = None
     if needs_input_grad:
-        if written is not None and columns.still_holds(written, weight):
-            w = weight.data
-        else:
-            w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
-        if w.dtype != grad.dtype:
-            w = w.to(grad.dtype)
+        w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
         grad_input = grad @ (w.t() if transposed else w)  # (..., d_in)
         if columns.transient:
             columns.restore()
@@ -106,7 +95,7 @@ class PartialLinearFunction(torch.autograd.Function):
         # The parameters themselves too: saved-tensor hooks (save_on_cpu) may unpack copies, and a rewrite in backward
         # must go into the module's weight, not a copy that already holds the write.
         ctx.parameters = (weight, delta, idx)
-        ctx.scale, ctx.transposed, ctx.columns, ctx.written = scale, transposed, columns, columns.last_write
+        ctx.scale, ctx.transposed, ctx.columns = scale, transposed, columns
         return y
 
     @staticmethod
@@ -114,7 +103,7 @@ class PartialLinearFunction(torch.autograd.Function):
         x_selected = ctx.saved_tensors[0]  # unpacks all four: autograd's in-place check
         weight, delta, idx = ctx.parameters
         grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, ctx.scale, ctx.transposed,
-                                                  ctx.needs_input_grad[0], ctx.columns, ctx.written)
+                                                  ctx.needs_input_grad[0], ctx.columns)
         grad_bias = _bias_grad(grad) if ctx.needs_input_grad[2] else None
         return grad_input, None, grad_bias, grad_delta, None, None, None, None
 
