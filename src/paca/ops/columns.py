@@ -80,6 +80,7 @@ class ResidentColumns:
         self._weight: Optional[Tensor] = None  # the tensor P + s * D was last written into
         self._written: Optional[tuple] = None  # what that write was; None when the storage holds W0 there
         self._per_expert = False  # idx is (E, r): a scatter, not an index_copy_
+        self._zero: Optional[Tensor] = None  # see broadcast_zero
 
     def __deepcopy__(self, memo):
         # A copied layer gets its own record (and key): it writes into its own, copied, weight.
@@ -137,6 +138,14 @@ class ResidentColumns:
         storage = weight.data if reuse and self.holds(weight, delta, idx, scale) else self.write(weight, delta, idx,
                                                                                                  scale)
         return storage if storage.dtype == dtype else storage.to(dtype)
+
+    def broadcast_zero(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """A zero of ``shape`` in ``like``'s dtype and device that allocates nothing (a 0-dim zero, expanded), kept
+        for the next call: the input a backward's ``addmm(zero, ..., beta=0)`` never reads."""
+        zero = self._zero
+        if zero is None or zero.shape != shape or zero.dtype != like.dtype or zero.device != like.device:
+            zero = self._zero = torch.zeros((), dtype=like.dtype, device=like.device).expand(shape)
+        return zero
 
     # -- the pretrained copy -----------------------------------------------------------------------------
     def _holds_pretrained_for(self, storage: Tensor, idx: Tensor) -> bool:
