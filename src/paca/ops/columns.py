@@ -124,9 +124,10 @@ class ResidentColumns:
         if self._written is None or self.transient or regathered(weight):
             return False
         ptr, version, written_delta, written_scale, written_idx = self._written
-        # Storage addresses, not object identity: autograd may hand backward an alias of the saved delta.
-        return (weight.data_ptr() == ptr and weight._version == version and _same(delta, written_delta)
-                and scale == written_scale and _same(idx, written_idx))
+        # Storage addresses where the objects differ: autograd may hand backward an alias of the saved delta.
+        return (weight.data_ptr() == ptr and weight._version == version and scale == written_scale
+                and (delta is written_delta or _same(delta, written_delta))
+                and (idx is written_idx or _same(idx, written_idx)))
 
     def written(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float, dtype: torch.dtype,
                 reuse: bool = False) -> Tensor:
