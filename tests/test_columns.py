@@ -207,6 +207,41 @@ def test_a_weight_another_module_holds_is_restored_after_every_call(token_ids):
     assert torch.equal(model(input_ids=token_ids).logits, first)
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # PEFT's, expected here
+def test_a_tied_head_computes_with_its_tuned_columns_and_gets_their_gradient(token_ids):
+    """The transient head (its weight shared with the embeddings) still computes with W0 + s D in forward and backward:
+    logits, the head delta's gradient and the input embeddings' gradient (through the head's input gradient) equal
+    an untied float64 model whose head holds the tuned columns densely."""
+    base = tiny_llama().double()
+    base.config.tie_word_embeddings = True
+    base.lm_head.weight = base.model.embed_tokens.weight
+    w0 = base.model.embed_tokens.weight.detach().clone()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, PacaConfig(r=4, target_modules=["lm_head"]))
+    head = paca_layers(model)["lm_head"]
+    with torch.no_grad():
+        head.paca_delta["default"].normal_()
+    model.train()
+    embeds = w0[token_ids].requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits
+    probe = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=logits.dtype)
+    (logits * probe).sum().backward()
+
+    idx, s = head.paca_indices["default"], head.scaling["default"]
+    tuned = w0.index_add(1, idx, s * head.paca_delta["default"].detach()).requires_grad_(True)
+    reference.lm_head = torch.nn.Linear(w0.shape[1], w0.shape[0], bias=False, dtype=w0.dtype)  # untied
+    reference.lm_head.weight = torch.nn.Parameter(tuned)
+    reference.requires_grad_(False).lm_head.weight.requires_grad_(True)
+    reference_embeds = w0[token_ids].requires_grad_(True)
+    expected = reference(inputs_embeds=reference_embeds).logits
+    (expected * probe).sum().backward()
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(embeds.grad, reference_embeds.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(head.paca_delta["default"].grad, s * reference.lm_head.weight.grad[:, idx],
+                               rtol=1e-10, atol=1e-10)
+    assert torch.equal(base.model.embed_tokens.weight, w0)
+
+
 def test_regathered_weights_are_rewritten_in_backward():
     """ZeRO-3 (``ds_id``) and FSDP free the unsharded weight after forward and gather it pristine again, often at the
     same address and version: backward must not trust that the columns are still written."""

@@ -175,11 +175,12 @@ def test_output_reflects_delta_after_load_state_dict(kind, mode):
     assert torch.equal(layer(x), trained(x))
 
 
-@pytest.mark.parametrize("edit", ["no_grad_add_", "data_copy_"])
+@pytest.mark.parametrize("edit", ["no_grad_add_", "data_copy_", "data_replaced"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_output_reflects_manual_in_place_edit_of_delta(kind, mode, edit):
-    """Editing D in place (torch.no_grad() add_, or .data.copy_) changes the next output accordingly."""
+    """Editing D in place (torch.no_grad() add_, or .data.copy_, neither of which a version counter sees the same
+    way) or giving it new storage (``.data = ...``) changes the next output accordingly."""
     layer, x = make_layer(kind)
     layer.train(mode == "train")
     delta = layer.paca_delta["default"]
@@ -187,8 +188,10 @@ def test_output_reflects_manual_in_place_edit_of_delta(kind, mode, edit):
     if edit == "no_grad_add_":
         with torch.no_grad():
             delta.add_(torch.full_like(delta, 0.25))
-    else:
+    elif edit == "data_copy_":
         delta.data.copy_(torch.linspace(-1, 1, delta.numel()).reshape(delta.shape))
+    else:
+        delta.data = torch.linspace(-1, 1, delta.numel()).reshape(delta.shape)
     assert_matches_reference(layer, x)
 
 
@@ -289,23 +292,89 @@ def test_two_active_adapters_add_up(kind):
     assert_matches_reference(layer, x, adapters=("other",))
 
 
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_a_new_adapter_selects_its_columns_from_the_pretrained_weight(kind):
+    """weight_norm selection of an adapter added after a forward (the first adapter's columns written in the
+    weight, with a delta large enough to change the ranking) reads W0, not the tuned weight."""
+    from paca import selection
+
+    layer, x = make_layer(kind, r=4)
+    randomize_delta(layer, std=50.0)
+    w0 = layer.state_dict()["base_layer.weight"].clone()
+    layer(x)
+    tuned = layer.get_base_layer().weight.detach().clone()
+    assert not torch.equal(selection.weight_norm_columns(tuned, 4, layer.in_dim),
+                           selection.weight_norm_columns(w0, 4, layer.in_dim))  # the test can tell them apart
+    layer.update_layer("other", r=4, paca_alpha=8.0, selection_strategy="weight_norm")
+    assert torch.equal(layer.paca_indices["other"], selection.weight_norm_columns(w0, 4, layer.in_dim))
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_two_active_adapters_each_get_their_own_gradient(kind):
+    """With two adapters active each delta gets dL/dD_a = s_a * dL/dW[:, idx_a] of the dense reference (overlapping
+    columns give both the same column gradient), and the input gets the combined weight's gradient."""
+    layer, x = make_layer(kind, dtype=torch.float64, r=4)
+    layer.update_layer("other", r=5, paca_alpha=2.0, seed=7)
+    randomize_delta(layer, "default", seed=1)
+    randomize_delta(layer, "other", seed=2)
+    layer.set_adapter(["default", "other"])
+    x.requires_grad_(True)
+    layer(x).square().sum().backward()
+
+    w = layer.state_dict()["base_layer.weight"].detach().clone()
+    for a in ("default", "other"):
+        delta = layer.paca_delta[a].detach() * layer.scaling[a]
+        w = w.index_add(layer.in_dim, layer.paca_indices[a], delta.t() if layer.in_dim == 0 else delta)
+    w.requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    reference_forward(layer, xr, w, layer.get_base_layer().bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
+    for a in ("default", "other"):
+        columns = w.grad.index_select(layer.in_dim, layer.paca_indices[a])
+        expected = layer.scaling[a] * (columns.t() if layer.in_dim == 0 else columns)
+        torch.testing.assert_close(layer.paca_delta[a].grad, expected, rtol=1e-10, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------------------------------
 # precision
 # ----------------------------------------------------------------------------------------------------
 
+def dense_reference_grads(layer, x, probe):
+    """float64 (dL/dx, dL/dD) of ``loss = sum(y * probe)`` through the dense reference."""
+    xr = x.detach().double().requires_grad_(True)
+    d = layer.paca_delta["default"].detach().double().requires_grad_(True)
+    base = layer.get_base_layer()
+    shift = (d.t() if layer.in_dim == 0 else d) * layer.scaling["default"]
+    w = layer.state_dict()["base_layer.weight"].detach().double().index_add(layer.in_dim,
+                                                                              layer.paca_indices["default"], shift)
+    b = None if base.bias is None else base.bias.detach().double()
+    (reference_forward(layer, xr, w, b) * probe.double()).sum().backward()
+    return xr.grad, d.grad
+
+
+def assert_close_at_16_bits(got, want):
+    torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
-def test_bf16_base_with_fp32_delta_is_close_to_reference_and_grad_is_fp32(kind):
-    """bf16 base layer, fp32 delta (as get_peft_model's autocast_adapter_dtype leaves it): bf16 output close
-    to the float64 reference, fp32 delta gradient, base weight untouched."""
-    layer, x = make_layer(kind, dtype=torch.bfloat16)
+def test_16_bit_base_with_fp32_delta_matches_the_reference_and_grad_is_fp32(kind, dtype):
+    """16-bit base layer, fp32 delta (as get_peft_model's autocast_adapter_dtype leaves it): 16-bit output and
+    input gradient, fp32 delta gradient, each close to the float64 reference; base weight untouched."""
+    layer, x = make_layer(kind, dtype=dtype)
     layer.paca_delta["default"] = torch.nn.Parameter(layer.paca_delta["default"].float())
     randomize_delta(layer)
     w = layer.get_base_layer().weight.detach().clone()
+    x.requires_grad_(True)
     out = layer(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     torch.testing.assert_close(out.double(), dense_reference(layer, x), rtol=3e-2, atol=5e-2)
-    out.float().square().mean().backward()
-    assert layer.paca_delta["default"].grad.dtype == torch.float32
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    (out.float() * probe).sum().backward()
+    assert layer.paca_delta["default"].grad.dtype == torch.float32 and x.grad.dtype == dtype
+    expected_x, expected_delta = dense_reference_grads(layer, x, probe)
+    assert_close_at_16_bits(x.grad, expected_x)
+    assert_close_at_16_bits(layer.paca_delta["default"].grad, expected_delta)
     assert torch.equal(layer.state_dict()["base_layer.weight"], w)
 
 
@@ -328,21 +397,27 @@ def test_bf16_model_through_get_peft_model_keeps_fp32_delta_and_matches_fp32_mod
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in deltas)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
-def test_autocast_bf16_matches_base_layer_dtypes_and_reference(kind):
-    """Under torch.autocast(cpu, bf16) the output has the base layer's autocast dtype; backward gives fp32 grads."""
+def test_autocast_matches_base_layer_dtypes_and_reference(kind, dtype):
+    """Under torch.autocast(cpu, bf16 or fp16) the output has the base layer's autocast dtype and is close to the
+    reference; backward gives fp32 gradients close to the float64 reference's."""
     layer, x = make_layer(kind)
     randomize_delta(layer)
     layer.get_base_layer().bias.requires_grad_(True)
     x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = layer(x)
         expected_dtype = layer.get_base_layer()(x).dtype
-    assert out.dtype == expected_dtype == torch.bfloat16
+    assert out.dtype == expected_dtype == dtype
     torch.testing.assert_close(out.double(), dense_reference(layer, x), rtol=3e-2, atol=5e-2)
-    out.float().square().mean().backward()
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    (out.float() * probe).sum().backward()
     assert x.grad.dtype == torch.float32
     assert layer.paca_delta["default"].grad.dtype == torch.float32
+    expected_x, expected_delta = dense_reference_grads(layer, x, probe)
+    assert_close_at_16_bits(x.grad, expected_x)
+    assert_close_at_16_bits(layer.paca_delta["default"].grad, expected_delta)
     assert layer.get_base_layer().bias.grad.dtype == torch.float32
     assert layer.get_base_layer().weight.dtype == torch.float32
 

@@ -257,11 +257,13 @@ def test_merge_and_unload_gives_plain_model_with_same_outputs(arch, token_ids):
 
 @pytest.mark.parametrize("merge_first", [False, True], ids=["unmerged", "merged"])
 def test_unload_restores_base_model_bit_for_bit(merge_first, token_ids):
-    """unload() gives the base model back with every tensor exactly as before, even after merge_adapter."""
+    """unload() gives the base model back with every tensor exactly as before, after a training step's forward and
+    backward (the tuned columns are written in the weights then) and even after merge_adapter."""
     reference = tiny_llama()
     before = base_state(reference)
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear"))
     randomize_deltas(model)
+    model(token_ids, labels=token_ids).loss.backward()
     if merge_first:
         model.merge_adapter()
     plain = model.unload()
