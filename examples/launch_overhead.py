@@ -1,0 +1,125 @@
+"""Where PaCA's forward + backward time goes in the launch-bound regime (tiny preset, batch 1 x 32, one thread).
+
+    python examples/launch_overhead.py [--rounds 150]
+
+Runs one forward + backward of each variant per round, interleaved, and prints the median over rounds of each
+variant's time over the frozen floor's (the bench's ``f+b xfloor``). The variants swap the operator every PaCA
+linear layer calls (``paca.tuner.layer.partial_linear``), in the same model:
+
+    paca              the product
+    paca, no PEFT     the same layers, the model called without PEFT's PeftModel wrapper
+    required          a bare autograd Function doing only the algorithm's work, as the product does it: the
+                      column write (ResidentColumns.write: an add and an index_copy_), x[..., idx], the matmul;
+                      backward the input-gradient matmul and the delta-gradient addmm (alpha = scale). No checks:
+                      no autocast, compile or functorch dispatch, no rewrite after something restored the weight,
+                      no saved-tensor version checks. Not correct in general; a lower bound for an eager Function.
+    required - scale  the same, the delta gradient a plain mm (what applying the scale costs)
+    required - write  the same without the column write (what the write costs; its outputs are wrong)
+
+The floor is the frozen model with gradients flowing to the embeddings' output (``paca bench``'s floor).
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore")
+
+
+def bare_functions():
+    """The control operators: autograd Functions with nothing but the listed work (see the module docstring)."""
+    from paca.ops.eager import c_apply
+
+    class Required(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, delta, idx, scale, columns, write, scaled):
+            w = columns.write(weight, delta, idx, scale) if write else weight
+            ctx.w, ctx.x_selected, ctx.scale, ctx.scaled = w, x.index_select(-1, idx), scale, scaled
+            ctx.columns = columns
+            return F.linear(x, w, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            g = grad.reshape(-1, grad.shape[-1])
+            xs = ctx.x_selected.reshape(-1, ctx.x_selected.shape[-1])
+            if ctx.scaled:  # as the product computes it: its ignored input a cached broadcast zero
+                grad_delta = torch.addmm(ctx.columns.broadcast_zero(g, (g.shape[1], xs.shape[1])), g.t(), xs, beta=0,
+                                         alpha=ctx.scale)
+            else:
+                grad_delta = g.t() @ xs
+            return grad @ ctx.w, None, None, grad_delta, None, None, None, None, None
+
+    apply = c_apply(Required)
+
+    def operator(write: bool, scaled: bool):
+        def call(x, weight, bias, delta, idx, scale, transposed, columns):
+            return apply(x, weight, bias, delta, idx, scale, columns, write, scaled)
+        return call
+
+    return operator
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=150)
+    args = p.parse_args()
+
+    import paca.tuner.layer as layer
+    from paca import restore_base_weights
+    from paca.bench.methods import make_trainee
+    from paca.bench.presets import ModelSpec
+    from paca.bench.suite import build_model, random_tokens
+
+    torch.set_num_threads(1)
+    base = build_model(ModelSpec("tiny"), torch.float32, torch.device("cpu"), seed=0)
+    ids = random_tokens(512, 1, 32, seed=0, device=torch.device("cpu"))
+    floor = make_trainee("floor", base, 8, 16, 0).model
+    paca = make_trainee("paca", base, 8, 16, 0).model
+    if any(getattr(m, "is_transposed", False) for m in paca.modules()):
+        raise SystemExit("the controls assume nn.Linear layers (no GPT-2 Conv1D)")
+    product = layer.partial_linear
+    operator = bare_functions()
+    variants = {  # name -> (model, operator)
+        "floor": (floor, None),
+        "paca": (paca, product),
+        "paca, no PEFT": (paca.base_model.model, product),
+        "required": (paca, operator(write=True, scaled=True)),
+        "required - scale": (paca, operator(write=True, scaled=False)),
+        "required - write": (paca, operator(write=False, scaled=True)),
+    }
+    trainable = [q for q in paca.parameters() if q.requires_grad]
+
+    def forward_backward(name: str) -> float:
+        model, op = variants[name]
+        if op is not None:
+            layer.partial_linear = op
+        try:
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            elapsed = time.perf_counter() - start
+        finally:
+            layer.partial_linear = product
+        for q in trainable:
+            q.grad = None
+        restore_base_weights(paca)  # every variant starts from the pretrained weights, as the bench's steps do
+        return elapsed
+
+    for name in variants:  # warm-up: PaCA's first call copies the pretrained columns
+        forward_backward(name)
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name in variants:
+            times[name].append(forward_backward(name))
+    print(f"forward + backward over the floor's, median of {args.rounds} interleaved rounds "
+          f"(floor {statistics.median(times['floor']) * 1e3:.2f} ms):")
+    for name, seconds in times.items():
+        ratio = statistics.median(a / b for a, b in zip(seconds, times["floor"]))
+        print(f"  {name:18s} {ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
