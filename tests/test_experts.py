@@ -169,6 +169,30 @@ def test_columns_stay_written_between_calls_and_every_base_view_sees_w0():
         assert torch.equal(getattr(released, name), w0)
 
 
+@pytest.mark.parametrize("edit", ["data_copy_", "data_replaced", "load_state_dict"])
+def test_outputs_follow_a_delta_changed_after_a_forward(edit):
+    """After a forward (the columns written in the fused weights) the delta is changed through ``.data`` (which no
+    version counter sees), given new storage, or loaded from another layer's state: the next output is the dense
+    reference's for the new delta."""
+    layer = tuned(experts_module("mixtral"))
+    hidden, index, weights = routing()
+    layer(hidden, index, weights)
+    delta = layer.paca_delta["default"]["down_proj"]
+    new = torch.linspace(-1, 1, delta.numel()).reshape(delta.shape)
+    if edit == "data_copy_":
+        delta.data.copy_(new)
+    elif edit == "data_replaced":
+        delta.data = new
+    else:
+        trained = tuned(experts_module("mixtral"))
+        with torch.no_grad():
+            trained.paca_delta["default"]["down_proj"].copy_(new)
+        layer.load_state_dict(trained.state_dict())
+    assert torch.equal(layer.paca_delta["default"]["down_proj"], new)
+    out = layer(hidden, index, weights)
+    torch.testing.assert_close(out, dense_reference(layer)(hidden, index, weights), rtol=1e-5, atol=1e-5)
+
+
 def test_merge_then_unmerge_is_bit_exact_and_merged_outputs_match():
     layer = tuned(experts_module("gpt_oss"))
     base = layer.get_base_layer()
