@@ -16,8 +16,9 @@ calls; the tuner layer writes ``W0``'s columns back before anyone reads the weig
 
 - :mod:`paca.ops.columns`  the column write, its record and restore
 - :mod:`paca.ops.eager`    how the operators enter their autograd Functions in eager mode (C++, outside functorch)
-- :mod:`paca.ops.linear`   nn.Linear and GPT-2 Conv1D (autograd Function; torch.library custom ops under torch.compile)
-- :mod:`paca.ops.conv`     nn.Conv1d/2d/3d, grouped and depthwise too (autograd Function; custom ops)
+- :mod:`paca.ops.compiled` how the operators appear to torch.compile (one opaque torch.library op each)
+- :mod:`paca.ops.linear`   nn.Linear and GPT-2 Conv1D (autograd Function; torch.library ops under torch.compile)
+- :mod:`paca.ops.conv`     nn.Conv1d/2d/3d, grouped and depthwise too (autograd Function; library ops)
 - :mod:`paca.ops.experts`  fused MoE experts (3-D weights): per-expert columns, one matmul per expert block
 - :mod:`paca.quantized`    the 4-bit (QPaCA) operator over bitsandbytes weights
 """

@@ -6,7 +6,7 @@ With ``groups > 1`` a column ``j`` of the weight is local channel ``j`` of every
 depthwise convolution (one channel per group) has one column: its whole filter bank.
 
 As for the linear operator, the maths lives in two functions registered twice: an autograd Function for eager
-mode and torch.library custom ops (one opaque node per layer) under torch.compile.
+mode and torch.library ops (one opaque node per layer, :mod:`paca.ops.compiled`) under torch.compile.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .columns import ResidentColumns
+from .compiled import library_op
 from .eager import c_apply, functorch_active, functorch_wrapped
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -122,26 +123,27 @@ def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tenso
     return _partial_conv_in_cpp(*args)
 
 
-@torch.library.custom_op("paca::partial_conv", mutates_args=())
-def partial_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                    columns_key: int) -> Tensor:
+def _partial_conv_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
+                         stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                         columns_key: int) -> Tensor:
     """:func:`partial_conv` as one opaque node for torch.compile."""
     return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups,
                          _columns_for(ResidentColumns.find(columns_key)))
 
 
-@partial_conv_op.register_fake
+partial_conv_op = library_op("partial_conv", _partial_conv_kernel)
+
+
+@torch.library.register_fake(partial_conv_op)
 def _(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key):
     return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("paca::partial_conv_backward", mutates_args=())
-def partial_conv_backward_op(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
-                             idx: Tensor, scale: float, stride: list[int], padding: list[int], dilation: list[int],
-                             groups: int, input_shape: list[int], needs_input_grad: bool,
-                             columns_key: int) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`partial_conv_op`; an empty tensor stands for a gradient not asked for."""
+def _partial_conv_backward_kernel(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
+                                  idx: Tensor, scale: float, stride: list[int], padding: list[int],
+                                  dilation: list[int], groups: int, input_shape: list[int], needs_input_grad: bool,
+                                  columns_key: int) -> tuple[Tensor, Tensor]:
+    """Gradients of ``partial_conv_op``; an empty tensor stands for a gradient not asked for."""
     grad_input, grad_delta = _conv_backward(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation,
                                             groups, input_shape, needs_input_grad,
                                             _columns_for(ResidentColumns.find(columns_key)))
@@ -149,7 +151,10 @@ def partial_conv_backward_op(grad: Tensor, x_selected: Optional[Tensor], weight:
             delta.new_empty(0) if grad_delta is None else grad_delta.contiguous())
 
 
-@partial_conv_backward_op.register_fake
+partial_conv_backward_op = library_op("partial_conv_backward", _partial_conv_backward_kernel)
+
+
+@torch.library.register_fake(partial_conv_backward_op)
 def _(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation, groups, input_shape, needs_input_grad,
       columns_key):
     grad_input = grad.new_empty(input_shape) if needs_input_grad else grad.new_empty(0)
@@ -176,4 +181,4 @@ def _conv_op_backward(ctx, grad):
             grad_delta if x_selected is not None else None, None, None, None, None, None, None, None)
 
 
-partial_conv_op.register_autograd(_conv_op_backward, setup_context=_conv_setup_context)
+torch.library.register_autograd(partial_conv_op, _conv_op_backward, setup_context=_conv_setup_context)

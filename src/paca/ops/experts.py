@@ -13,7 +13,7 @@ into the fused weight by one scatter that stays there between calls (:mod:`paca.
 The three products are grouped GEMMs (``torch.nn.functional.grouped_mm``, one kernel for all experts, no host
 synchronisation) where torch accepts the operands (float32/16-bit, 16-byte aligned strides); otherwise the expert
 blocks run one matmul each, as transformers' eager experts do. As for the linear operator, the maths is registered
-twice: an autograd Function for eager mode and torch.library custom ops that torch.compile keeps as one opaque
+twice: an autograd Function for eager mode and torch.library ops that torch.compile keeps as one opaque
 node per projection (no graph break: the routing below has static shapes).
 
 :func:`experts_forward` is the experts module's forward in transformers' experts interface (routing, gate,
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .columns import ResidentColumns
+from .compiled import library_op
 from .eager import c_apply, functorch_active, functorch_wrapped
 
 
@@ -187,37 +188,42 @@ def partial_experts_linear(x: Tensor, weight: Tensor, delta: Optional[Tensor], i
     return _partial_experts_in_cpp(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns)
 
 
-# torch.compile: as in paca.ops.linear, the custom ops find the layer's ResidentColumns by key at run time.
+# torch.compile: as in paca.ops.linear, the library ops find the layer's ResidentColumns by key at run time.
 
 def _columns_by_key(key: int, transposed: bool) -> ResidentColumns:
     return _columns_for(ResidentColumns.find(key), transposed)
 
 
-@torch.library.custom_op("paca::partial_experts", mutates_args=())
-def partial_experts_op(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor],
-                       expert_of_row: Tensor, offsets: Tensor, scale: float, transposed: bool,
-                       columns_key: int) -> Tensor:
+def _partial_experts_kernel(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor],
+                            expert_of_row: Tensor, offsets: Tensor, scale: float, transposed: bool,
+                            columns_key: int) -> Tensor:
     """:func:`partial_experts_linear` as one opaque node for torch.compile."""
     return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, _columns_by_key(columns_key, transposed))
 
 
-@partial_experts_op.register_fake
+partial_experts_op = library_op("partial_experts", _partial_experts_kernel)
+
+
+@torch.library.register_fake(partial_experts_op)
 def _(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key):
     return x.new_empty(x.shape[0], weight.shape[2] if transposed else weight.shape[1])
 
 
-@torch.library.custom_op("paca::partial_experts_backward", mutates_args=())
-def partial_experts_backward_op(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Optional[Tensor],
-                                idx: Optional[Tensor], offsets: Tensor, scale: float, transposed: bool,
-                                needs_input_grad: bool, columns_key: int) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`partial_experts_op`; an empty tensor stands for a gradient not asked for."""
+def _partial_experts_backward_kernel(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor,
+                                     delta: Optional[Tensor], idx: Optional[Tensor], offsets: Tensor, scale: float,
+                                     transposed: bool, needs_input_grad: bool,
+                                     columns_key: int) -> tuple[Tensor, Tensor]:
+    """Gradients of ``partial_experts_op``; an empty tensor stands for a gradient not asked for."""
     grad_x, grad_delta = _experts_backward(grad, x_selected, weight, delta, idx, offsets, scale, transposed,
                                            needs_input_grad, _columns_by_key(columns_key, transposed))
     return (grad.new_empty(0) if grad_x is None else grad_x,
             grad.new_empty(0) if grad_delta is None else grad_delta)
 
 
-@partial_experts_backward_op.register_fake
+partial_experts_backward_op = library_op("partial_experts_backward", _partial_experts_backward_kernel)
+
+
+@torch.library.register_fake(partial_experts_backward_op)
 def _(grad, x_selected, weight, delta, idx, offsets, scale, transposed, needs_input_grad, columns_key):
     d_in = weight.shape[1] if transposed else weight.shape[2]
     grad_x = grad.new_empty(grad.shape[0], d_in) if needs_input_grad else grad.new_empty(0)
@@ -240,7 +246,7 @@ def _op_backward(ctx, grad):
             None, None, None, None, None, None)
 
 
-partial_experts_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+torch.library.register_autograd(partial_experts_op, _op_backward, setup_context=_op_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Linear and GPT-2 Conv1D: ``y = x W^T + b`` with W ``(d_out, d_in)``, or ``y = x W + b`` with W ``(d_in, d_out)``.
 
 The maths lives in two functions; it is registered twice: as a torch.autograd.Function for eager mode (a few
-microseconds of Python per call) and as torch.library custom ops that torch.compile keeps as one opaque node per
-layer (the custom-op dispatcher costs ~0.3 ms more per call in eager, which would starve a GPU at 200+ layers per
-step). Per call, beyond the frozen layer's own matmuls: forward ``x[..., idx]`` and the two-operator column write,
-backward the delta-gradient matmul, and for CPU gradients above a few thousand values one copy of it (see
-:mod:`paca.ops.columns` for when backward skips the write).
+microseconds of Python per call) and as torch.library ops that torch.compile keeps as one opaque node per layer
+(:mod:`paca.ops.compiled`; a library op's dispatch costs more per call than the Function's C++ entry, so eager
+mode does not use them). Per call, beyond the frozen layer's own matmuls: forward ``x[..., idx]`` and the
+two-operator column write, backward the delta-gradient matmul, and for CPU gradients above a few thousand values
+one copy of it (see :mod:`paca.ops.columns` for when backward skips the write).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .columns import ResidentColumns
+from .compiled import library_op
 from .eager import c_apply, functorch_active, functorch_wrapped
 
 
@@ -140,38 +141,42 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
     return _partial_linear_in_cpp(x, weight, bias, delta, idx, scale, transposed, columns)
 
 
-# torch.compile: the custom ops take the ResidentColumns by key (an int the graph keeps as a constant) and find it
+# torch.compile: the library ops take the ResidentColumns by key (an int the graph keeps as a constant) and find it
 # at run time, so compiled and eager calls share one record of what the weight holds.
 
 def _columns_by_key(key: int, transposed: bool) -> ResidentColumns:
     return _columns_for(ResidentColumns.find(key), transposed)
 
 
-@torch.library.custom_op("paca::partial_linear", mutates_args=())
-def partial_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                      scale: float, transposed: bool, columns_key: int) -> Tensor:
+def _partial_linear_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
+                           scale: float, transposed: bool, columns_key: int) -> Tensor:
     """:func:`partial_linear` as one opaque node for torch.compile."""
     return _linear_forward(x, weight, bias, delta, idx, scale, transposed, _columns_by_key(columns_key, transposed))
 
 
-@partial_linear_op.register_fake
+partial_linear_op = library_op("partial_linear", _partial_linear_kernel)
+
+
+@torch.library.register_fake(partial_linear_op)
 def _(x, weight, bias, delta, idx, scale, transposed, columns_key):
     d_out = weight.shape[1] if transposed else weight.shape[0]
     return x.new_empty(*x.shape[:-1], d_out)
 
 
-@torch.library.custom_op("paca::partial_linear_backward", mutates_args=())
-def partial_linear_backward_op(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
-                               idx: Tensor, scale: float, transposed: bool, needs_input_grad: bool,
-                               columns_key: int) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`partial_linear_op`; an empty tensor stands for a gradient not asked for."""
+def _partial_linear_backward_kernel(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
+                                    idx: Tensor, scale: float, transposed: bool, needs_input_grad: bool,
+                                    columns_key: int) -> tuple[Tensor, Tensor]:
+    """Gradients of ``partial_linear_op``; an empty tensor stands for a gradient not asked for."""
     grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, scale, transposed,
                                               needs_input_grad, _columns_by_key(columns_key, transposed))
     return (grad.new_empty(0) if grad_input is None else grad_input,
             delta.new_empty(0) if grad_delta is None else grad_delta)
 
 
-@partial_linear_backward_op.register_fake
+partial_linear_backward_op = library_op("partial_linear_backward", _partial_linear_backward_kernel)
+
+
+@torch.library.register_fake(partial_linear_backward_op)
 def _(grad, x_selected, weight, delta, idx, scale, transposed, needs_input_grad, columns_key):
     d_in = weight.shape[0] if transposed else weight.shape[1]
     grad_input = grad.new_empty(*grad.shape[:-1], d_in) if needs_input_grad else grad.new_empty(0)
@@ -196,4 +201,4 @@ def _op_backward(ctx, grad):
             grad_delta if x_selected is not None else None, None, None, None, None)
 
 
-partial_linear_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+torch.library.register_autograd(partial_linear_op, _op_backward, setup_context=_op_setup_context)
