@@ -130,6 +130,25 @@ def test_operators_per_step_are_counted_per_method_and_do_not_grow():
     assert steady_operator_counts("paca", base, longer)[0] == TINY_PACA_TWO_OPERATOR_DELTA_GRAD
 
 
+def test_compile_times_compiled_steps_and_keeps_the_eager_operator_counts(tmp_path, capsys):
+    """--compile: fig2's timed steps run each method's torch.compile'd model (dynamo captures graphs, no break, the
+    floor's included); the ops/step column is still the eager step's count, which the title says."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    path = tmp_path / "bench.json"
+    code, out, err = run_bench(["--preset", "tiny", "--batch", "2", "--seq", "16", "--methods", "floor,paca",
+                                "--repeats", "2", "--threads", "1", "--compile", "eager", "--json", str(path)], capsys)
+    torch._dynamo.reset()
+    assert code == 0, err
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    assert not torch._dynamo.utils.counters["graph_break"]
+    results = {r["method"]: r for r in json.loads(path.read_text())["results"]}
+    # The compiled floor's gradient source (an add of a zero leaf, its sum and accumulation in backward): 3 more.
+    assert {m: results[m]["dispatched_ops_per_step"] for m in results} == {
+        "floor": TINY_OPERATORS["floor"] + 3, "paca": TINY_OPERATORS["paca"]}
+    assert "rounds of torch.compile'd models (eager; ops/step and memory of an eager step)" in out
+
+
 def test_the_delta_gradient_is_one_operator_on_cuda_and_for_small_cpu_gradients():
     from paca.ops.linear import ONE_OPERATOR_MAX_CPU_GRAD_VALUES, delta_grad_in_one_operator
 
@@ -245,6 +264,7 @@ def test_out_of_memory_during_a_run_ends_with_every_result_it_got(monkeypatch, t
     (["--preset", "tiny", "--parts", "fig5"], "unknown part(s) fig5"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--preset", "llama3-8b", "--layers", "4000"], "for its weights alone"),
+    (["--preset", "tiny", "--compile", "nonsense"], "--compile nonsense: not a torch.compile backend here"),
 ])
 def test_bad_input_is_a_one_line_error_not_a_traceback(args, message, capsys):
     code, out, err = run_bench(args, capsys)

@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=16.0, help="lora_alpha and paca_alpha")
     p.add_argument("--repeats", type=int, default=7, help="fig2 interleaved rounds (one step per method each)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method before the rounds")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="fig2 times each method's model under torch.compile (default backend inductor; at least 2 "
+                        "warm-up steps, which compile); its ops/step and memory columns stay eager counts")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, adapters and tokens")
     p.add_argument("--parts", default="fig2", help="comma list of fig2 (step time, memory), table4 (max sequence "
@@ -110,7 +113,7 @@ def settings_from(args: argparse.Namespace):
                     r=args.r, alpha=args.alpha, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                     parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()), memory_cap_bytes=cap,
                     max_seq=args.max_seq, seq_granularity=args.seq_granularity, fig3_seq=args.fig3_seq,
-                    max_batch=args.max_batch)
+                    max_batch=args.max_batch, compile_backend=args.compile)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

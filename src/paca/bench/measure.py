@@ -85,12 +85,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def train_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, during=None,
-               after_backward: Optional[Callable[[], None]] = None) -> StepRecord:
+               after_backward: Optional[Callable[[], None]] = None, compiled: bool = True) -> StepRecord:
     """Forward (loss on the batch itself as labels), backward, AdamW step and zeroing of the gradients.
 
     ``during`` is a context entered around forward and backward; ``after_backward`` runs between backward
-    and the optimizer step, off the clock.
+    and the optimizer step, off the clock. ``compiled``: run ``trainee.compiled`` where there is one.
     """
+    model = trainee.compiled if compiled and trainee.compiled is not None else trainee.model
     device = input_ids.device
     clock = PhaseClock(device)
     if clock.cuda:
@@ -99,7 +100,7 @@ def train_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, during=N
     clock.start()
     with during or contextlib.nullcontext():
         with autocast(device, dtype):
-            loss = trainee.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
         clock.mark()
         loss.backward()
     clock.mark()
@@ -346,7 +347,8 @@ def accounting_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, cou
     if operators is not None:
         during.enter_context(operators)  # innermost: it sees each operator once, as the device runs it
     rss_reset = reset_peak_rss()
-    record = train_step(trainee, input_ids, dtype, during=during, after_backward=after_backward)
+    # Eager even when fig2 times compiled steps: the counting modes and hooks see each eager operator.
+    record = train_step(trainee, input_ids, dtype, during=during, after_backward=after_backward, compiled=False)
     return Accounting(
         flops=flops.get_total_flops() if flops is not None else 0,
         activation_bytes=saved.bytes,

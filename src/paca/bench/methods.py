@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import BenchError
 
@@ -34,10 +34,24 @@ class Trainee:
     method: str
     model: nn.Module
     optimizer: Optional[torch.optim.Optimizer]
+    compiled: Optional[nn.Module] = None  # torch.compile(model) when fig2 times compiled steps (--compile)
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+class GradientSource:
+    """The floor's embedding-output hook under torch.compile: ``out + z`` with ``z`` a zero leaf that requires grad
+    (``out.requires_grad_()`` on a graph intermediate breaks the graph). Costs the compiled floor an add and a
+    sum per step, which inductor fuses."""
+
+    def __init__(self, model: nn.Module):
+        weight = model.get_input_embeddings().weight
+        self.zero = torch.zeros((), dtype=weight.dtype, device=weight.device, requires_grad=True)
+
+    def __call__(self, module: nn.Module, args, out: Tensor) -> Tensor:
+        return out + self.zero
 
 
 def parse_methods(text: str) -> list[str]:
@@ -114,10 +128,11 @@ def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = 
 
 
 def make_trainee(method: str, base: nn.Module, r: int, alpha: float, seed: int,
-                 quantized_base: Optional[nn.Module] = None) -> Trainee:
+                 quantized_base: Optional[nn.Module] = None, for_compile: bool = False) -> Trainee:
     """Build ``method`` on ``base`` (left unchanged; frozen-weight methods share its tensors).
 
     ``quantized_base`` (from :func:`quantized_copy`) is used by qlora/qpaca; made here when not given.
+    ``for_compile``: the model will run under torch.compile (the floor then gets its gradients another way).
     """
     torch.manual_seed(seed)  # adapter initialisation (LoRA's A) is random
     if method == "full":
@@ -126,7 +141,8 @@ def make_trainee(method: str, base: nn.Module, r: int, alpha: float, seed: int,
     if method == "floor":
         model = sharing_copy(base).requires_grad_(False)
         # Gradients flow from the loss down to the embedding output, through every layer.
-        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        hook = GradientSource(base) if for_compile else (lambda module, args, out: out.requires_grad_(True))
+        model.get_input_embeddings().register_forward_hook(hook)
         return Trainee(method, model, None)
     import peft
 

@@ -50,8 +50,14 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 for r in timed]
         spread = [f"{r['method']}/{ref} {q1:.2f}-{q3:.2f}" for r in timed
                   for ref, (q1, q3) in r.get("step_time_ratio_quartiles", {}).items() if ref != r["method"]]
+        compiled = s.get("compile_backend")
+        broken = [f"{r['method']} {r['compile_graph_breaks']}" for r in timed if r.get("compile_graph_breaks")]
         title = (f"Step time (Fig. 2): batch {s['batch']} x {s['seq']} tokens, median of {s['repeats']} interleaved "
-                 "rounds; ratios are medians of per-round pairs"
+                 + (f"rounds of torch.compile'd models ({compiled}; ops/step and memory of an eager step)"
+                    if compiled else "rounds")
+                 + (f"; graph breaks: {', '.join(broken)} (a method that breaks the graph recompiles functions "
+                    "the others share and slows them: time it apart)" if broken else "")
+                 + "; ratios are medians of per-round pairs"
                  + (f" (their quartiles: {', '.join(spread)})" if spread else ""))
         out.append((title, header, rows))
     searched = [r for r in results if "max_seq_probes" in r]

@@ -35,6 +35,7 @@ from .search import Probe, free_memory, largest_fitting
 
 PARTS = ("fig2", "table4", "fig3", "profile")
 THROUGHPUT_STEPS = 3  # timed steps per batch size in fig3, after one untimed step
+COMPILED_WARMUP = 2  # --compile: the first step compiles forward and backward, the second may recompile
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Settings:
     seq_granularity: int = 128
     fig3_seq: int = 512
     max_batch: int = 64
+    compile_backend: Optional[str] = None  # fig2 times torch.compile'd models (this backend) when given
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -96,6 +98,9 @@ def validate(settings: Settings) -> None:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}.")
     if s.warmup < 0:
         raise BenchError(f"--warmup must be at least 0, got {s.warmup}.")
+    if s.compile_backend is not None and s.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise BenchError(f"--compile {s.compile_backend}: not a torch.compile backend here; choose from "
+                         f"{', '.join(torch._dynamo.list_backends())}.")
     unknown = [p for p in s.parts if p not in PARTS]
     if unknown:
         raise BenchError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}.")
@@ -152,6 +157,11 @@ def describe_device(device: torch.device) -> dict:
             "torch": torch.__version__}
 
 
+def graph_breaks() -> int:
+    """Graph breaks torch.compile has met in this process so far."""
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
 def random_tokens(vocab: int, batch: int, seq: int, seed: int, device: torch.device) -> torch.Tensor:
     """The same token batch for every method (seeded, independent of the global RNG)."""
     generator = torch.Generator().manual_seed(seed)
@@ -204,13 +214,21 @@ class Run:
         s = self.settings
         trainees = self._build_all()
         input_ids = self.tokens(s.batch, s.seq)
+        warmup = s.warmup
+        if s.compile_backend is not None:
+            for trainee in trainees.values():
+                trainee.compiled = torch.compile(trainee.model, backend=s.compile_backend)
+            warmup = max(warmup, COMPILED_WARMUP)
         accounts: dict[str, Accounting] = {}
         for m in list(trainees):
             # Warm-up first: the accounting step then counts a steady step (PaCA copies each layer's pretrained
             # columns once, in its first step).
-            self.progress.update(f"fig2 {m}: {s.warmup} warm-up, then an accounting step (FLOPs, saved bytes)")
-            for _ in range(s.warmup):
+            self.progress.update(f"fig2 {m}: {warmup} warm-up, then an accounting step (FLOPs, saved bytes)")
+            breaks = graph_breaks()
+            for _ in range(warmup):
                 self._guarded(trainees, m, lambda t: train_step(t, input_ids, s.dtype))
+            if s.compile_backend is not None and m in self.results:
+                self.results[m]["compile_graph_breaks"] = graph_breaks() - breaks
             account = self._guarded(trainees, m, lambda t: accounting_step(t, input_ids, s.dtype))
             if account is not None:
                 accounts[m] = account
@@ -241,7 +259,8 @@ class Run:
                 if quantized is None:
                     continue
             trainee = self._attempt(m, "building it beside the other methods (fig2 keeps them all resident)",
-                                    lambda: make_trainee(m, base, s.r, s.alpha, s.seed, quantized))
+                                    lambda: make_trainee(m, base, s.r, s.alpha, s.seed, quantized,
+                                                         for_compile=s.compile_backend is not None))
             if trainee is not None:
                 trainees[m] = trainee
         return trainees
