@@ -178,6 +178,13 @@ def test_merge_is_exact_and_never_requantizes(base_dir, token_ids):
     model.unmerge_adapter()
     torch.testing.assert_close(model(input_ids=token_ids).logits, expected, atol=0, rtol=0)
     assert not torch.allclose(base_out, expected)
+    # Disabled, the adapters leave the plain 4-bit model's outputs (up to bitsandbytes repacking its untuned layers
+    # for the CPU, which rounds their scales to bf16 on CPUs with AVX512-BF16: hence a tolerance, far below the
+    # tuned outputs' distance).
+    with torch.no_grad():
+        plain = load_4bit(base_dir)(input_ids=token_ids).logits
+    tuned_distance = (expected - plain).abs().max().item()
+    assert (base_out - plain).abs().max().item() < 0.05 * tuned_distance
 
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj' has a 4-bit base.*paca export"):
         model.merge_and_unload()
