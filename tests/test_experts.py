@@ -400,6 +400,10 @@ def test_one_adapter_at_a_time_and_no_per_row_adapters_on_experts(token_ids):
         second = model(token_ids).logits
         model.set_adapter("default")
         torch.testing.assert_close(model(token_ids).logits, first)
+        # Switched to, the second adapter gives what a model holding only it gives (the first one's columns gone).
+        alone = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=2, target_modules=["experts"], init_weights=False,
+                                                                seed=1), adapter_name="other")
+        torch.testing.assert_close(second, alone(token_ids).logits, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(first, second)
     model.base_model.set_adapter(["default", "other"])
     with pytest.raises(ValueError, match=r"2 adapters are active .*one adapter at a time"):
