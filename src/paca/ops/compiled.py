@@ -6,8 +6,9 @@ defined with torch.library's low-level ``Library`` API, their schema inferred fr
 as ``torch.library.custom_op`` infers it: a compiled graph calls them once per layer per step, and
 ``custom_op``'s Python wrapper around the dispatcher costs ~6 us more per call (timed on CPU: 22 vs 28 us for a
 call whose work takes 13 us). In the launch-bound tiny model compiled with inductor that took PaCA's forward +
-backward from 1.66x-1.73x the compiled floor to 1.40x-1.47x. The fake (shape) function and the autograd formula
-are registered with ``torch.library.register_fake`` / ``register_autograd`` on the op, as for a custom op::
+backward from 1.35x-1.49x compiled LoRA's to 1.20x-1.23x (docs/BENCHMARKS.md). The fake (shape) function and the
+autograd formula are registered with ``torch.library.register_fake`` / ``register_autograd`` on the op, as for a
+custom op::
 
     partial_linear_op = library_op("partial_linear", _impl)
     torch.library.register_fake(partial_linear_op)(_fake)
