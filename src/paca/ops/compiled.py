@@ -5,14 +5,17 @@ record), so under ``torch.compile`` a PaCA layer is one node of the graph, and i
 defined with torch.library's low-level ``Library`` API, their schema inferred from the implementation's annotations
 as ``torch.library.custom_op`` infers it: a compiled graph calls them once per layer per step, and
 ``custom_op``'s Python wrapper around the dispatcher costs ~6 us more per call (timed on CPU: 22 vs 28 us for a
-call whose work takes 13 us). In the launch-bound tiny model compiled with inductor that took PaCA's forward +
-backward from 1.35x-1.49x compiled LoRA's to 1.20x-1.23x (docs/BENCHMARKS.md). The fake (shape) function and the
-autograd formula are registered with ``torch.library.register_fake`` / ``register_autograd`` on the op, as for a
-custom op::
+call whose work takes 13 us). Their autograd is an autograd.Function around the two ops (the forward's and the
+backward's), which dynamo traces into the graph; an autograd formula registered on the op itself
+(``torch.library.register_autograd``) would run a Python autograd kernel around every compiled call. In the
+launch-bound tiny model compiled with inductor, the low-level ops took PaCA's forward + backward from 1.35x-1.49x
+compiled LoRA's to 1.15x-1.21x, the traced Function to 1.10x-1.11x (docs/BENCHMARKS.md)::
 
-    partial_linear_op = library_op("partial_linear", _impl)
+    partial_linear_op = library_op("partial_linear", _kernel)
     torch.library.register_fake(partial_linear_op)(_fake)
-    torch.library.register_autograd(partial_linear_op, _backward, setup_context=_setup)
+
+    class CompiledPartialLinear(torch.autograd.Function):  # forward: save x[..., idx], call partial_linear_op;
+        ...                                                 # backward: call partial_linear_backward_op
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tenso
                             columns).squeeze(0)
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
-        return partial_conv_op(x, weight, bias, delta, idx, scale, list(stride), list(padding), list(dilation),
-                               groups, key)
+        return CompiledPartialConv.apply(x, weight, bias, delta, idx, scale, list(stride), list(padding),
+                                         list(dilation), groups, key)
     args = (x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, _columns_for(columns))
     if functorch_active() or functorch_wrapped(x):  # see paca.ops.eager
         return PartialConvFunction.apply(*args)
@@ -162,23 +162,26 @@ def _(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation, gr
     return grad_input, grad_delta
 
 
-def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key = inputs
-    x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
-    ctx.save_for_backward(x_selected, weight, delta, idx)
-    ctx.conv = (scale, stride, padding, dilation, groups, list(x.shape), columns_key)
-    ctx.has_bias = bias is not None
+class CompiledPartialConv(torch.autograd.Function):
+    """What torch.compile traces for a PaCA convolution: the two library ops, with the selected input channels kept
+    between them (see :mod:`paca.ops.compiled`)."""
 
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key):
+        x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
+        ctx.save_for_backward(x_selected, weight, delta, idx)
+        ctx.conv = (scale, stride, padding, dilation, groups, list(x.shape), columns_key)
+        ctx.has_bias = bias is not None
+        return partial_conv_op(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key)
 
-def _conv_op_backward(ctx, grad):
-    x_selected, weight, delta, idx = ctx.saved_tensors
-    scale, stride, padding, dilation, groups, input_shape, columns_key = ctx.conv
-    needs_input_grad = ctx.needs_input_grad[0]
-    grad_input, grad_delta = partial_conv_backward_op(grad, x_selected, weight, delta, idx, scale, stride, padding,
-                                                      dilation, groups, input_shape, needs_input_grad, columns_key)
-    grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return (grad_input if needs_input_grad else None, None, grad_bias,
-            grad_delta if x_selected is not None else None, None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd(partial_conv_op, _conv_op_backward, setup_context=_conv_setup_context)
+    @staticmethod
+    def backward(ctx, grad):
+        x_selected, weight, delta, idx = ctx.saved_tensors
+        scale, stride, padding, dilation, groups, input_shape, columns_key = ctx.conv
+        needs_input_grad = ctx.needs_input_grad[0]
+        grad_input, grad_delta = partial_conv_backward_op(grad, x_selected, weight, delta, idx, scale, stride,
+                                                          padding, dilation, groups, input_shape, needs_input_grad,
+                                                          columns_key)
+        grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (grad_input if needs_input_grad else None, None, grad_bias,
+                grad_delta if x_selected is not None else None, None, None, None, None, None, None, None)

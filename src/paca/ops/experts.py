@@ -179,7 +179,7 @@ def partial_experts_linear(x: Tensor, weight: Tensor, delta: Optional[Tensor], i
     """
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
-        return partial_experts_op(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, key)
+        return CompiledPartialExperts.apply(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, key)
     columns = _columns_for(columns, transposed)
     if not torch.is_grad_enabled():
         return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns)
@@ -231,22 +231,24 @@ def _(grad, x_selected, weight, delta, idx, offsets, scale, transposed, needs_in
     return grad_x, grad_delta
 
 
-def _op_setup_context(ctx, inputs, output):
-    x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key = inputs
-    ctx.save_for_backward(_selected_input(x, delta, idx, expert_of_row), weight, delta, idx, offsets)
-    ctx.scale, ctx.transposed, ctx.columns_key = scale, transposed, columns_key
+class CompiledPartialExperts(torch.autograd.Function):
+    """What torch.compile traces for one fused experts projection: the two library ops, with the ``r`` channels of
+    each token-expert pair kept between them (see :mod:`paca.ops.compiled`)."""
 
+    @staticmethod
+    def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key):
+        ctx.save_for_backward(_selected_input(x, delta, idx, expert_of_row), weight, delta, idx, offsets)
+        ctx.scale, ctx.transposed, ctx.columns_key = scale, transposed, columns_key
+        return partial_experts_op(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key)
 
-def _op_backward(ctx, grad):
-    x_selected, weight, delta, idx, offsets = ctx.saved_tensors
-    needs_input_grad = ctx.needs_input_grad[0]
-    grad_x, grad_delta = partial_experts_backward_op(grad, x_selected, weight, delta, idx, offsets, ctx.scale,
-                                                     ctx.transposed, needs_input_grad, ctx.columns_key)
-    return (grad_x if needs_input_grad else None, None, grad_delta if x_selected is not None else None,
-            None, None, None, None, None, None)
-
-
-torch.library.register_autograd(partial_experts_op, _op_backward, setup_context=_op_setup_context)
+    @staticmethod
+    def backward(ctx, grad):
+        x_selected, weight, delta, idx, offsets = ctx.saved_tensors
+        needs_input_grad = ctx.needs_input_grad[0]
+        grad_x, grad_delta = partial_experts_backward_op(grad, x_selected, weight, delta, idx, offsets, ctx.scale,
+                                                         ctx.transposed, needs_input_grad, ctx.columns_key)
+        return (grad_x if needs_input_grad else None, None, grad_delta if x_selected is not None else None,
+                None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
     """
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
-        return partial_linear_op(x, weight, bias, delta, idx, scale, transposed, key)
+        return CompiledPartialLinear.apply(x, weight, bias, delta, idx, scale, transposed, key)
     columns = _columns_for(columns, transposed)
     if not torch.is_grad_enabled():  # inference: nothing to save
         return _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns)
@@ -184,21 +184,23 @@ def _(grad, x_selected, weight, delta, idx, scale, transposed, needs_input_grad,
     return grad_input, grad_delta
 
 
-def _op_setup_context(ctx, inputs, output):
-    x, weight, bias, delta, idx, scale, transposed, columns_key = inputs
-    x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r): the only activation kept
-    ctx.save_for_backward(x_selected, weight, delta, idx)
-    ctx.scale, ctx.transposed, ctx.has_bias, ctx.columns_key = scale, transposed, bias is not None, columns_key
+class CompiledPartialLinear(torch.autograd.Function):
+    """What torch.compile traces for a PaCA linear layer: the two library ops, with ``x[..., idx]`` kept between
+    them (see :mod:`paca.ops.compiled`)."""
 
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, idx, scale, transposed, columns_key):
+        x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r): the only activation kept
+        ctx.save_for_backward(x_selected, weight, delta, idx)
+        ctx.scale, ctx.transposed, ctx.has_bias, ctx.columns_key = scale, transposed, bias is not None, columns_key
+        return partial_linear_op(x, weight, bias, delta, idx, scale, transposed, columns_key)
 
-def _op_backward(ctx, grad):
-    x_selected, weight, delta, idx = ctx.saved_tensors
-    needs_input_grad = ctx.needs_input_grad[0]
-    grad_input, grad_delta = partial_linear_backward_op(grad, x_selected, weight, delta, idx, ctx.scale,
-                                                        ctx.transposed, needs_input_grad, ctx.columns_key)
-    grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return (grad_input if needs_input_grad else None, None, grad_bias,
-            grad_delta if x_selected is not None else None, None, None, None, None)
-
-
-torch.library.register_autograd(partial_linear_op, _op_backward, setup_context=_op_setup_context)
+    @staticmethod
+    def backward(ctx, grad):
+        x_selected, weight, delta, idx = ctx.saved_tensors
+        needs_input_grad = ctx.needs_input_grad[0]
+        grad_input, grad_delta = partial_linear_backward_op(grad, x_selected, weight, delta, idx, ctx.scale,
+                                                            ctx.transposed, needs_input_grad, ctx.columns_key)
+        grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (grad_input if needs_input_grad else None, None, grad_bias,
+                grad_delta if x_selected is not None else None, None, None, None, None)
