@@ -8,7 +8,7 @@ as ``torch.library.custom_op`` infers it: a compiled graph calls them once per l
 call whose work takes 13 us). Their autograd is an autograd.Function around the two ops (the forward's and the
 backward's), which dynamo traces into the graph; an autograd formula registered on the op itself
 (``torch.library.register_autograd``) would run a Python autograd kernel around every compiled call. In the
-launch-bound tiny model compiled with inductor, the low-level ops took PaCA's forward + backward from 1.35x-1.49x
+launch-bound tiny model compiled with inductor, the low-level ops took PaCA's forward + backward from 1.32x-1.49x
 compiled LoRA's to 1.15x-1.21x, the traced Function to 1.10x-1.11x (docs/BENCHMARKS.md)::
 
     partial_linear_op = library_op("partial_linear", _kernel)
