@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import write_into_copy
-from .ops.eager import c_apply, functorch_active, functorch_wrapped
+from .ops.eager import eager_apply
 
 INSTALL_HINT = "install it with `pip install 'paca[quant]'` (bitsandbytes>=0.50)"
 SUPPORTED_QUANTIZATION = "bitsandbytes 4-bit (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))"
@@ -114,7 +114,7 @@ class PartialLinear4bitFunction(torch.autograd.Function):
         return grad_input, None, grad_bias, grad_delta, None, None
 
 
-_partial_linear_4bit_in_cpp = c_apply(PartialLinear4bitFunction)
+_partial_linear_4bit_eager = eager_apply(PartialLinear4bitFunction)
 
 
 def partial_linear_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
@@ -132,6 +132,4 @@ def partial_linear_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta
     bias = None if bias is None else bias.to(x.dtype)
     if not torch.is_grad_enabled():  # inference: nothing to save
         return _forward_4bit(x, weight, bias, delta, idx, scale)
-    if functorch_active() or functorch_wrapped(x):  # see paca.ops.eager
-        return PartialLinear4bitFunction.apply(x, weight, bias, delta, idx, scale)
-    return _partial_linear_4bit_in_cpp(x, weight, bias, delta, idx, scale)
+    return _partial_linear_4bit_eager(x, weight, bias, delta, idx, scale)

@@ -79,7 +79,6 @@ class ResidentColumns:
         self._idx_version = -1
         self._weight: Optional[Tensor] = None  # the tensor P + s * D was last written into
         self._written: Optional[tuple] = None  # what that write was; None when the storage holds W0 there
-        self._per_expert = False  # idx is (E, r): a scatter, not an index_copy_
         self._zero: Optional[Tensor] = None  # see broadcast_zero
 
     def __deepcopy__(self, memo):
@@ -105,10 +104,7 @@ class ResidentColumns:
             self._read_pretrained(storage, idx)
         shift = delta.transpose(-1, -2) if self.transposed else delta  # no autograd here: no detach needed
         torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
-        if self._per_expert:
-            put_columns(storage, self.in_dim, self._idx, self._sum)
-        else:
-            storage.index_copy_(self.in_dim, self._idx, self._sum)
+        put_columns(storage, self.in_dim, self._idx, self._sum)
         self._weight = weight
         self._written = (weight.data_ptr(), weight._version, delta, scale, idx)
         return storage
@@ -157,7 +153,6 @@ class ResidentColumns:
     def _read_pretrained(self, storage: Tensor, idx: Tensor) -> None:
         # The storage holds W0 at idx now: nothing is written (restored above) or this is the first write.
         self._idx = idx.clone()
-        self._per_expert = idx.dim() > 1
         self._idx_source, self._idx_version = idx, idx._version
         self._pretrained = take_columns(storage, self.in_dim, self._idx)  # (d_out, r, ...): one copy per column set
         self._sum = torch.empty_like(self._pretrained)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .columns import ResidentColumns
 from .compiled import library_op
-from .eager import c_apply, functorch_active, functorch_wrapped
+from .eager import eager_apply
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
@@ -99,7 +99,7 @@ class PartialConvFunction(torch.autograd.Function):
         return grad_input, None, grad_bias, grad_delta, None, None, None, None, None, None, None
 
 
-_partial_conv_in_cpp = c_apply(PartialConvFunction)
+_partial_conv_eager = eager_apply(PartialConvFunction)
 
 
 def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
@@ -117,10 +117,8 @@ def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tenso
         key = -1 if columns is None else columns.key
         return CompiledPartialConv.apply(x, weight, bias, delta, idx, scale, list(stride), list(padding),
                                          list(dilation), groups, key)
-    args = (x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, _columns_for(columns))
-    if functorch_active() or functorch_wrapped(x):  # see paca.ops.eager
-        return PartialConvFunction.apply(*args)
-    return _partial_conv_in_cpp(*args)
+    return _partial_conv_eager(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups,
+                               _columns_for(columns))
 
 
 def _partial_conv_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,

@@ -3,12 +3,9 @@
 ``torch.autograd.Function.apply`` is a Python classmethod that, on every call, looks for a ``setup_context``, checks
 for functorch transforms and unwraps dead functorch wrappers before it calls the C++ ``_FunctionBase.apply``: ~2.5 us
 per call on CPU (timed alone), once per tuned layer per step: half of what the column write's two operators cost. A
-PaCA layer's arguments are plain tensors, so outside functorch the C++ entry point does the same work. The operators
-call it as
-
-    if functorch_active() or functorch_wrapped(x):
-        return Function.apply(...)        # torch.func transforms, or a tensor left from one
-    return apply_in_cpp(...)              # apply_in_cpp = c_apply(Function)
+PaCA layer's arguments are plain tensors, so outside functorch the C++ entry point does the same work. Each operator
+calls its Function through :func:`eager_apply`: the public ``apply`` under torch.func transforms or for a tensor left
+from one, the C++ entry point otherwise.
 """
 
 from __future__ import annotations
@@ -26,3 +23,15 @@ def c_apply(function: type[torch.autograd.Function]) -> Callable:
     base = getattr(torch._C, "_FunctionBase", None)
     raw = None if base is None else base.__dict__.get("apply")
     return function.apply if raw is None else raw.__get__(None, function)
+
+
+def eager_apply(function: type[torch.autograd.Function]) -> Callable:
+    """``apply(x, *args)`` of ``function`` in eager mode: through C++ unless torch.func is involved."""
+    in_cpp = c_apply(function)
+
+    def apply(x, *args):
+        if functorch_active() or functorch_wrapped(x):
+            return function.apply(x, *args)
+        return in_cpp(x, *args)
+
+    return apply

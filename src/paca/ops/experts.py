@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .columns import ResidentColumns
 from .compiled import library_op
-from .eager import c_apply, functorch_active, functorch_wrapped
+from .eager import eager_apply
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class PartialExpertsFunction(torch.autograd.Function):
         return grad_x, None, grad_delta, None, None, None, None, None, None
 
 
-_partial_experts_in_cpp = c_apply(PartialExpertsFunction)
+_partial_experts_eager = eager_apply(PartialExpertsFunction)
 
 
 def partial_experts_linear(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor],
@@ -183,9 +183,7 @@ def partial_experts_linear(x: Tensor, weight: Tensor, delta: Optional[Tensor], i
     columns = _columns_for(columns, transposed)
     if not torch.is_grad_enabled():
         return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns)
-    if functorch_active() or functorch_wrapped(x):  # see paca.ops.eager
-        return PartialExpertsFunction.apply(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns)
-    return _partial_experts_in_cpp(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns)
+    return _partial_experts_eager(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns)
 
 
 # torch.compile: as in paca.ops.linear, the library ops find the layer's ResidentColumns by key at run time.

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .columns import ResidentColumns
 from .compiled import library_op
-from .eager import c_apply, functorch_active, functorch_wrapped
+from .eager import eager_apply
 
 
 def _columns_for(columns: Optional[ResidentColumns], transposed: bool) -> ResidentColumns:
@@ -112,7 +112,7 @@ class PartialLinearFunction(torch.autograd.Function):
         return grad_input, None, grad_bias, grad_delta, None, None, None, None
 
 
-_partial_linear_in_cpp = c_apply(PartialLinearFunction)
+_partial_linear_eager = eager_apply(PartialLinearFunction)
 
 
 def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
@@ -136,9 +136,7 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
     columns = _columns_for(columns, transposed)
     if not torch.is_grad_enabled():  # inference: nothing to save
         return _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns)
-    if functorch_active() or functorch_wrapped(x):  # see paca.ops.eager
-        return PartialLinearFunction.apply(x, weight, bias, delta, idx, scale, transposed, columns)
-    return _partial_linear_in_cpp(x, weight, bias, delta, idx, scale, transposed, columns)
+    return _partial_linear_eager(x, weight, bias, delta, idx, scale, transposed, columns)
 
 
 # torch.compile: the library ops take the ResidentColumns by key (an int the graph keeps as a constant) and find it
