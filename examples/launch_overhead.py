@@ -1,10 +1,13 @@
-"""Where PaCA's forward + backward time goes in the launch-bound regime (tiny preset, batch 1 x 32, one thread).
+"""Where PaCA's step time goes in the launch-bound regime (tiny preset, batch 1 x 32, one thread).
 
     python examples/launch_overhead.py [--rounds 150]
 
-Runs one forward + backward of each variant per round, interleaved, and prints the median over rounds of each
-variant's time over the frozen floor's (the bench's ``f+b xfloor``). The variants swap the operator every PaCA
-linear layer calls (``paca.tuner.layer.partial_linear``), in the same model:
+Runs one forward + backward of each variant per round, interleaved in a rotating order (as ``paca bench`` does),
+and prints the median over rounds of each variant's time over the frozen floor's (the bench's ``f+b xfloor``), and
+of its whole step (forward, backward, AdamW step on the trainable parameters) over PEFT LoRA's (the bench's
+``step xLoRA``). The PaCA variants swap the operator every PaCA linear layer calls
+(``paca.tuner.layer.partial_linear``), in the same model, and share the product's optimizer step (their gradients
+have the same shapes):
 
     paca              the product
     paca, no PEFT     the same layers, the model called without PEFT's PeftModel wrapper
@@ -16,7 +19,8 @@ linear layer calls (``paca.tuner.layer.partial_linear``), in the same model:
     required - scale  the same, the delta gradient a plain mm (what applying the scale costs)
     required - write  the same without the column write (what the write costs; its outputs are wrong)
 
-The floor is the frozen model with gradients flowing to the embeddings' output (``paca bench``'s floor).
+The floor is the frozen model with gradients flowing to the embeddings' output (``paca bench``'s floor); lora is
+PEFT LoRA r = 8 on the same layers (``paca bench``'s lora).
 """
 
 import argparse
@@ -78,7 +82,8 @@ def main() -> None:
     base = build_model(ModelSpec("tiny"), torch.float32, torch.device("cpu"), seed=0)
     ids = random_tokens(512, 1, 32, seed=0, device=torch.device("cpu"))
     floor = make_trainee("floor", base, 8, 16, 0).model
-    paca = make_trainee("paca", base, 8, 16, 0).model
+    paca_trainee, lora_trainee = make_trainee("paca", base, 8, 16, 0), make_trainee("lora", base, 8, 16, 0)
+    paca = paca_trainee.model
     if any(getattr(m, "is_transposed", False) for m in paca.modules()):
         raise SystemExit("the controls assume nn.Linear layers (no GPT-2 Conv1D)")
     product = layer.partial_linear
@@ -90,8 +95,8 @@ def main() -> None:
         "required": (paca, operator(write=True, scaled=True)),
         "required - scale": (paca, operator(write=True, scaled=False)),
         "required - write": (paca, operator(write=False, scaled=True)),
+        "lora": (lora_trainee.model, None),
     }
-    trainable = [q for q in paca.parameters() if q.requires_grad]
 
     def forward_backward(name: str) -> float:
         model, op = variants[name]
@@ -103,22 +108,43 @@ def main() -> None:
             elapsed = time.perf_counter() - start
         finally:
             layer.partial_linear = product
-        for q in trainable:
-            q.grad = None
+        if name == "floor":
+            return elapsed
+        trainee = lora_trainee if name == "lora" else paca_trainee
+        start = time.perf_counter()
+        trainee.optimizer.step()
+        trainee.optimizer.zero_grad(set_to_none=True)
+        optimizer_times[trainee.method].append(time.perf_counter() - start)
         restore_base_weights(paca)  # every variant starts from the pretrained weights, as the bench's steps do
         return elapsed
 
-    for name in variants:  # warm-up: PaCA's first call copies the pretrained columns
+    optimizer_times = {"paca": [], "lora": []}
+    for name in variants:  # warm-up: PaCA's first call copies the pretrained columns, AdamW makes its state
         forward_backward(name)
     times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name in variants:
+    optimizer_times = {"paca": [], "lora": []}
+    names = list(variants)
+    for k in range(args.rounds):
+        for name in names[k % len(names):] + names[:k % len(names)]:  # each variant after a different one each round
             times[name].append(forward_backward(name))
-    print(f"forward + backward over the floor's, median of {args.rounds} interleaved rounds "
-          f"(floor {statistics.median(times['floor']) * 1e3:.2f} ms):")
+    # The PaCA variants' optimizer step: the product's, timed once per variant per round; each round's median.
+    per_round = len(variants) - 2
+    paca_optimizer = [statistics.median(optimizer_times["paca"][i * per_round:(i + 1) * per_round])
+                      for i in range(args.rounds)]
+    lora_step = [f + o for f, o in zip(times["lora"], optimizer_times["lora"])]
+    ms = lambda seconds: statistics.median(seconds) * 1e3  # noqa: E731
+    print(f"median of {args.rounds} interleaved rounds: floor forward + backward {ms(times['floor']):.2f} ms, "
+          f"AdamW step paca {ms(paca_optimizer):.2f} ms, lora {ms(optimizer_times['lora']):.2f} ms")
+    print(f"  {'':18s} {'f+b xfloor':>10s} {'step xLoRA':>10s}")
     for name, seconds in times.items():
-        ratio = statistics.median(a / b for a, b in zip(seconds, times["floor"]))
-        print(f"  {name:18s} {ratio:.3f}x")
+        fb = statistics.median(a / b for a, b in zip(seconds, times["floor"]))
+        if name == "floor":
+            step = statistics.median(a / b for a, b in zip(seconds, lora_step))
+        elif name == "lora":
+            step = 1.0
+        else:
+            step = statistics.median((a + o) / b for a, o, b in zip(seconds, paca_optimizer, lora_step))
+        print(f"  {name:18s} {fb:9.3f}x {step:9.3f}x")
 
 
 if __name__ == "__main__":
