@@ -157,6 +157,30 @@ def test_the_delta_gradient_is_one_operator_on_cuda_and_for_small_cpu_gradients(
     # CUDA, whatever the size: tests/test_cuda.py (it needs a GPU).
 
 
+def test_kernels_per_step_are_a_column_where_a_device_counted_them_and_absent_on_cpu():
+    """The profiler's device events of a step (tests/test_cuda.py counts them on a GPU) are counted by device, and
+    the fig2 table shows them beside ops/step only when a run has them."""
+    from torch.autograd import DeviceType
+
+    from paca.bench.profile import count_device_events
+    from paca.bench.report import tables
+
+    class Event:
+        def __init__(self, device_type):
+            self.device_type = device_type
+
+    assert count_device_events([Event(DeviceType.CPU), Event(DeviceType.CUDA), Event(DeviceType.CUDA)]) == 2
+    row = dict(method="paca", step_time_s=1.0, forward_s=0.5, backward_s=0.4, optimizer_s=0.1, tokens_per_s=32.0,
+               tflops_per_s=0.1, peak_memory_bytes=2**30, activation_bytes=2**20, dispatched_ops_per_step=262,
+               trainable_params=8192)
+    doc = {"settings": {"batch": 1, "seq": 32, "repeats": 3}, "results": [row]}
+    (_, header, rows), = tables(doc)
+    assert "kernels f+b" not in header
+    doc["results"] = [dict(row, device_kernels_per_step=301)]
+    (_, header, rows), = tables(doc)
+    assert header[header.index("ops/step") + 1] == "kernels f+b" and rows[0][header.index("kernels f+b")] == "301"
+
+
 MOE_TINY_OPERATORS = {"floor": 301, "paca": 347, "lora": 411}
 
 

@@ -8,7 +8,7 @@ import torch
 from test_columns import reference_grads
 from test_layers import LAYER_KINDS, dense_reference, make_layer, randomize_delta
 
-from paca.bench.measure import DispatchedOperators
+from paca.bench.measure import DispatchedOperators, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -89,3 +89,28 @@ def test_cuda_experts_match_the_float64_reference_with_grouped_gemms(kind, dtype
     tol = TOLERANCE[dtype]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.double().cpu(), b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_cuda_kernels_per_step_stay_within_the_budget_of_three_per_tuned_layer():
+    """What the dispatched-operator budget stands for, read from the device: the kernels (copies and fills
+    included) one forward + backward launches, by torch.profiler; PaCA's no more than the floor's + 3 per tuned
+    layer, LoRA's more than PaCA's."""
+    from test_bench import TINY_TUNED_LAYERS
+
+    from paca.bench.methods import make_trainee
+    from paca.bench.presets import ModelSpec, build_model
+    from paca.bench.profile import device_kernels_per_step
+    from paca.bench.suite import random_tokens
+
+    device = torch.device("cuda")
+    base = build_model(ModelSpec("tiny"), torch.float32, device, seed=0)
+    ids = random_tokens(512, 2, 16, seed=0, device=device)
+    kernels = {}
+    for method in ("floor", "paca", "lora"):
+        trainee = make_trainee(method, base, 8, 16, 0)
+        train_step(trainee, ids, torch.float32)  # warm-up: PaCA's first step copies the pretrained columns
+        counts = [device_kernels_per_step(trainee, ids, torch.float32) for _ in range(2)]
+        assert counts[0] is not None and counts[0] == counts[1], (method, counts)
+        kernels[method] = counts[0]
+    assert kernels["paca"] <= kernels["floor"] + 3 * TINY_TUNED_LAYERS, kernels
+    assert kernels["paca"] < kernels["lora"], kernels

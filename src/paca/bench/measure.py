@@ -319,6 +319,7 @@ class Accounting:
     process_peak_rss_bytes: Optional[int]
     transient_peak_bytes: Optional[int]  # CUDA: allocator peak during the step minus what was allocated before
     peak_allocated_bytes: Optional[int]  # CUDA: allocator peak during the step (everything resident)
+    device_kernels: Optional[int] = None  # CUDA: kernels, copies and fills of forward + backward (torch.profiler)
 
     @property
     def accounted_bytes(self) -> int:

@@ -1,4 +1,5 @@
-"""Where a step's time goes, per operator and method (torch.profiler), to explain a missed target.
+"""Where a step's time goes, per operator and method (torch.profiler), to explain a missed target; and on CUDA
+how many kernels a step launches.
 
 The table puts methods side by side: for each operator among the most expensive, its self time per step
 in every method, so the time one method spends beyond another shows up as the rows that differ.
@@ -7,6 +8,8 @@ in every method, so the time one method spends beyond another shows up as the ro
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 
@@ -33,6 +36,29 @@ def profile_steps(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype)
         if self_us > 0:
             table[event.key] = {"self_s": self_us / 1e6 / PROFILED_STEPS, "calls": event.count / PROFILED_STEPS}
     return table
+
+
+def device_kernels_per_step(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype) -> Optional[int]:
+    """What a CUDA step's forward + backward launches on the device, as torch.profiler's CUDA activity records it
+    (kernels, copies and fills); the same span as the dispatched-operator count. None when the profiler cannot
+    trace the device (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tracer = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    try:
+        train_step(trainee, input_ids, dtype, during=tracer)
+    except RuntimeError as err:
+        if "CUPTI" not in str(err) and "profiler" not in str(err).lower():
+            raise
+        return None
+    return count_device_events(tracer.events())
+
+
+def count_device_events(events: Iterable) -> int:
+    """How many of a profile's events ran on a CUDA device (each a kernel launch, copy or fill)."""
+    from torch.autograd import DeviceType
+
+    return sum(1 for event in events if event.device_type == DeviceType.CUDA)
 
 
 def comparison_rows(profiles: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
