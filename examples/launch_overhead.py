@@ -6,8 +6,8 @@ Runs one forward + backward of each variant per round, interleaved in a rotating
 and prints the median over rounds of each variant's time over the frozen floor's (the bench's ``f+b xfloor``), and
 of its whole step (forward, backward, AdamW step on the trainable parameters) over PEFT LoRA's (the bench's
 ``step xLoRA``). The PaCA variants swap the operator every PaCA linear layer calls
-(``paca.tuner.layer.partial_linear``), in the same model, and share the product's optimizer step (their gradients
-have the same shapes):
+(``paca.tuner.layer.partial_linear``), in the same model, and each runs the product's optimizer step (their
+gradients have the same shapes):
 
     paca              the product
     paca, no PEFT     the same layers, the model called without PEFT's PeftModel wrapper
@@ -98,7 +98,8 @@ def main() -> None:
         "lora": (lora_trainee.model, None),
     }
 
-    def forward_backward(name: str) -> float:
+    def step(name: str) -> tuple[float, float]:
+        """(forward + backward, optimizer step) seconds of one step of variant ``name``."""
         model, op = variants[name]
         if op is not None:
             layer.partial_linear = op
@@ -108,44 +109,33 @@ def main() -> None:
             elapsed = time.perf_counter() - start
         finally:
             layer.partial_linear = product
-        if name == "floor":
-            return elapsed
+        if name == "floor":  # no optimizer
+            return elapsed, 0.0
         trainee = lora_trainee if name == "lora" else paca_trainee
         start = time.perf_counter()
         trainee.optimizer.step()
         trainee.optimizer.zero_grad(set_to_none=True)
-        optimizer_times[trainee.method].append(time.perf_counter() - start)
+        optimizer_s = time.perf_counter() - start
         restore_base_weights(paca)  # every variant starts from the pretrained weights, as the bench's steps do
-        return elapsed
+        return elapsed, optimizer_s
 
-    optimizer_times = {"paca": [], "lora": []}
     for name in variants:  # warm-up: PaCA's first call copies the pretrained columns, AdamW makes its state
-        forward_backward(name)
-    times = {name: [] for name in variants}
-    optimizer_times = {"paca": [], "lora": []}
+        step(name)
+    times = {name: [] for name in variants}  # (forward + backward, optimizer) per round
     names = list(variants)
     for k in range(args.rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:  # each variant after a different one each round
-            times[name].append(forward_backward(name))
-    # The PaCA variants' optimizer step: the product's, timed once per variant per round; each round's median.
-    per_round = len(variants) - 2
-    paca_optimizer = [statistics.median(optimizer_times["paca"][i * per_round:(i + 1) * per_round])
-                      for i in range(args.rounds)]
-    lora_step = [f + o for f, o in zip(times["lora"], optimizer_times["lora"])]
+            times[name].append(step(name))
     ms = lambda seconds: statistics.median(seconds) * 1e3  # noqa: E731
-    print(f"median of {args.rounds} interleaved rounds: floor forward + backward {ms(times['floor']):.2f} ms, "
-          f"AdamW step paca {ms(paca_optimizer):.2f} ms, lora {ms(optimizer_times['lora']):.2f} ms")
+    print(f"median of {args.rounds} interleaved rounds: floor forward + backward "
+          f"{ms(f for f, _ in times['floor']):.2f} ms, AdamW step paca {ms(o for _, o in times['paca']):.2f} ms, "
+          f"lora {ms(o for _, o in times['lora']):.2f} ms")
     print(f"  {'':18s} {'f+b xfloor':>10s} {'step xLoRA':>10s}")
-    for name, seconds in times.items():
-        fb = statistics.median(a / b for a, b in zip(seconds, times["floor"]))
-        if name == "floor":
-            step = statistics.median(a / b for a, b in zip(seconds, lora_step))
-        elif name == "lora":
-            step = 1.0
-        else:
-            step = statistics.median((a + o) / b for a, o, b in zip(seconds, paca_optimizer, lora_step))
-        print(f"  {name:18s} {fb:9.3f}x {step:9.3f}x")
-
+    for name, rounds in times.items():
+        fb = statistics.median(f / floor_f for (f, _), (floor_f, _) in zip(rounds, times["floor"]))
+        step_ratio = statistics.median((f + o) / (lora_f + lora_o)
+                                       for (f, o), (lora_f, lora_o) in zip(rounds, times["lora"]))
+        print(f"  {name:18s} {fb:9.3f}x {step_ratio:9.3f}x")
 
 if __name__ == "__main__":
     main()

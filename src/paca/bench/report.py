@@ -49,9 +49,10 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                  _num(r.get("dispatched_ops_per_step"), ".0f"), f"{r['trainable_params']:,}"]
                 for r in timed]
         if any(r.get("device_kernels_per_step") is not None for r in timed):  # CUDA
-            header.insert(header.index("ops/step") + 1, "kernels f+b")
+            column = header.index("ops/step") + 1
+            header.insert(column, "kernels f+b")
             for r, row in zip(timed, rows):
-                row.insert(header.index("kernels f+b"), _num(r.get("device_kernels_per_step"), ".0f"))
+                row.insert(column, _num(r.get("device_kernels_per_step"), ".0f"))
         spread = [f"{r['method']}/{ref} {q1:.2f}-{q3:.2f}" for r in timed
                   for ref, (q1, q3) in r.get("step_time_ratio_quartiles", {}).items() if ref != r["method"]]
         compiled = s.get("compile_backend")
