@@ -9,7 +9,9 @@ load it wrong, as stated).
 import warnings
 
 import pytest
+from packaging import version
 import torch
+import peft
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
@@ -118,21 +120,26 @@ PACA_ONLY = {
     # PEFT has no v4-to-v5 conversion for gpt-oss: LoRA's all-linear leaves experts and routers out.
     "gpt_oss": {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts", "model.layers.0.mlp.router",
                 "model.layers.1.mlp.router"},
-    # PEFT's MoE conversion turns the dense MLP's gate/up/down targets into expert parameters: the dense layers
-    # (Qwen3-MoE's mlp_only_layers, DeepSeek's first layer and shared experts) get no LoRA.
-    "qwen3_moe": {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"},
-    "deepseek_v3": {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
-                    "model.layers.1.mlp.shared_experts.gate_proj", "model.layers.1.mlp.shared_experts.up_proj",
-                    "model.layers.1.mlp.shared_experts.down_proj"},
 }
+# peft < 0.22's MoE conversion turns the dense MLP's gate/up/down targets into expert parameters: the dense layers
+# (Qwen3-MoE's mlp_only_layers, DeepSeek's first layer and shared experts) get no LoRA. peft 0.22 keeps them.
+PEFT_MOVES_DENSE_MLPS = version.parse(peft.__version__) < version.parse("0.22")
+if PEFT_MOVES_DENSE_MLPS:
+    PACA_ONLY["qwen3_moe"] = {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+                              "model.layers.0.mlp.down_proj"}
+    PACA_ONLY["deepseek_v3"] = {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+                                "model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.gate_proj",
+                                "model.layers.1.mlp.shared_experts.up_proj",
+                                "model.layers.1.mlp.shared_experts.down_proj"}
 # PEFT refuses LoRA on Mamba's out_proj (its fused CUDA kernel reads the weight), so LoRA runs without it; PaCA tunes
 # it and warns that the fused path would bypass it (tests/test_peft_integration.py).
 LORA_TARGETS = {"mamba": ["in_proj", "x_proj", "dt_proj"]}  # all-linear but out_proj
 PACA_ONLY["mamba"] = {"backbone.layers.0.mixer.out_proj", "backbone.layers.1.mixer.out_proj"}
 # Where plain PEFT would load the exported LoRA wrong (the conversion above) or refuse it (Mamba's out_proj),
 # export --to lora refuses, saying why.
-LORA_EXPORT_REFUSED = {"qwen3_moe": "as fused expert parameters", "deepseek_v3": "as fused expert parameters",
-                       "mamba": "plain PEFT refuses LoRA on 'backbone.layers.0.mixer.out_proj'"}
+LORA_EXPORT_REFUSED = {"mamba": "plain PEFT refuses LoRA on 'backbone.layers.0.mixer.out_proj'"}
+if PEFT_MOVES_DENSE_MLPS:
+    LORA_EXPORT_REFUSED.update(qwen3_moe="as fused expert parameters", deepseek_v3="as fused expert parameters")
 
 ARCHITECTURES = ["llama", "qwen2", "mistral", "phi3", "gemma2", "olmo2", "gpt2", "opt", "gpt_neox", "mixtral",
                  "qwen3_moe", "gpt_oss", "deepseek_v3", "mamba", "bert", "roberta_cls", "t5", "bart", "vit", "clip",

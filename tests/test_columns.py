@@ -40,14 +40,16 @@ def reference_grads(layer, x, adapter="default"):
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
-def test_a_step_writes_the_columns_once_and_backward_reuses_them(kind):
+def test_a_step_writes_the_columns_once_backward_reuses_them_and_then_restores_w0(kind):
     layer, x = make_layer(kind, dtype=torch.float64)
     randomize_delta(layer)
     x.requires_grad_(True)
+    w0 = layer.get_base_layer().weight.detach().clone()
     layer(x)  # the first call also copies the pretrained columns
     out = []
     assert count_writes(lambda: out.append(layer(x))) == 1
-    assert count_writes(lambda: out[0].square().sum().backward()) == 0
+    assert count_writes(lambda: out[0].square().sum().backward()) == 1  # the restore: no second write
+    assert torch.equal(layer.get_base_layer().weight, w0)
     expected_x, expected_delta = reference_grads(layer, x)
     torch.testing.assert_close(x.grad.double(), expected_x)
     torch.testing.assert_close(layer.paca_delta["default"].grad.double(), expected_delta)
@@ -64,28 +66,32 @@ def test_a_base_forward_between_forward_and_backward_is_rewritten_for_backward(k
     reference = layer(x.detach())
     layer.enable_adapters(True)
     torch.testing.assert_close(reference, layer.get_base_layer()(x.detach()), rtol=0, atol=0)
-    assert count_writes(lambda: y.square().sum().backward()) == 1
+    assert count_writes(lambda: y.square().sum().backward()) == 2  # written again for backward, then restored
     expected_x, expected_delta = reference_grads(layer, x)
     torch.testing.assert_close(x.grad, expected_x)
     torch.testing.assert_close(layer.paca_delta["default"].grad, expected_delta)
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
-def test_backward_after_a_later_forward_of_the_same_delta_reuses_the_weight(kind):
+def test_backward_after_a_later_forward_of_the_same_delta_is_exact_and_restores(kind):
     """Micro-batches whose backward runs after the next one's forward, and a non-reentrant checkpoint's recompute:
-    the weight holds the same write (a later one), so backward rewrites nothing and the gradients are exact."""
+    the last forward's backward reuses its write and restores W0; an earlier one writes again and restores."""
     layer, x = make_layer(kind, dtype=torch.float64)
     randomize_delta(layer)
     x.requires_grad_(True)
+    w0 = layer.get_base_layer().weight.detach().clone()
     first, second = layer(x), layer(x)
-    assert count_writes(lambda: (second.square().sum() + first.square().sum()).backward()) == 0
+    # second's backward: reuse, restore; first's: write, restore
+    assert count_writes(lambda: (second.square().sum() + first.square().sum()).backward()) == 3
+    assert torch.equal(layer.get_base_layer().weight, w0)
     expected_x, expected_delta = reference_grads(layer, x)
     torch.testing.assert_close(x.grad, 2 * expected_x)
     torch.testing.assert_close(layer.paca_delta["default"].grad, 2 * expected_delta)
 
     layer.paca_delta["default"].grad = x.grad = None
     y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-    assert count_writes(lambda: y.square().sum().backward()) == 1  # the recompute's forward, nothing more
+    assert count_writes(lambda: y.square().sum().backward()) == 2  # the recompute's write and the restore
+    assert torch.equal(layer.get_base_layer().weight, w0)
     torch.testing.assert_close(layer.paca_delta["default"].grad, expected_delta)
 
 
@@ -251,7 +257,7 @@ def test_regathered_weights_are_rewritten_in_backward():
     y = layer(x.requires_grad_(True))
     with torch.no_grad():
         layer.get_base_layer().weight.data.copy_(layer.state_dict()["base_layer.weight"])  # a re-gather: no version bump
-    assert count_writes(lambda: y.square().sum().backward()) == 1
+    assert count_writes(lambda: y.square().sum().backward()) == 2  # written again, then restored
     expected_x, _ = reference_grads(layer, x)
     torch.testing.assert_close(x.grad, expected_x)
 

@@ -143,17 +143,21 @@ def test_backward_keeps_r_channels_per_token_expert_pair_beyond_the_frozen_exper
     assert paca <= transformers_frozen + selected
 
 
-def test_columns_stay_written_between_calls_and_every_base_view_sees_w0():
+def test_columns_are_written_for_their_backward_only_and_every_base_view_sees_w0():
     layer = tuned(experts_module("mixtral"))
     base = layer.get_base_layer()
     pretrained = {name: getattr(base, name).detach().clone() for name in ("gate_up_proj", "down_proj")}
     hidden, index, weights = routing()
-    out = layer(hidden, index, weights)
-    written = base.gate_up_proj.detach() - pretrained["gate_up_proj"]
+    out = layer(hidden.detach().requires_grad_(True), index, weights)
+    written = base.gate_up_proj.detach() - pretrained["gate_up_proj"]  # kept for the backward
     torch.testing.assert_close(written, layer.get_delta_weight("default", "gate_up_proj"))
     state = layer.state_dict()
     for name, w0 in pretrained.items():
         assert torch.equal(state[f"base_layer.{name}"], w0)
+    layer(hidden.detach().requires_grad_(True), index, weights).sum().backward()
+    for name, w0 in pretrained.items():  # restored by the backward
+        assert torch.equal(getattr(base, name), w0)
+    out = out.detach()
     with torch.no_grad():  # a changed delta shows in the next call, as an optimizer step would change it
         layer.paca_delta["default"]["down_proj"].add_(0.5)
     torch.testing.assert_close(layer(hidden, index, weights), dense_reference(layer)(hidden, index, weights))
@@ -393,7 +397,8 @@ def test_experts_outside_the_transformers_interface_are_refused_by_name():
 
 def test_one_adapter_at_a_time_and_no_per_row_adapters_on_experts(token_ids):
     model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["experts"], init_weights=False))
-    model.add_adapter("other", PacaConfig(r=2, target_modules=["experts"], init_weights=False, seed=1))
+    torch.manual_seed(1)  # init_weights=False draws the delta from the global RNG, as PEFT does
+    model.add_adapter("other", PacaConfig(r=2, target_modules=["experts"], init_weights=False, random_seed=1))
     with torch.no_grad():
         first = model(token_ids).logits
         model.set_adapter("other")
@@ -401,8 +406,10 @@ def test_one_adapter_at_a_time_and_no_per_row_adapters_on_experts(token_ids):
         model.set_adapter("default")
         torch.testing.assert_close(model(token_ids).logits, first)
         # Switched to, the second adapter gives what a model holding only it gives (the first one's columns gone).
-        alone = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=2, target_modules=["experts"], init_weights=False,
-                                                                seed=1), adapter_name="other")
+        alone_base = tiny_moe("mixtral")
+        torch.manual_seed(1)
+        alone = get_peft_model(alone_base, PacaConfig(r=2, target_modules=["experts"], init_weights=False,
+                                                      random_seed=1), adapter_name="other")
         torch.testing.assert_close(second, alone(token_ids).logits, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(first, second)
     model.base_model.set_adapter(["default", "other"])

@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import peft
 import pytest
 import torch
 from conftest import needs_peft_0_21, tiny_gpt2, tiny_llama
+from packaging import version
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -84,10 +86,10 @@ def test_export_lora_of_layers_with_their_own_r_and_scale_is_exact(tmp_path, con
                                                                      (0, "self_attn.q_proj")))
         assert (down.r["default"], down.scaling["default"]) == (8, 4.0 / 8)
         assert (q1.r["default"], q1.scaling["default"]) == (4, 2.0 / 4)
-        assert (q0.r["default"], q0.scaling["default"]) == (4, 16.0 / 4)
+        assert (q0.r["default"], q0.scaling["default"]) == (4, 8.0 / 4)  # PEFT's default paca_alpha, 8
     else:
         assert {layer.r["default"] for layer in layers.values()} == {32, 40}
-        assert {layer.scaling["default"] for layer in layers.values()} == {16.0 / 40}
+        assert {layer.scaling["default"] for layer in layers.values()} == {8.0 / 40}
     run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
     run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
@@ -235,9 +237,9 @@ def tiny_qwen3_moe():
 
 def test_moe_model_with_a_dense_layer_exports_merged_exactly_and_lora_refuses_what_peft_would_drop(tmp_path,
                                                                                                   token_ids, capsys):
-    """A Qwen3-MoE model: all-linear tunes attention, the dense MLP and the fused experts. PEFT's MoE conversion
-    would load the dense MLP's gate/up/down LoRA as expert parameters (their deltas lost), so --to lora refuses,
-    naming it; --to merged is exact."""
+    """A Qwen3-MoE model: all-linear tunes attention, the dense MLP and the fused experts. peft < 0.22's MoE conversion
+    would load the dense MLP's gate/up/down LoRA as expert parameters (their deltas lost), so there --to lora refuses,
+    naming it; peft 0.22 keeps them, and the LoRA export is exact; --to merged is exact."""
     from paca.tuner.experts import Experts
 
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
@@ -253,8 +255,13 @@ def test_moe_model_with_a_dense_layer_exports_merged_exactly_and_lora_refuses_wh
     expected = model(token_ids).logits
     code = paca_main(["export", "--adapter", str(adapter_dir), "--to", "lora", str(tmp_path / "lora"),
                       "--base", str(base_dir)])
-    assert code != 0 and not (tmp_path / "lora").exists()
-    assert "as fused expert parameters" in capsys.readouterr().err
+    if version.parse(peft.__version__) < version.parse("0.22"):
+        assert code != 0 and not (tmp_path / "lora").exists()
+        assert "as fused expert parameters" in capsys.readouterr().err
+    else:
+        assert code == 0
+        lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
+        torch.testing.assert_close(lora(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
     run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(token_ids).logits, expected, rtol=1e-6, atol=1e-6)

@@ -227,21 +227,23 @@ def test_conv2d_unbatched_input_matches_batched(height):
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_base_weight_reads_as_pretrained_bit_for_bit_after_forward_and_backward(kind):
-    """Between calls the tensor holds W0 + s*D at idx (written once per call, not restored); read as the base
-    (state_dict, restore_base_weight) it is W0 bit for bit, and the next forward writes the columns again."""
+    """PEFT's invariant: the columns are written for a forward and its backward only; once that backward is done the
+    tensor itself holds W0 bit for bit (no hook needed to read it), and the next forward writes them again."""
     layer, x = make_layer(kind)
     randomize_delta(layer)
     base = layer.get_base_layer()
     w = base.weight.detach().clone()
     out = layer(x.requires_grad_(True))
-    out.sum().backward()
     idx, in_dim = layer.paca_indices["default"], layer.in_dim
     written = w.index_copy(in_dim, idx, (w.index_select(in_dim, idx) + layer.scaling["default"]
                                           * layer._delta_in_weight_layout(layer.paca_delta["default"].detach())))
-    assert torch.equal(base.weight, written)
+    assert torch.equal(base.weight, written)  # kept for the backward
+    out.sum().backward()
+    assert torch.equal(base.weight, w)
     assert torch.equal(layer.state_dict()["base_layer.weight"], w)
-    assert torch.equal(base.weight, w)  # the state_dict hook wrote W0 back into the tensor itself
-    assert torch.equal(layer(x), out)
+    with torch.no_grad():
+        assert torch.equal(layer(x), out)
+    assert torch.equal(base.weight, w)  # a forward with no backward to come restores at once
     layer.restore_base_weight()
     assert torch.equal(base.weight, w)
 
@@ -301,7 +303,7 @@ def test_a_new_adapter_selects_its_columns_from_the_pretrained_weight(kind):
     layer, x = make_layer(kind, r=4)
     randomize_delta(layer, std=50.0)
     w0 = layer.state_dict()["base_layer.weight"].clone()
-    layer(x)
+    layer(x.requires_grad_(True))  # its backward never runs: the columns stay written
     tuned = layer.get_base_layer().weight.detach().clone()
     assert not torch.equal(selection.weight_norm_columns(tuned, 4, layer.in_dim),
                            selection.weight_norm_columns(w0, 4, layer.in_dim))  # the test can tell them apart

@@ -8,9 +8,11 @@ import contextlib
 import copy
 import io
 
+import peft
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
+from packaging import version
 from peft import PeftModel, get_peft_model
 
 from paca import PacaConfig, PacaLayer, paca_layers
@@ -304,16 +306,22 @@ def test_unload_and_merge_keep_a_trained_modules_to_save_module_that_has_no_weig
     assert not any(isinstance(m, PacaLayer) for m in merged.modules())
     torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
     base_without_trained_copy = make()(ids).logits
-    assert not torch.allclose(unloaded(ids).logits, base_without_trained_copy)  # the trained copy stayed
+    # unload keeps the trained copy on peft < 0.22; peft 0.22 gives back the original module, for every method
+    keeps_trained_copy = version.parse(peft.__version__) < version.parse("0.22")
+    assert torch.allclose(unloaded(ids).logits, base_without_trained_copy) != keeps_trained_copy
 
 
 def test_init_weights_false_starts_with_a_small_nonzero_delta(token_ids):
     """PEFT's convention for tests: init_weights=False gives an adapter that changes the outputs from the start,
-    the same one for the same seed."""
+    normal(0, 0.1) from the global RNG as PEFT's PaCA draws it: the same one for the same torch seed."""
     base_logits = tiny_llama()(token_ids).logits
-    models = [get_peft_model(tiny_llama(), PacaConfig(r=4, init_weights=False)) for _ in range(2)]
+    models = []
+    for _ in range(2):
+        base = tiny_llama()
+        torch.manual_seed(3)
+        models.append(get_peft_model(base, PacaConfig(r=4, init_weights=False)))
     deltas = [[p.detach() for n, p in m.named_parameters() if "paca_delta" in n] for m in models]
-    assert all(0 < d.abs().max() < 0.2 for d in deltas[0])
+    assert all(0.05 < d.std() < 0.2 for d in deltas[0])
     assert all(torch.equal(a, b) for a, b in zip(*deltas))
     assert not torch.allclose(models[0](token_ids).logits, base_logits)
     assert torch.equal(get_peft_model(tiny_llama(), PacaConfig(r=4))(token_ids).logits, base_logits)

@@ -3,7 +3,7 @@
 Every strategy returns sorted, unique int64 indices into the layer's input dimension. The chosen
 indices are stored in the adapter (``paca_indices``), so loading never selects again.
 
-    random        r columns drawn uniformly, seeded by (config seed, layer name)
+    random        r columns drawn uniformly, seeded by (random_seed, module name) as PEFT's PaCA does
     weight_norm   argtop_r_j ||W0[:, j]||_2
     gradient      argtop_r_j sum_steps sum_i (dL/dW_ij)^2        (select_by_gradient, no weight update)
     structured    attention output: whole heads, columns [h*hd, (h+1)*hd);  FFN down: whole channels
@@ -11,10 +11,10 @@ indices are stored in the adapter (``paca_indices``), so loading never selects a
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import warnings
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Optional
 
@@ -23,15 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def layer_seed(seed: int, layer_name: str) -> int:
-    """A 63-bit seed from the config seed and the layer's name: stable across processes and runs."""
-    digest = hashlib.sha256(f"{seed}/{layer_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def layer_seed(random_seed: Optional[int], key: str) -> Optional[int]:
+    """PEFT's per-layer seed: ``(random_seed + crc32(key)) % 2**63`` for the module key (e.g.
+    ``model.layers.0.self_attn.q_proj``); None (the global RNG) when ``random_seed`` is None."""
+    if random_seed is None:
+        return None
+    return (random_seed + zlib.crc32(key.encode("utf-8"))) % (2**63)
 
 
-def random_columns(d_in: int, r: int, seed: int, layer_name: str) -> Tensor:
-    """``r`` distinct columns of ``range(d_in)`` drawn uniformly, reproducible from ``seed`` and ``layer_name``."""
-    generator = torch.Generator().manual_seed(layer_seed(seed, layer_name))
+def random_columns(d_in: int, r: int, random_seed: Optional[int], key: str) -> Tensor:
+    """``r`` distinct columns of ``range(d_in)`` drawn uniformly, sorted: ``randperm(d_in)[:r]`` from
+    :func:`layer_seed`'s generator, so the same config picks the same columns as PEFT's own PaCA."""
+    seed = layer_seed(random_seed, key)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     return torch.randperm(d_in, generator=generator)[:r].sort().values
 
 
@@ -66,7 +70,7 @@ ATTENTION_OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "c_proj", "dense", "wo
 FFN_DOWN_NAMES = frozenset({"down_proj", "c_proj", "fc2", "w2", "dense_4h_to_h", "wo", "fc_out", "lin2"})
 
 
-def structured_columns(d_in: int, r: int, block: int, seed: int, layer_name: str) -> Tensor:
+def structured_columns(d_in: int, r: int, block: int, seed: Optional[int], layer_name: str) -> Tensor:
     """``r // block`` whole blocks of ``block`` consecutive columns, drawn at random (seeded like random_columns).
 
     With ``block = head_dim`` on an attention output projection, block ``h`` is head ``h``'s columns

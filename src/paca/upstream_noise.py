@@ -9,14 +9,17 @@ import logging
 
 
 class _MissingKernelsPackage(logging.Filter):
-    """bitsandbytes >= 0.50 on a CPU with AVX512-BF16 tries the optional ``kernels`` package at import (so on
-    ``import peft``) and logs a warning when it is not installed; it then uses its own CPU kernel, which is
-    what paca's tests run. The warning is dropped only when the cause is that missing package."""
+    """bitsandbytes >= 0.50 on a CPU with AVX512-BF16 tries a hub kernel through the optional ``kernels`` package at
+    import and logs a warning when it cannot have it: the package is missing, or (kernels >= 0.19, which transformers
+    5.25 installs) the hub repository is not on its trust allowlist. It then uses its own CPU kernel, which is what
+    paca's tests run. The warning is dropped only for those two causes."""
+
+    CAUSES = ("No module named 'kernels'", "could not verify publisher trust status")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-                    and "No module named 'kernels'" in message)
+                    and any(cause in message for cause in self.CAUSES))
 
 
 def install_filters() -> None:

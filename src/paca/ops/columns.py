@@ -136,6 +136,11 @@ class ResidentColumns:
                                                                                                  scale)
         return storage if storage.dtype == dtype else storage.to(dtype)
 
+    def release(self, read_by_backward: bool) -> None:
+        """After a forward: the columns stay written only for a backward that reads the weight (it restores them)."""
+        if self.transient or not read_by_backward:
+            self.restore()
+
     def broadcast_zero(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
         """A zero of ``shape`` in ``like``'s dtype and device that allocates nothing (a 0-dim zero, expanded), kept
         for the next call: the input a backward's ``addmm(zero, ..., beta=0)`` never reads."""

@@ -44,11 +44,10 @@ def _columns_for(columns: Optional[ResidentColumns]) -> ResidentColumns:
 
 
 def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                  stride, padding, dilation, groups: int, columns: ResidentColumns) -> Tensor:
+                  stride, padding, dilation, groups: int, columns: ResidentColumns, read_by_backward: bool) -> Tensor:
     w = columns.written(weight, delta, idx, scale, x.dtype)
     y = _CONV[weight.dim() - 2](x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
-    if columns.transient:
-        columns.restore()
+    columns.release(read_by_backward)
     return y
 
 
@@ -60,8 +59,7 @@ def _conv_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, d
     if needs_input_grad:
         w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
         grad_input = _CONV_INPUT_GRAD[weight.dim() - 2](input_shape, w, grad, stride, padding, dilation, groups)
-        if columns.transient:
-            columns.restore()
+        columns.restore()  # the base weight reads as W0 again once its backward is done
     if x_selected is not None:
         grad_delta = conv_weight_grad(x_selected.to(grad.dtype), delta.shape, grad, stride, padding, dilation, groups)
         grad_delta = grad_delta.to(delta.dtype).mul_(scale)
@@ -81,7 +79,8 @@ class PartialConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns):
-        y = _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns)
+        y = _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns,
+                          ctx.needs_input_grad[0])
         x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
         ctx.save_for_backward(x_selected, weight, delta, idx)
         ctx.parameters = (weight, delta, idx)  # the tensors themselves, as paca.ops.linear keeps them
@@ -115,25 +114,28 @@ def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tenso
                             columns).squeeze(0)
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
+        read_by_backward = torch.is_grad_enabled() and x.requires_grad
         return CompiledPartialConv.apply(x, weight, bias, delta, idx, scale, list(stride), list(padding),
-                                         list(dilation), groups, key)
-    return _partial_conv_eager(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups,
-                               _columns_for(columns))
+                                         list(dilation), groups, key, read_by_backward)
+    columns = _columns_for(columns)
+    if not torch.is_grad_enabled():  # inference: nothing to save, no backward to read the columns
+        return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns, False)
+    return _partial_conv_eager(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns)
 
 
 def _partial_conv_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
                          stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                         columns_key: int) -> Tensor:
+                         columns_key: int, read_by_backward: bool) -> Tensor:
     """:func:`partial_conv` as one opaque node for torch.compile."""
     return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups,
-                         _columns_for(ResidentColumns.find(columns_key)))
+                         _columns_for(ResidentColumns.find(columns_key)), read_by_backward)
 
 
 partial_conv_op = library_op("partial_conv", _partial_conv_kernel)
 
 
 @torch.library.register_fake(partial_conv_op)
-def _(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key):
+def _(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key, read_by_backward):
     return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -165,12 +167,14 @@ class CompiledPartialConv(torch.autograd.Function):
     between them (see :mod:`paca.ops.compiled`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key):
+    def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key,
+                read_by_backward):
         x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
         ctx.save_for_backward(x_selected, weight, delta, idx)
         ctx.conv = (scale, stride, padding, dilation, groups, list(x.shape), columns_key)
         ctx.has_bias = bias is not None
-        return partial_conv_op(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key)
+        return partial_conv_op(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key,
+                               read_by_backward)
 
     @staticmethod
     def backward(ctx, grad):
@@ -182,4 +186,4 @@ class CompiledPartialConv(torch.autograd.Function):
                                                           columns_key)
         grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (grad_input if needs_input_grad else None, None, grad_bias,
-                grad_delta if x_selected is not None else None, None, None, None, None, None, None, None)
+                grad_delta if x_selected is not None else None, None, None, None, None, None, None, None, None)

@@ -101,12 +101,12 @@ def _effective(weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor], s
 
 
 def _experts_forward(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor], offsets: Tensor,
-                     scale: float, transposed: bool, columns: ResidentColumns) -> Tensor:
+                     scale: float, transposed: bool, columns: ResidentColumns, read_by_backward: bool) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):  # x is in the compute dtype already
         w = _effective(weight, delta, idx, scale, x.dtype, columns)
         y = grouped_matmul(x, w if transposed else w.transpose(1, 2), offsets)  # X_e W_e^T
-        if columns.transient:
-            columns.restore()
+        if delta is not None:
+            columns.release(read_by_backward)
     return y
 
 
@@ -120,8 +120,7 @@ def _experts_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor
         if needs_input_grad:
             w = _effective(weight, delta, idx, scale, grad.dtype, columns, reuse=True)
             grad_x = grouped_matmul(grad, w.transpose(1, 2) if transposed else w, offsets)  # G_e W_e
-            if columns.transient:
-                columns.restore()
+            columns.restore()  # the base weight reads as W0 again once its backward is done
         if x_selected is not None:
             grad_delta = grouped_outer(grad.t(), _cast(x_selected, grad.dtype), offsets)  # (E, d_out, r)
             grad_delta = _cast(grad_delta.mul_(scale), delta.dtype)
@@ -140,7 +139,7 @@ class PartialExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns):
-        y = _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns)
+        y = _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns, ctx.needs_input_grad[0])
         ctx.save_for_backward(_selected_input(x, delta, idx, expert_of_row), weight, delta, idx, offsets)
         ctx.parameters = (weight, delta, idx)  # the tensors themselves, as paca.ops.linear keeps them
         ctx.scale, ctx.transposed, ctx.columns = scale, transposed, columns
@@ -179,10 +178,12 @@ def partial_experts_linear(x: Tensor, weight: Tensor, delta: Optional[Tensor], i
     """
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
-        return CompiledPartialExperts.apply(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, key)
+        read_by_backward = torch.is_grad_enabled() and x.requires_grad
+        return CompiledPartialExperts.apply(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, key,
+                                            read_by_backward)
     columns = _columns_for(columns, transposed)
     if not torch.is_grad_enabled():
-        return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns)
+        return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns, False)
     return _partial_experts_eager(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns)
 
 
@@ -194,16 +195,17 @@ def _columns_by_key(key: int, transposed: bool) -> ResidentColumns:
 
 def _partial_experts_kernel(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor],
                             expert_of_row: Tensor, offsets: Tensor, scale: float, transposed: bool,
-                            columns_key: int) -> Tensor:
+                            columns_key: int, read_by_backward: bool) -> Tensor:
     """:func:`partial_experts_linear` as one opaque node for torch.compile."""
-    return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, _columns_by_key(columns_key, transposed))
+    return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, _columns_by_key(columns_key, transposed),
+                            read_by_backward)
 
 
 partial_experts_op = library_op("partial_experts", _partial_experts_kernel)
 
 
 @torch.library.register_fake(partial_experts_op)
-def _(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key):
+def _(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key, read_by_backward):
     return x.new_empty(x.shape[0], weight.shape[2] if transposed else weight.shape[1])
 
 
@@ -234,10 +236,11 @@ class CompiledPartialExperts(torch.autograd.Function):
     each token-expert pair kept between them (see :mod:`paca.ops.compiled`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key):
+    def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key, read_by_backward):
         ctx.save_for_backward(_selected_input(x, delta, idx, expert_of_row), weight, delta, idx, offsets)
         ctx.scale, ctx.transposed, ctx.columns_key = scale, transposed, columns_key
-        return partial_experts_op(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key)
+        return partial_experts_op(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key,
+                                  read_by_backward)
 
     @staticmethod
     def backward(ctx, grad):
@@ -246,7 +249,7 @@ class CompiledPartialExperts(torch.autograd.Function):
         grad_x, grad_delta = partial_experts_backward_op(grad, x_selected, weight, delta, idx, offsets, ctx.scale,
                                                          ctx.transposed, needs_input_grad, ctx.columns_key)
         return (grad_x if needs_input_grad else None, None, grad_delta if x_selected is not None else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,13 +27,12 @@ def _columns_for(columns: Optional[ResidentColumns], transposed: bool) -> Reside
 
 
 def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                    transposed: bool, columns: ResidentColumns) -> Tensor:
+                    transposed: bool, columns: ResidentColumns, read_by_backward: bool) -> Tensor:
     w = columns.written(weight, delta, idx, scale, x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     y = F.linear(x, w.t() if transposed else w, bias)
-    if columns.transient:
-        columns.restore()
+    columns.release(read_by_backward)
     return y
 
 
@@ -45,8 +44,7 @@ def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor,
     if needs_input_grad:
         w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
         grad_input = grad @ (w.t() if transposed else w)  # (..., d_in)
-        if columns.transient:
-            columns.restore()
+        columns.restore()  # the base weight reads as W0 again once its backward is done
     if x_selected is not None:
         g = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
         xs = x_selected.reshape(-1, x_selected.shape[-1])  # (N, r)
@@ -90,7 +88,7 @@ class PartialLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, idx, scale, transposed, columns):
-        y = _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns)
+        y = _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns, ctx.needs_input_grad[0])
         # The only activation kept: the r selected input channels (never the full input). The parameters are saved
         # (references, no copies) for autograd's check, as nn.Linear's, that nothing changed them in place before
         # backward.
@@ -132,10 +130,11 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
     """
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
-        return CompiledPartialLinear.apply(x, weight, bias, delta, idx, scale, transposed, key)
+        read_by_backward = torch.is_grad_enabled() and x.requires_grad
+        return CompiledPartialLinear.apply(x, weight, bias, delta, idx, scale, transposed, key, read_by_backward)
     columns = _columns_for(columns, transposed)
     if not torch.is_grad_enabled():  # inference: nothing to save
-        return _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns)
+        return _linear_forward(x, weight, bias, delta, idx, scale, transposed, columns, False)
     return _partial_linear_eager(x, weight, bias, delta, idx, scale, transposed, columns)
 
 
@@ -147,16 +146,17 @@ def _columns_by_key(key: int, transposed: bool) -> ResidentColumns:
 
 
 def _partial_linear_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                           scale: float, transposed: bool, columns_key: int) -> Tensor:
+                           scale: float, transposed: bool, columns_key: int, read_by_backward: bool) -> Tensor:
     """:func:`partial_linear` as one opaque node for torch.compile."""
-    return _linear_forward(x, weight, bias, delta, idx, scale, transposed, _columns_by_key(columns_key, transposed))
+    return _linear_forward(x, weight, bias, delta, idx, scale, transposed, _columns_by_key(columns_key, transposed),
+                           read_by_backward)
 
 
 partial_linear_op = library_op("partial_linear", _partial_linear_kernel)
 
 
 @torch.library.register_fake(partial_linear_op)
-def _(x, weight, bias, delta, idx, scale, transposed, columns_key):
+def _(x, weight, bias, delta, idx, scale, transposed, columns_key, read_by_backward):
     d_out = weight.shape[1] if transposed else weight.shape[0]
     return x.new_empty(*x.shape[:-1], d_out)
 
@@ -187,11 +187,11 @@ class CompiledPartialLinear(torch.autograd.Function):
     them (see :mod:`paca.ops.compiled`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, idx, scale, transposed, columns_key):
+    def forward(ctx, x, weight, bias, delta, idx, scale, transposed, columns_key, read_by_backward):
         x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r): the only activation kept
         ctx.save_for_backward(x_selected, weight, delta, idx)
         ctx.scale, ctx.transposed, ctx.has_bias, ctx.columns_key = scale, transposed, bias is not None, columns_key
-        return partial_linear_op(x, weight, bias, delta, idx, scale, transposed, columns_key)
+        return partial_linear_op(x, weight, bias, delta, idx, scale, transposed, columns_key, read_by_backward)
 
     @staticmethod
     def backward(ctx, grad):
@@ -201,4 +201,4 @@ class CompiledPartialLinear(torch.autograd.Function):
                                                             ctx.transposed, needs_input_grad, ctx.columns_key)
         grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (grad_input if needs_input_grad else None, None, grad_bias,
-                grad_delta if x_selected is not None else None, None, None, None, None)
+                grad_delta if x_selected is not None else None, None, None, None, None, None)

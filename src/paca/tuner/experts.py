@@ -103,7 +103,7 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         return delta.transpose(1, 2) if self.is_transposed else delta
 
     # -- adapters -----------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: int = 0,
+    def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: Optional[int] = None,
                      selection_strategy: str = "random", indices: Optional[dict] = None,
                      inference_mode: bool = False, init_weights: bool = True,
                      projections: Optional[tuple[str, ...]] = None, **kwargs) -> None:
@@ -132,8 +132,7 @@ class Experts(_ResidentModule, ResidentTunerLayer):
             chosen[p] = idx.to(weight.device)
             delta = torch.zeros(self.delta_shape(p, r), dtype=torch.float32, device=weight.device)
             if not init_weights:  # PEFT's convention for tests: an adapter that changes the outputs from the start
-                generator = torch.Generator().manual_seed(seed)
-                delta.copy_(torch.randn(delta.shape, generator=generator) * 0.02)
+                nn.init.normal_(delta, std=0.1)
             deltas[p] = nn.Parameter(delta)
         dtype = self.weight_of(projections[0]).dtype
         if dtype.is_floating_point:  # as PEFT puts adapters in the base layer's dtype (autocast_adapter_dtype upcasts)
@@ -145,7 +144,7 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         self.scaling[adapter_name] = paca_alpha / r
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def select_columns(self, projection: str, r: int, seed: int, strategy: str) -> Tensor:
+    def select_columns(self, projection: str, r: int, seed: Optional[int], strategy: str) -> Tensor:
         """``(E, r)``: each expert's columns of ``projection``, by ``strategy`` (see :mod:`paca.selection`).
 
         ``gradient`` starts from random columns (``paca.select_by_gradient`` leaves experts there); ``structured``

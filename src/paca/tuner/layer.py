@@ -141,11 +141,15 @@ class PacaLayer(ResidentTunerLayer):
         return delta if self.in_dim == 1 else delta.t()
 
     # -- adapters -----------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: int = 0,
+    def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: Optional[int] = None,
                      selection_strategy: str = "random", indices: Optional[Tensor] = None,
                      inference_mode: bool = False, column_block: int = 1, init_weights: bool = True,
-                     **kwargs) -> None:
+                     scaling: Optional[float] = None, **kwargs) -> None:
         """Add adapter ``adapter_name``: choose its columns and create a zero delta.
+
+        ``seed`` is the config's ``random_seed`` (None: the global RNG); ``indices`` given columns (then ``r`` is
+        their number); ``scaling`` the scale when it is not ``paca_alpha / r`` (PEFT's ``paca_indices_pattern``
+        keeps ``paca_alpha / config.r``).
 
         Raises:
             ValueError: if ``r`` is not in ``[1, d_in]`` or ``indices`` are not valid for this layer.
@@ -162,17 +166,16 @@ class PacaLayer(ResidentTunerLayer):
         selection.check_indices(indices, d_in, r, where)
         self.r[adapter_name] = r
         self.paca_alpha[adapter_name] = paca_alpha
-        self.scaling[adapter_name] = paca_alpha / r
+        self.scaling[adapter_name] = paca_alpha / r if scaling is None else scaling
         self.paca_indices[adapter_name] = indices.to(weight.device)
         delta = torch.zeros(self.delta_shape(r), dtype=torch.float32, device=weight.device)
         if not init_weights:  # PEFT's convention for tests: an adapter that changes the outputs from the start
-            generator = torch.Generator().manual_seed(seed)
-            delta.copy_(torch.randn(delta.shape, generator=generator) * 0.02)
+            nn.init.normal_(delta, std=0.1)
         self.paca_delta[adapter_name] = nn.Parameter(delta)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def select_columns(self, r: int, seed: int, strategy: str, column_block: int = 1) -> Tensor:
+    def select_columns(self, r: int, seed: Optional[int], strategy: str, column_block: int = 1) -> Tensor:
         """The ``r`` input columns this layer tunes, by ``strategy`` (see :mod:`paca.selection`).
 
         ``column_block`` is the block size of ``structured`` (head_dim for attention output projections,
@@ -330,6 +333,10 @@ class _ResidentModule(nn.Module):
         if applied is None:
             return self._base_forward(x, *args, **kwargs)
         return self._partial_forward(x, *applied)
+
+    def extra_repr(self) -> str:
+        # Which PaCA runs this layer: paca's, not PEFT's own (whose layers print as "paca.Linear").
+        return "implementation=paca"
 
     def _apply(self, fn, recurse=True):
         self._columns.forget()  # .to(), .half(), .cuda(): convert the pretrained weight, read the columns again

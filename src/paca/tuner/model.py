@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import selection
 from ..quantized import check_quantization, is_bnb_4bit
-from .config import PacaConfig
+from .config import PEFT_HAS_PACA, PacaConfig
 from .experts import Experts, check_expert_indices, expert_projections
 from .layer import Conv, Linear, PacaLayer, _is_conv1d
 from .quantized import Linear4bit
@@ -81,13 +81,35 @@ class PacaModel(BaseTuner):
     prefix: str = "paca_"
     tuner_layer_cls = TUNED_LAYERS
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    implementation = "paca"
+
+    def __new__(cls, *args, **kwargs):
+        # PEFT maps its PACA type to this class once paca is imported; a plain peft.PacaConfig (not paca's subclass)
+        # asks for PEFT's own PaCA, which then builds the tuner instead. (copy and pickle call __new__ bare.)
+        if cls is PacaModel and PEFT_HAS_PACA and len(args) >= 2:
+            peft_config = args[1]
+            adapter_name = args[2] if len(args) > 2 else kwargs.get("adapter_name", "default")
+            config = peft_config.get(adapter_name) if isinstance(peft_config, dict) else peft_config
+            if config is not None and not isinstance(config, PacaConfig):
+                from peft.tuners.paca import PacaModel as PeftPacaModel
+
+                return PeftPacaModel(*args, **kwargs)
+        return super().__new__(cls)
+
 
     def _create_and_replace(self, config: PacaConfig, adapter_name, target, target_name, parent, current_key,
                             projections: Optional[tuple[str, ...]] = None, **optional_kwargs) -> None:
         layer_name = current_key.removeprefix("base_model.model.")
         r, paca_alpha = config.layer_r_and_alpha(layer_name)
-        kwargs = dict(r=r, paca_alpha=paca_alpha, seed=config.seed, selection_strategy=config.selection,
+        kwargs = dict(r=r, paca_alpha=paca_alpha, seed=config.random_seed, selection_strategy=config.selection,
                       inference_mode=config.inference_mode, init_weights=config.init_weights)
+        given = given_columns(config, current_key)
+        if given is not None:
+            if isinstance(target, Experts) or expert_projections(target):
+                raise ValueError(f"paca_indices_pattern gives columns to '{layer_name}', a fused experts module; "
+                                 "its experts each tune columns of their own: leave it out of the pattern.")
+            # PEFT's meaning: these columns, however many, at the config's scale paca_alpha / r
+            kwargs.update(indices=given, r=given.numel(), scaling=paca_alpha / r)
         if isinstance(target, Experts) or expert_projections(target):
             kwargs["projections"] = projections
         elif config.selection == "structured":  # whole heads / channels: the layout comes from the model config
@@ -96,7 +118,10 @@ class PacaModel(BaseTuner):
         if target_name in _MAMBA_DIRECT_WEIGHTS and "Mamba" in type(parent).__name__:
             self._bypassed_layers.setdefault(adapter_name, []).append(layer_name)
         d_in = _input_dim(target)
-        if d_in is not None and kwargs["r"] > d_in:
+        if given is not None and d_in is not None and int(given.max()) >= d_in:
+            raise ValueError(f"module '{layer_name}': paca_indices_pattern gives column {int(given.max())}, but its "
+                             f"input dimension is {d_in}.")
+        if given is None and d_in is not None and kwargs["r"] > d_in:
             # All of a narrow layer's columns (an image stem's 3 channels), at the adapter's scale alpha / r.
             kwargs["paca_alpha"] = kwargs["paca_alpha"] * d_in / kwargs["r"]
             kwargs["r"] = d_in
@@ -161,17 +186,28 @@ class PacaModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject ``adapter_name``; on any error, undo what was injected so the model is left as it was."""
         check_quantization(model)  # 8-bit, GPTQ, AWQ...: refused by name, before any layer is replaced
+        # A peft.PacaConfig added to a model paca tunes (a second adapter, transformers' load_adapter) runs here too.
+        self.peft_config[adapter_name] = PacaConfig.from_peft(self.peft_config[adapter_name])
         # Injection freezes the base model; if injecting or, later, loading the weights fails, these flags come back.
         self._requires_grad_before_inject = {adapter_name: {p: p.requires_grad for p in model.parameters()}}
         self._narrow_layers: dict[str, list[str]] = {}
         self._bypassed_layers: dict[str, list[str]] = {}
-        self._all_linear = resolve_all_linear(self.peft_config[adapter_name], model)
+        config = self.peft_config[adapter_name]
+        self._all_linear = resolve_all_linear(config, model)
+        # peft >= 0.22 refuses a parameter that target_parameters names on a module target_modules also targets;
+        # for paca that module is tuned whole (every expert projection, a router's weight), so the names are dropped
+        # for the injection and kept in the config.
+        wanted = config.target_parameters
+        if wanted:
+            config.target_parameters = self._parameters_beside_target_modules(config, model) or None
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             remove_adapter_layers(model, adapter_name)
             _restore_requires_grad(self._requires_grad_before_inject.pop(adapter_name))
             raise
+        finally:
+            config.target_parameters = wanted
         mark_shared_weights(model)
         frozen = frozen_experts(model)
         if frozen and self._all_linear:
@@ -190,6 +226,19 @@ class PacaModel(BaseTuner):
             warnings.warn(f"PaCA adapter '{adapter_name}': r exceeds the input dimension of {len(narrow)} layer(s): "
                           f"{', '.join(narrow)}; each tunes all its input columns, at its scale paca_alpha / r.",
                           stacklevel=2)
+
+    def _parameters_beside_target_modules(self, config: PacaConfig, model: nn.Module) -> list[str]:
+        """The entries of ``target_parameters`` that name a parameter of some module target_modules does not target."""
+        if config.target_modules is None:
+            return list(config.target_parameters)
+        kept = []
+        for target in config.target_parameters:
+            for name, module in model.named_modules():
+                if any(f"{name}.{p}" == target or f"{name}.{p}".endswith(f".{target}") for p in module._parameters):
+                    if not self._check_target_module_exists(config, name):
+                        kept.append(target)
+                        break
+        return kept
 
     def _inject_parameters(self, peft_config: PacaConfig, model: nn.Module, adapter_name: str,
                            low_cpu_mem_usage: bool) -> list[str]:
@@ -278,6 +327,20 @@ def resolve_all_linear(config: PacaConfig, model: nn.Module) -> bool:
     config.target_modules = set(config.target_modules) | {name for name, m in model.named_modules()
                                                           if expert_projections(m) or is_router(m)}
     return True
+
+
+def given_columns(config: PacaConfig, module_key: str) -> Optional[torch.Tensor]:
+    """The sorted columns ``config.paca_indices_pattern`` gives the module ``module_key`` (as PEFT matches the
+    pattern: its keys are names or regexes), or None."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.paca_indices_pattern or {}
+    if not pattern:
+        return None
+    key = get_pattern_key(pattern.keys(), module_key)
+    if key not in pattern:
+        return None
+    return torch.tensor(sorted(pattern[key]), dtype=torch.int64)
 
 
 def frozen_experts(model: nn.Module) -> list[str]:

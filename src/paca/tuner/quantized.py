@@ -90,7 +90,7 @@ class Linear4bit(nn.Module, PacaLayer):
         """The base layer's dense ``(d_out, d_in)`` weight ``deq(Q)`` (a new tensor)."""
         return dequantize(_packed_weight(self.get_base_layer()), dtype)
 
-    def select_columns(self, r: int, seed: int, strategy: str, column_block: int = 1) -> Tensor:
+    def select_columns(self, r: int, seed: Optional[int], strategy: str, column_block: int = 1) -> Tensor:
         if strategy == "weight_norm":
             return selection.weight_norm_columns(self.dequantized_weight(), r, 1)
         return super().select_columns(r, seed, strategy, column_block)
