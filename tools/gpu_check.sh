@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10's GPU checks in one run of under 6 minutes on one H200 (the device tool; see docs/BENCHMARKS.md):
+# The GPU checks in one run of under 6 minutes on one H100 or H200 (the device tool; see docs/BENCHMARKS.md):
 #
 #   tools/gpu_check.sh wheels    here, once: the lock's peft as a wheel in .whl/ (git ignores it)
 #   tools/gpu_check.sh run       there (run's command, carry [".whl"]): CUDA tests, then Fig. 2 with kernel counts
@@ -33,9 +33,10 @@ run() {
     # The layers in fp32 and bf16 against the float64 reference, the experts, the kernel budget: ~1 min.
     timeout 150 python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests/test_cuda.py 2>&1 \
         | tee "$out/test_cuda.log"
-    # Fig. 2 on the LLaMA3-8B shape cut to 8 blocks, bf16, batch 2 x 512: step times, memory, ops and kernels.
+    # Fig. 2 on the LLaMA3-8B shape cut to 8 blocks, bf16, batch 2 x 512: step times, memory, ops and kernels, with
+    # PEFT's own PaCA (peft >= 0.22, the wheel's) on the same columns beside paca's.
     timeout 240 python3 -m paca bench --preset llama3-8b --layers 8 --device cuda --dtype bf16 \
-        --methods floor,paca,lora,full --batch 2 --seq 512 --repeats 10 --warmup 2 --parts fig2 \
+        --methods floor,paca,peft-paca,lora,full --batch 2 --seq 512 --repeats 10 --warmup 2 --parts fig2 \
         --json "$out/fig2.json" --markdown "$out/fig2.md" 2>&1 | tee "$out/fig2.log"
 }
 

@@ -112,12 +112,6 @@ def train_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, during=N
         trainee.optimizer.step()
         trainee.optimizer.zero_grad(set_to_none=True)
     clock.mark()
-    if trainee.method in ("paca", "qpaca"):
-        # Off the clock: the methods share one set of base weights, so PaCA's written columns go back before
-        # another method runs. A training loop never needs this; the next forward writes the columns anyway.
-        from .. import restore_base_weights
-
-        restore_base_weights(trainee.model)
     forward_s, backward_s, _, optimizer_s = clock.durations()
     peak = torch.cuda.max_memory_allocated(device) if clock.cuda else None
     return StepRecord(forward_s, backward_s, optimizer_s, None if peak is None else peak - found, peak)

@@ -2,10 +2,11 @@
 
     full   every weight trained (AdamW)
     lora   PEFT LoRA on the targeted layers          dora   PEFT DoRA (LoRA with use_dora=True)
-    paca   PaCA on the targeted layers
+    paca   PaCA on the targeted layers (paca's)    peft-paca  PEFT's own PaCA (peft >= 0.22), the same columns
     floor  every weight frozen, gradients flowing to the inputs only (no optimizer): the limit no PEFT
            step can beat, since any of them must at least run the forward and the input gradients
     qlora  LoRA on a 4-bit NF4 base (bitsandbytes)   qpaca  PaCA on a 4-bit NF4 base
+    qpeft-paca  PEFT's PaCA on a 4-bit base (a dequantized copy of the weight per call)
 
 Methods whose base weights are frozen share one copy of them (the tensors, not the modules), so several
 methods fit side by side on one device for interleaved timing; ``full`` gets its own copy.
@@ -23,8 +24,9 @@ from torch import Tensor, nn
 
 from .errors import BenchError
 
-METHODS = ("full", "lora", "dora", "paca", "floor", "qlora", "qpaca")
-QUANTIZED = ("qlora", "qpaca")
+METHODS = ("full", "lora", "dora", "paca", "peft-paca", "floor", "qlora", "qpaca", "qpeft-paca")
+QUANTIZED = ("qlora", "qpaca", "qpeft-paca")
+PEFT_PACA = ("peft-paca", "qpeft-paca")  # PEFT's own PaCA: nn.Linear (and quantized linear) layers only
 
 
 @dataclass
@@ -98,17 +100,29 @@ def quantized_copy(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     return quantized
 
 
-def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = None):
-    """The PEFT config of an adapter method (lora, dora, paca and their 4-bit forms) for ``model``.
+def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = None, seed: int = 0):
+    """The PEFT config of an adapter method (lora, dora, paca, peft-paca and their 4-bit forms) for ``model``.
 
     Every method tunes every linear layer but the output head and, in an MoE model, the fused experts and the
     routers: PaCA through all-linear, LoRA through its target_parameters, named here (PEFT's own all-linear
-    conversion depends on the model type; gpt-oss's gets none).
+    conversion depends on the model type; gpt-oss's gets none). PEFT's own PaCA tunes nn.Linear layers only (not
+    experts or routers); with the same ``random_seed`` it tunes the same columns as paca's there.
     """
     if method in ("paca", "qpaca"):
         from .. import PacaConfig
 
-        return PacaConfig(r=r, paca_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+        return PacaConfig(r=r, paca_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM",
+                          random_seed=seed)
+    if method in PEFT_PACA:
+        from ..tuner.config import PeftPacaConfig
+
+        if PeftPacaConfig is None:
+            import peft
+
+            raise BenchError(f"{method} is PEFT's own PaCA, which peft {peft.__version__} does not have (peft >= 0.22 "
+                             "does); run the other methods without it.")
+        return PeftPacaConfig(r=r, paca_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM",
+                              random_seed=seed)
     from peft import LoraConfig
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
@@ -154,7 +168,7 @@ def make_trainee(method: str, base: nn.Module, r: int, alpha: float, seed: int,
     else:
         source = sharing_copy(base)
     try:
-        model = peft.get_peft_model(source, peft_config(method, r, alpha, source))
+        model = peft.get_peft_model(source, peft_config(method, r, alpha, source, seed))
     except (TypeError, ValueError, RuntimeError) as err:
         if method == "qpaca":
             raise BenchError(qpaca_unsupported(err)) from None

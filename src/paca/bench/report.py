@@ -48,6 +48,11 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                  _num(r["activation_bytes"], ".1f", MIB), _ratio(r, "activation_bytes"),
                  _num(r.get("dispatched_ops_per_step"), ".0f"), f"{r['trainable_params']:,}"]
                 for r in timed]
+        if any(r["method"] == "peft-paca" for r in timed):  # PEFT's own PaCA beside paca's
+            column = header.index("step xfloor") + 1
+            header.insert(column, "step xPEFT-PaCA")
+            for r, row in zip(timed, rows):
+                row.insert(column, _ratio(r, "step_time_s", "peft-paca"))
         if any(r.get("device_kernels_per_step") is not None for r in timed):  # CUDA
             column = header.index("ops/step") + 1
             header.insert(column, "kernels f+b")
