@@ -84,7 +84,7 @@ def main():
         scores, times, selection_times = [], [], []
         for seed in range(args.seeds):
             base.load_state_dict(state)
-            config = paca.PacaConfig(r=args.r, paca_alpha=2.0 * args.r, target_modules="all-linear", seed=seed,
+            config = paca.PacaConfig(r=args.r, paca_alpha=2.0 * args.r, target_modules="all-linear", random_seed=seed,
                                      selection=strategy, task_type="CAUSAL_LM")
             start = time.perf_counter()
             model = get_peft_model(base, config)

@@ -69,7 +69,7 @@ def main():
     print("|---|---:|---:|---:|---|")
     for r in [int(x) for x in args.ranks.split(",")]:
         configs = {
-            "PaCA": lambda seed: paca.PacaConfig(r=r, paca_alpha=2 * r, target_modules="all-linear", seed=seed),
+            "PaCA": lambda seed: paca.PacaConfig(r=r, paca_alpha=2 * r, target_modules="all-linear", random_seed=seed),
             "LoRA": lambda seed: LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False),
         }
         for kind, adapter_config in configs.items():

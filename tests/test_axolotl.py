@@ -87,10 +87,10 @@ def test_an_axolotl_yaml_with_adapter_paca_trains_a_paca_adapter_peft_loads_and_
 
 def test_the_paca_keys_fall_back_to_axolotl_s_lora_keys_and_all_linear():
     config = paca_config({"adapter": "paca", "lora_r": 16, "lora_alpha": 32, "seed": 7})
-    assert (config.r, config.paca_alpha, config.target_modules, config.seed) == (16, 32, "all-linear", 7)
+    assert (config.r, config.paca_alpha, config.target_modules, config.random_seed) == (16, 32, "all-linear", 7)
     config = paca_config({"adapter": "paca", "lora_r": 16, "paca_r": 4, "paca_selection": "weight_norm",
                           "lora_target_modules": ["q_proj"], "paca_seed": 3})
-    assert (config.r, config.selection, config.target_modules, config.seed) == (4, "weight_norm", {"q_proj"}, 3)
+    assert (config.r, config.selection, config.target_modules, config.random_seed) == (4, "weight_norm", {"q_proj"}, 3)
     assert PacaPlugin().load_adapter(None, {"adapter": "lora"}) is None  # not ours: axolotl's own loader runs
     with pytest.raises(ValueError):
         PacaArgs(paca_selection="gradient")  # needs a scoring pass axolotl has no step for

@@ -1,7 +1,8 @@
 """paca: Partial Connection Adaptation (ICLR 2025) for HuggingFace PEFT.
 
-``import paca`` registers the method with PEFT, so ``peft.get_peft_model(model, paca.PacaConfig(...))``
-and ``PeftModel.from_pretrained(model, dir)`` work as for PEFT's own methods.
+``import paca`` makes PEFT's ``PACA`` type run paca's implementation (on peft < 0.22, which has none, it registers
+the method), so ``peft.get_peft_model(model, paca.PacaConfig(...))`` and ``PeftModel.from_pretrained(model, dir)``
+work as for PEFT's own methods; a plain ``peft.PacaConfig`` still runs PEFT's own PaCA.
 """
 
 from .upstream_noise import install_filters

@@ -338,7 +338,7 @@ class Run:
                 process_peak_rss_bytes=a.process_peak_rss_bytes,
                 step_times_s=[r.step_s for r in recs],
             )
-        for reference in ("lora", "floor", "peft-paca"):
+        for reference in ("lora", "floor", "peft-paca", "qlora", "qpeft-paca"):
             if reference not in records:
                 continue
             for m in records:

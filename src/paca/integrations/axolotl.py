@@ -50,7 +50,7 @@ def paca_config(cfg):
             kwargs[key] = cfg.get(name)
     seed = cfg.get("paca_seed") if cfg.get("paca_seed") is not None else cfg.get("seed")
     if seed is not None:
-        kwargs["seed"] = seed
+        kwargs["random_seed"] = seed
     return paca.PacaConfig(**kwargs)
 
 

@@ -114,7 +114,7 @@ def apply_method(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             # here it would also be on during selection=gradient's scoring pass.
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         config = paca.PacaConfig(r=cfg.r, paca_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
-                                 seed=cfg.seed, selection=cfg.selection, task_type="CAUSAL_LM")
+                                 random_seed=cfg.seed, selection=cfg.selection, task_type="CAUSAL_LM")
     else:
         config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
                                  lora_dropout=0.0, use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
