@@ -3,13 +3,13 @@
 # here; any other version pulls several GB of CUDA packages). docs/DEPENDENCIES.md says how the lock moves.
 PY := .venv/bin/python
 STAMP := .venv/.installed
-EXTRAS := .[train,quant,tensorboard,test]
+EXTRAS := .[train,quant,tensorboard,test,upstream-tests]
 TORCH := torch==2.13.0
 # Held back when `make lock` takes the newest releases, each for a known break:
 #   (nothing held on 2026-12-07)
 HOLD :=
 
-.PHONY: demo test bench test-latest test-axolotl lock clean
+.PHONY: demo test bench test-latest test-upstream test-axolotl lock clean
 
 # A fresh venv in $(1) with the newest releases (torch held), then $(2) more requirements.
 define newest_venv
@@ -41,6 +41,11 @@ test-latest:
 	$(call newest_venv,.venv-latest,)
 	.venv-latest/bin/python tools/lock.py diff constraints.txt
 	PACA_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -p no:cacheprovider tests
+
+# PEFT's own PaCA tests (from the sdist of the installed peft, fetched and cached, never copied here), run unmodified
+# with peft.PacaConfig routed to paca's: every one that passes on PEFT's PaCA must pass on paca (tools/upstream_tests.py).
+test-upstream: $(STAMP)
+	$(PY) tools/upstream_tests.py --impl both
 
 # paca's core beside axolotl 0.19 at exactly the versions it pins (constraints-axolotl.txt, in .venv-axolotl): pip
 # must accept paca's lower bounds there, the plugin trains through `axolotl train`, the tuner's tests pass.

@@ -13,11 +13,15 @@ gradients have the same shapes):
     paca, no PEFT     the same layers, the model called without PEFT's PeftModel wrapper
     required          a bare autograd Function doing only the algorithm's work, as the product does it: the
                       column write (ResidentColumns.write: an add and an index_copy_), x[..., idx], the matmul;
-                      backward the input-gradient matmul and the delta-gradient addmm (alpha = scale). No checks:
+                      backward the input-gradient matmul, the delta-gradient addmm (alpha = scale) and the
+                      restore of W0 (one index_copy_, PEFT's invariant between steps). No checks:
                       no autocast, compile or functorch dispatch, no rewrite after something restored the weight,
                       no saved-tensor version checks. Not correct in general; a lower bound for an eager Function.
     required - scale  the same, the delta gradient a plain mm (what applying the scale costs)
     required - write  the same without the column write (what the write costs; its outputs are wrong)
+    required - restore  the same, the columns left written after backward (paca's design before it kept PEFT's
+                      invariant: what the restore costs)
+    peft-paca         PEFT's own PaCA (peft >= 0.22) on the same columns
 
 The floor is the frozen model with gradients flowing to the embeddings' output (``paca bench``'s floor); lora is
 PEFT LoRA r = 8 on the same layers (``paca bench``'s lora).
@@ -40,10 +44,10 @@ def bare_functions():
 
     class Required(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, weight, bias, delta, idx, scale, columns, write, scaled):
+        def forward(ctx, x, weight, bias, delta, idx, scale, columns, write, scaled, restored):
             w = columns.write(weight, delta, idx, scale) if write else weight
             ctx.w, ctx.x_selected, ctx.scale, ctx.scaled = w, x.index_select(-1, idx), scale, scaled
-            ctx.columns = columns
+            ctx.columns, ctx.restored = columns, restored
             return F.linear(x, w, bias)
 
         @staticmethod
@@ -55,13 +59,16 @@ def bare_functions():
                                          alpha=ctx.scale)
             else:
                 grad_delta = g.t() @ xs
-            return grad @ ctx.w, None, None, grad_delta, None, None, None, None, None
+            grad_input = grad @ ctx.w
+            if ctx.restored:
+                ctx.columns.restore()
+            return grad_input, None, None, grad_delta, None, None, None, None, None, None
 
     apply = c_apply(Required)
 
-    def operator(write: bool, scaled: bool):
+    def operator(write: bool, scaled: bool, restored: bool = True):
         def call(x, weight, bias, delta, idx, scale, transposed, columns):
-            return apply(x, weight, bias, delta, idx, scale, columns, write, scaled)
+            return apply(x, weight, bias, delta, idx, scale, columns, write, scaled, restored)
         return call
 
     return operator
@@ -83,6 +90,7 @@ def main() -> None:
     ids = random_tokens(512, 1, 32, seed=0, device=torch.device("cpu"))
     floor = make_trainee("floor", base, 8, 16, 0).model
     paca_trainee, lora_trainee = make_trainee("paca", base, 8, 16, 0), make_trainee("lora", base, 8, 16, 0)
+    peft_paca_trainee = make_trainee("peft-paca", base, 8, 16, 0)
     paca = paca_trainee.model
     if any(getattr(m, "is_transposed", False) for m in paca.modules()):
         raise SystemExit("the controls assume nn.Linear layers (no GPT-2 Conv1D)")
@@ -95,6 +103,8 @@ def main() -> None:
         "required": (paca, operator(write=True, scaled=True)),
         "required - scale": (paca, operator(write=True, scaled=False)),
         "required - write": (paca, operator(write=False, scaled=True)),
+        "required - restore": (paca, operator(write=True, scaled=True, restored=False)),
+        "peft-paca": (peft_paca_trainee.model, None),
         "lora": (lora_trainee.model, None),
     }
 
@@ -111,12 +121,12 @@ def main() -> None:
             layer.partial_linear = product
         if name == "floor":  # no optimizer
             return elapsed, 0.0
-        trainee = lora_trainee if name == "lora" else paca_trainee
+        trainee = {"lora": lora_trainee, "peft-paca": peft_paca_trainee}.get(name, paca_trainee)
         start = time.perf_counter()
         trainee.optimizer.step()
         trainee.optimizer.zero_grad(set_to_none=True)
         optimizer_s = time.perf_counter() - start
-        restore_base_weights(paca)  # every variant starts from the pretrained weights, as the bench's steps do
+        restore_base_weights(paca)  # after "required - restore": every variant starts from the pretrained weights
         return elapsed, optimizer_s
 
     for name in variants:  # warm-up: PaCA's first call copies the pretrained columns, AdamW makes its state
@@ -130,12 +140,14 @@ def main() -> None:
     print(f"median of {args.rounds} interleaved rounds: floor forward + backward "
           f"{ms(f for f, _ in times['floor']):.2f} ms, AdamW step paca {ms(o for _, o in times['paca']):.2f} ms, "
           f"lora {ms(o for _, o in times['lora']):.2f} ms")
-    print(f"  {'':18s} {'f+b xfloor':>10s} {'step xLoRA':>10s}")
+    print(f"  {'':18s} {'f+b xfloor':>10s} {'step xLoRA':>10s} {'step xPEFT-PaCA':>15s}")
+
+    def step_ratio(rounds, reference):
+        return statistics.median((f + o) / (rf + ro) for (f, o), (rf, ro) in zip(rounds, times[reference]))
+
     for name, rounds in times.items():
         fb = statistics.median(f / floor_f for (f, _), (floor_f, _) in zip(rounds, times["floor"]))
-        step_ratio = statistics.median((f + o) / (lora_f + lora_o)
-                                       for (f, o), (lora_f, lora_o) in zip(rounds, times["lora"]))
-        print(f"  {name:18s} {fb:9.3f}x {step_ratio:9.3f}x")
+        print(f"  {name:18s} {fb:9.3f}x {step_ratio(rounds, 'lora'):9.3f}x {step_ratio(rounds, 'peft-paca'):14.3f}x")
 
 if __name__ == "__main__":
     main()

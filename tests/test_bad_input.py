@@ -68,25 +68,48 @@ def test_non_positive_or_non_integer_r_is_rejected_by_the_config(r):
         PacaConfig(r=r, target_modules=["q_proj"])
 
 
-def test_r_larger_than_a_layers_input_tunes_all_its_columns_and_says_so_once(tmp_path, token_ids):
-    """r > d_in on one layer (an image stem's 3 channels, here a 32-wide q_proj under r=40) never fails the model:
-    that layer tunes all its input columns at the adapter's scale, one warning names it, and it saves and loads."""
-    cfg = PacaConfig(r=40, target_modules=r"model\.layers\.(0\.mlp\.down_proj|1\.self_attn\.q_proj)")
-    with pytest.warns(UserWarning, match=r"r exceeds the input dimension of 1 layer\(s\): "
-                                         r"model\.layers\.1\.self_attn\.q_proj \(r=40, d_in=32\)") as caught:
-        model = get_peft_model(tiny_llama(), cfg)
+def test_r_larger_than_a_linear_layers_input_is_refused_as_peft_does():
+    """r > d_in on a linear layer: PEFT's PaCA's ValueError, naming the module; the model is left as it was."""
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.1\.self_attn\.q_proj': r \(40\) cannot be larger "
+                                         r"than in_features \(32\)"):
+        get_peft_model(model, PacaConfig(r=40, target_modules=r"model\.layers\.(0\.mlp\.down_proj|1\.self_attn\.q_proj)"))
+    assert_unchanged(before, model)
+
+
+class _ConvNet(torch.nn.Module):
+    """An image stem (3 input channels) and a wider convolution."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.body = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.body(self.stem(x).relu())
+
+
+def test_r_larger_than_a_convolutions_input_tunes_all_its_channels_and_says_so_once(tmp_path):
+    """r > C_in on a convolution (an image stem's 3 channels; a layer type PEFT's PaCA does not tune) never fails the
+    model: it tunes all its input channels at the adapter's scale, one warning names it, and it saves and loads."""
+    cfg = PacaConfig(r=8, target_modules=["stem", "body"])
+    with pytest.warns(UserWarning, match=r"r exceeds the input dimension of 1 layer\(s\): stem \(r=8, d_in=3\)") as caught:
+        model = get_peft_model(_ConvNet(), cfg)
     assert len([w for w in caught if "exceeds the input dimension" in str(w.message)]) == 1
     layers = paca_layers(model)
-    narrow, wide = layers["model.layers.1.self_attn.q_proj"], layers["model.layers.0.mlp.down_proj"]
-    assert narrow.r["default"] == 32 and torch.equal(narrow.paca_indices["default"], torch.arange(32))
-    assert narrow.scaling["default"] == wide.scaling["default"] == cfg.paca_alpha / 40
+    narrow, wide = layers["stem"], layers["body"]
+    assert narrow.r["default"] == 3 and torch.equal(narrow.paca_indices["default"], torch.arange(3))
+    assert narrow.scaling["default"] == wide.scaling["default"] == cfg.paca_alpha / 8
     with torch.no_grad():
         narrow.paca_delta["default"].normal_()
-    logits = model(input_ids=token_ids).logits
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = model(x)
     model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="exceeds the input dimension"):
-        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert torch.equal(loaded(input_ids=token_ids).logits, logits)
+        loaded = PeftModel.from_pretrained(_ConvNet(), tmp_path)
+    assert torch.equal(loaded(x), out)
 
 
 def test_no_matching_target_module_is_an_error_naming_the_targets():

@@ -73,11 +73,10 @@ def test_export_lora_loads_as_plain_peft_lora_adapter_with_equal_outputs(tmp_pat
 
 @pytest.mark.parametrize("config", [dict(rank_pattern={"down_proj": 8}, alpha_pattern={"down_proj": 4.0,
                                                                                      r"layers\.1\..*q_proj": 2.0}),
-                                    dict(r=40, target_modules=["q_proj", "down_proj"])],
-                         ids=["rank_and_alpha_pattern", "r_above_a_layers_width"])
-@pytest.mark.filterwarnings("ignore:PaCA adapter 'default'. r exceeds:UserWarning")  # pinned in test_bad_input
+                                    dict(r=4, paca_indices_pattern={"q_proj": [0, 5, 9]})],
+                         ids=["rank_and_alpha_pattern", "indices_pattern"])
 def test_export_lora_of_layers_with_their_own_r_and_scale_is_exact(tmp_path, config, token_ids):
-    """rank_pattern / alpha_pattern, and layers narrower than r (which tune all their columns): each layer has its
+    """rank_pattern / alpha_pattern, and paca_indices_pattern (given columns, any number): each layer has its
     own r and scale; merged and LoRA exports reproduce the PaCA model's logits."""
     base_dir, adapter_dir, model = make_adapter(tmp_path, "llama", **config)
     layers = paca_layers(model)
@@ -87,9 +86,9 @@ def test_export_lora_of_layers_with_their_own_r_and_scale_is_exact(tmp_path, con
         assert (down.r["default"], down.scaling["default"]) == (8, 4.0 / 8)
         assert (q1.r["default"], q1.scaling["default"]) == (4, 2.0 / 4)
         assert (q0.r["default"], q0.scaling["default"]) == (4, 8.0 / 4)  # PEFT's default paca_alpha, 8
-    else:
-        assert {layer.r["default"] for layer in layers.values()} == {32, 40}
-        assert {layer.scaling["default"] for layer in layers.values()} == {8.0 / 40}
+    else:  # PEFT's paca_indices_pattern: the given columns, at the config's scale paca_alpha / r
+        assert {layer.r["default"] for layer in layers.values()} == {3, 4}
+        assert {layer.scaling["default"] for layer in layers.values()} == {8.0 / 4}
     run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
     run_export(adapter_dir, "merged", tmp_path / "merged", base_dir)
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()

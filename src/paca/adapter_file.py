@@ -18,7 +18,12 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # save_pretrained(..., safe_serializa
 
 
 class AdapterFileError(ValueError):
-    """A PaCA adapter directory or file is missing, truncated, corrupted or inconsistent."""
+    """A PaCA adapter directory or file is missing, truncated, corrupted or inconsistent (``missing``: no weights
+    file at all)."""
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
 
 
 def _check_safetensors_header(path: str) -> None:
@@ -66,7 +71,7 @@ def _read_tensors(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
             raise AdapterFileError(f"{pickled}: not a dict of tensors (a PEFT adapter_model.bin holds one).")
         return pickled, tensors
     raise AdapterFileError(f"{path}: adapter weights not found (expected {WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME} in "
-                           f"{directory}).")
+                           f"{directory}).", missing=True)
 
 
 def load_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:

@@ -11,10 +11,11 @@ import logging
 class _MissingKernelsPackage(logging.Filter):
     """bitsandbytes >= 0.50 on a CPU with AVX512-BF16 tries a hub kernel through the optional ``kernels`` package at
     import and logs a warning when it cannot have it: the package is missing, or (kernels >= 0.19, which transformers
-    5.25 installs) the hub repository is not on its trust allowlist. It then uses its own CPU kernel, which is what
-    paca's tests run. The warning is dropped only for those two causes."""
+    5.25 installs) the hub repository is not on its trust allowlist, or the hub is offline and the kernel not cached.
+    It then uses its own CPU kernel, which is what paca's tests run. The warning is dropped only for those causes."""
 
-    CAUSES = ("No module named 'kernels'", "could not verify publisher trust status")
+    CAUSES = ("No module named 'kernels'", "could not verify publisher trust status",
+              "is not available in the local cache and Hugging Face Hub is in offline mode")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

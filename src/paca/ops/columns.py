@@ -103,8 +103,14 @@ class ResidentColumns:
             self.restore()  # another column set may be written: give those columns back first
             self._read_pretrained(storage, idx)
         shift = delta.transpose(-1, -2) if self.transposed else delta  # no autograd here: no detach needed
-        torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
-        put_columns(storage, self.in_dim, self._idx, self._sum)
+        if idx.dim() == 1 and shift.dtype == storage.dtype and not storage.is_cuda:
+            # One operator: W0 + s * D added in place, bit for bit what the two below give on CPU (CUDA's index_add_
+            # rounds s * D before adding, so there the sum is taken apart). It needs W0 in the columns.
+            self.restore()  # no-op unless a forward whose backward never ran left its write
+            storage.index_add_(self.in_dim, self._idx, shift, alpha=scale)
+        else:
+            torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
+            put_columns(storage, self.in_dim, self._idx, self._sum)
         self._weight = weight
         self._written = (weight.data_ptr(), weight._version, delta, scale, idx)
         return storage

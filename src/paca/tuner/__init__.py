@@ -15,8 +15,11 @@ from .model import PacaModel
 from .registration import PACA_PEFT_TYPE
 
 if PEFT_HAS_PACA:
+    from peft.tuners.paca import PacaLayer as PeftPacaLayer
+
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PACA_PEFT_TYPE] = PacaConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PACA_PEFT_TYPE] = PacaModel
+    PeftPacaLayer.register(PacaLayer)  # isinstance(layer, peft.tuners.paca.PacaLayer): "a PaCA layer", either's
 elif PACA_PEFT_TYPE not in mapping.PEFT_TYPE_TO_CONFIG_MAPPING:
     register_peft_method(name="paca", config_cls=PacaConfig, model_cls=PacaModel, prefix="paca_")
 

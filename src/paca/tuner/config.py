@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..adapter_file import load_adapter_tensors
+from ..adapter_file import AdapterFileError, load_adapter_tensors
 from .registration import PACA_PEFT_TYPE
 
 
@@ -206,9 +206,17 @@ class PacaConfig(_Base):
         """
         path = pretrained_model_name_or_path if subfolder is None else os.path.join(pretrained_model_name_or_path,
                                                                                      subfolder)
+        missing = None
         if os.path.isdir(path):
-            load_adapter_tensors(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            try:
+                load_adapter_tensors(path)
+            except AdapterFileError as err:
+                if not err.missing:
+                    raise
+                missing = err  # a config alone is a valid directory; loading weights from it is not
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._missing_weights = missing  # raised by PacaModel if the config is used to load this adapter
+        return config
 
     def layer_r_and_alpha(self, module_name: str) -> tuple[int, float]:
         """(r, paca_alpha) of the layer named ``module_name``: rank_pattern / alpha_pattern, else r / paca_alpha."""

@@ -81,6 +81,10 @@ class ResidentTunerLayer(BaseTunerLayer):
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
 
+    def _get_additive_delta(self, adapter_name: str = "default") -> Tensor:
+        # PEFT's get_additive_delta: PaCA is additive, W' = W0 + delta, in the delta's dtype.
+        return self.get_delta_weight(adapter_name)
+
     def _applied_delta(self):
         """What the forward applies (the subclass's ``_active_delta``); None when it is the base layer's
         (disabled, merged, none active)."""

@@ -119,8 +119,12 @@ class PacaModel(BaseTuner):
             self._bypassed_layers.setdefault(adapter_name, []).append(layer_name)
         d_in = _input_dim(target)
         if given is not None and d_in is not None and int(given.max()) >= d_in:
-            raise ValueError(f"module '{layer_name}': paca_indices_pattern gives column {int(given.max())}, but its "
-                             f"input dimension is {d_in}.")
+            raise ValueError(f"module '{layer_name}': the indices in paca_indices_pattern must be smaller than "
+                             f"in_features ({d_in}) of the base layer, got {given.tolist()}.")
+        if given is None and d_in is not None and kwargs["r"] > d_in and (isinstance(target, Linear)
+                                                                          or _layer_class(target) is Linear):
+            raise ValueError(f"module '{layer_name}': r ({kwargs['r']}) cannot be larger than in_features ({d_in}) "
+                             "of the base layer.")  # PEFT's PaCA's rule for linear layers
         if given is None and d_in is not None and kwargs["r"] > d_in:
             # All of a narrow layer's columns (an image stem's 3 channels), at the adapter's scale alpha / r.
             kwargs["paca_alpha"] = kwargs["paca_alpha"] * d_in / kwargs["r"]
@@ -136,9 +140,9 @@ class PacaModel(BaseTuner):
                             "experts interface (@use_experts_implementation), whose forward PaCA replaces; remove it "
                             "from target_modules (its attention and dense layers can be tuned).")
         if layer_cls is None:
-            raise TypeError(f"PaCA cannot tune module '{layer_name}' of type {type(target).__module__}."
-                            f"{type(target).__qualname__}; supported types: {SUPPORTED_TYPES}. Remove it from "
-                            "target_modules or add it to exclude_modules.")
+            raise TypeError(f"Target module '{layer_name}' of type {type(target).__module__}."
+                            f"{type(target).__qualname__} is not supported by PaCA; supported types: {SUPPORTED_TYPES}. "
+                            "Remove it from target_modules or add it to exclude_modules.")
         new_module = layer_cls(target, adapter_name, layer_name, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
@@ -188,6 +192,9 @@ class PacaModel(BaseTuner):
         check_quantization(model)  # 8-bit, GPTQ, AWQ...: refused by name, before any layer is replaced
         # A peft.PacaConfig added to a model paca tunes (a second adapter, transformers' load_adapter) runs here too.
         self.peft_config[adapter_name] = PacaConfig.from_peft(self.peft_config[adapter_name])
+        missing = getattr(self.peft_config[adapter_name], "_missing_weights", None)
+        if missing is not None:  # read from a directory without weights: name the file before touching the model
+            raise missing
         # Injection freezes the base model; if injecting or, later, loading the weights fails, these flags come back.
         self._requires_grad_before_inject = {adapter_name: {p: p.requires_grad for p in model.parameters()}}
         self._narrow_layers: dict[str, list[str]] = {}
