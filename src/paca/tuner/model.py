@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import re
 import warnings
 from typing import Optional
 
@@ -121,10 +122,18 @@ class PacaModel(BaseTuner):
         if given is not None and d_in is not None and int(given.max()) >= d_in:
             raise ValueError(f"module '{layer_name}': the indices in paca_indices_pattern must be smaller than "
                              f"in_features ({d_in}) of the base layer, got {given.tolist()}.")
-        if given is None and d_in is not None and kwargs["r"] > d_in and (isinstance(target, Linear)
-                                                                          or _layer_class(target) is Linear):
-            raise ValueError(f"module '{layer_name}': r ({kwargs['r']}) cannot be larger than in_features ({d_in}) "
-                             "of the base layer.")  # PEFT's PaCA's rule for linear layers
+        linear = isinstance(target, Linear) or _layer_class(target) is Linear
+        if given is None and d_in is not None and kwargs["r"] > d_in and linear:
+            if not self._all_linear:  # PEFT's PaCA's rule for a linear layer named in target_modules
+                raise ValueError(f"module '{layer_name}': r ({kwargs['r']}) cannot be larger than in_features "
+                                 f"({d_in}) of the base layer.")
+            # Under all-linear a narrow layer (Mamba's dt_proj) tunes all its columns rather than failing the model:
+            # PEFT's paca_indices_pattern says exactly that (scale paca_alpha / r), so the saved config, whose
+            # target_modules PEFT writes out by name, reloads here and in plain PEFT.
+            given = torch.arange(d_in)
+            config.paca_indices_pattern[re.escape(current_key)] = given.tolist()
+            kwargs.update(indices=given, r=d_in, scaling=paca_alpha / r)
+            self._narrow_layers.setdefault(adapter_name, []).append(f"{layer_name} (r={r}, d_in={d_in})")
         if given is None and d_in is not None and kwargs["r"] > d_in:
             # All of a narrow layer's columns (an image stem's 3 channels), at the adapter's scale alpha / r.
             kwargs["paca_alpha"] = kwargs["paca_alpha"] * d_in / kwargs["r"]
