@@ -10,9 +10,9 @@ and delta ``D`` (``d_out x r``) computes with the effective weight
                dL/dD  = s * g^T x[..., idx]           (only x[..., idx] is kept for backward)
 
 ``W`` is never materialised as a second weight-sized tensor: the ``r`` tuned columns are written into the
-frozen weight's storage (``O(d_out * r)``, next to the ``O(N * d_out * d_in)`` matmul) and stay there between
-calls; the tuner layer writes ``W0``'s columns back before anyone reads the weight as the base
-(:mod:`paca.ops.columns`). Every forward reads the *current* ``D``, however it was changed.
+frozen weight's storage (``O(d_out * r)``, next to the ``O(N * d_out * d_in)`` matmul) for a forward and its
+backward, which writes ``W0``'s columns back (:mod:`paca.ops.columns`). Every forward reads the *current* ``D``,
+however it was changed.
 
 - :mod:`paca.ops.columns`  the column write, its record and restore
 - :mod:`paca.ops.eager`    how the operators enter their autograd Functions in eager mode (C++, outside functorch)

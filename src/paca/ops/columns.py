@@ -1,21 +1,22 @@
-"""How the tuned columns get into the frozen weight: written once per call, left there between calls.
+"""How the tuned columns get into the frozen weight: written for a forward and its backward, then W0 again.
 
 A PaCA layer computes with ``W[:, idx] = P + s * D`` where ``P = W0[:, idx]`` is the pretrained value of
-the ``r`` tuned columns. :class:`ResidentColumns` copies ``P`` once (``d_out x r``) and then writes
-``P + s * D`` into the weight's storage with two operators (an ``add`` into a reused buffer and an
-``index_copy_``). Because every write starts from the copy of ``P``, a write is idempotent: whatever those
-columns hold at the time (their last write, or ``W0`` again after a restore or a re-gather by FSDP2 or
-ZeRO-3) the result is the same. So the columns stay written after an operator returns:
+the ``r`` tuned columns. :class:`ResidentColumns` copies ``P`` once (``d_out x r``) and writes ``P + s * D`` into
+the weight's storage: on CPU, when ``D`` has the weight's dtype, with one ``index_add_`` onto W0's columns (bit for
+bit what the general form gives there), else with two operators (an ``add`` into a reused buffer and an
+``index_copy_``). PEFT's invariant holds: the base weight reads as W0 between training steps.
 
-    forward    write P + s * D (always: it reads the current D, however D was changed), one matmul
-    backward   one matmul, no write when the weight still holds exactly what its forward wrote
-    restore    write P back (one ``index_copy_``) for anyone who reads the weight as the base
+    forward    write P + s * D (always: it reads the current D, however D was changed), one matmul; restore at
+               once when no backward will read the weight (no grad, or an input that needs no gradient)
+    backward   one matmul, no write when the weight still holds exactly what its forward wrote; then restore
+    restore    write P back (one ``index_copy_``)
 
-Who restores: the tuner layer, before anything reads its base weight as pretrained (state_dict,
-load_state_dict, disable_adapter, merge, unload, deepcopy/pickle, ``.to()``, a new adapter's column
-selection). A weight shared with another module (tied embeddings and head) is *transient*: restored
-before each operator returns, so the other module never sees the tuned columns. Writes go through
-``.data``: they must not bump the version counter autograd checks on the saved weight.
+A forward with grad whose backward never runs leaves its write; the tuner layer restores before anything reads its
+base weight as pretrained (state_dict, load_state_dict, disable_adapter, merge, unload, deepcopy/pickle, ``.to()``,
+a new adapter's column selection). A weight shared with another module (tied embeddings and head) is *transient*:
+restored before each operator returns, so the other module never sees the tuned columns. FSDP2 and ZeRO-3
+re-gather the weight pristine between forward and backward: backward writes again. Writes go through ``.data``:
+they must not bump the version counter autograd checks on the saved weight.
 """
 
 from __future__ import annotations

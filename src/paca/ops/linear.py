@@ -125,7 +125,7 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
         idx: sorted, unique int64 input-column indices ``(r,)``.
         scale: ``paca_alpha / r``.
         transposed: whether ``weight`` is stored ``(d_in, d_out)``.
-        columns: the layer's :class:`ResidentColumns` (the columns stay written between calls); None: the
+        columns: the layer's :class:`ResidentColumns` (the columns written for this call and its backward); None: the
             operator restores ``weight`` before it returns.
     """
     if torch.compiler.is_compiling():

@@ -5,9 +5,9 @@
 A transformers experts module (``@use_experts_implementation``: Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, gpt-oss
 and most MoE models of transformers 5) holds ``gate_up_proj`` (or ``up_proj``) and ``down_proj`` as 3-D
 parameters. State per adapter name: ``paca_delta[adapter][projection]`` (D, ``E x d_out x r``) and
-``paca_indices[adapter][projection]`` (``E x r``, each row sorted). As for the linear layer, the tuned columns stay
-written in the fused weights between calls and the pretrained columns are written back before anything reads
-them as the base (:mod:`paca.ops.columns`); the forward is :func:`paca.ops.experts_forward`.
+``paca_indices[adapter][projection]`` (``E x r``, each row sorted). As for the linear layer, the tuned columns are
+written into the fused weights for a forward and its backward, which restores W0 (:mod:`paca.ops.columns`); the
+forward is :func:`paca.ops.experts_forward`.
 
 Unlike the linear layer, one adapter is applied at a time (the column sets of two adapters differ per expert),
 and ``model(..., adapter_names=[...])`` is refused: the experts see tokens, not batch rows.

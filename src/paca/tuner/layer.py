@@ -3,11 +3,12 @@
     W[:, idx] = W0[:, idx] + (paca_alpha / r) * D        y = x W^T + b     (one matmul)
 
 State per adapter name: ``paca_delta`` (D, ``d_out x r``, or ``C_out x r x *kernel`` for convolutions) and
-``paca_indices`` (sorted int64 ``idx``). Between calls the tuned columns stay written in the frozen weight
-(:mod:`paca.ops.columns`); the layer writes the pretrained columns back, bit for bit, before anything reads the
-weight as the base: its state_dict, load_state_dict, disabled adapters, merge, unload, a copy (deepcopy, pickle) or
-a conversion (``.to()``), and a new adapter's column selection. ``merge`` writes the merged columns for good (and
-``unmerge`` restores them bit for bit).
+``paca_indices`` (sorted int64 ``idx``). The tuned columns are written into the frozen weight for a forward and
+its backward, which restores W0 (:mod:`paca.ops.columns`); where a write is still there (a forward whose backward
+never ran) the layer writes the pretrained columns back, bit for bit, before anything reads the weight as the base:
+its state_dict, load_state_dict, disabled adapters, merge, unload, a copy (deepcopy, pickle) or a conversion
+(``.to()``), and a new adapter's column selection. ``merge`` writes the merged columns for good (and ``unmerge``
+restores them bit for bit).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 class ResidentTunerLayer(BaseTunerLayer):
-    """What every tuned layer whose columns stay written in its base weights shares (linear, convolution, 4-bit,
+    """What every tuned layer that writes its columns into its base weights shares (linear, convolution, 4-bit,
     router, fused experts): the base weights read back as pretrained (state_dict, load_state_dict, disabled
     adapters, unload, delete), through ``self._columns`` (``restore()`` / ``forget()``), ``merge`` / ``unmerge`` and
     ``_active_delta`` of the subclass."""
@@ -327,7 +328,7 @@ def _restore_before_load(module: "PacaLayer", state_dict: dict, prefix: str, *ar
 
 
 class _ResidentModule(nn.Module):
-    """The forward of a layer whose columns stay written (:mod:`paca.ops.columns`), and what nn.Module does to its
+    """The forward of a layer that writes its columns into its base weight (:mod:`paca.ops.columns`), and what nn.Module does to its
     tensors, with the pretrained columns written back first. Subclasses give ``_partial_forward``."""
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:

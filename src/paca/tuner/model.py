@@ -82,7 +82,6 @@ class PacaModel(BaseTuner):
     prefix: str = "paca_"
     tuner_layer_cls = TUNED_LAYERS
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    implementation = "paca"
 
     def __new__(cls, *args, **kwargs):
         # PEFT maps its PACA type to this class once paca is imported; a plain peft.PacaConfig (not paca's subclass)
@@ -96,7 +95,6 @@ class PacaModel(BaseTuner):
 
                 return PeftPacaModel(*args, **kwargs)
         return super().__new__(cls)
-
 
     def _create_and_replace(self, config: PacaConfig, adapter_name, target, target_name, parent, current_key,
                             projections: Optional[tuple[str, ...]] = None, **optional_kwargs) -> None:
