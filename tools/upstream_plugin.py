@@ -50,6 +50,38 @@ def pytest_report_header(config):
     return f"upstream PaCA tests on PEFT {peft.__version__} itself ({peft.__file__})"
 
 
+# PEFT's generic custom-model tests (test_custom_models.py) on the layer types PEFT's own PaCA does not tune, with the
+# models that file already has for LoRA: rows added to its TEST_CASES in paca mode only, named "... PaCA (paca
+# only)" so the report tells them from PEFT's rows (they have no baseline: PEFT's PaCA refuses these layers).
+PACA_ONLY_CASES = [
+    ("Embedding + transformers Conv1D PaCA (paca only)", "EmbConv1D", {"r": 2, "target_modules": ["conv1d"]}),
+    ("Conv1d PaCA (paca only)", "Conv1d", {"r": 2, "target_modules": ["conv1d"]}),
+    ("Conv2d 1 PaCA (paca only)", "Conv2d", {"r": 2, "target_modules": ["conv2d"]}),
+    # r=5: lin0 reads 10 ReLU outputs, several zero for the test's inputs; 2 random columns can all be dead ones
+    ("Conv2d 2 PaCA (paca only)", "Conv2d", {"r": 5, "target_modules": ["conv2d", "lin0"]}),
+    ("Conv2d 1x1 PaCA (paca only)", "Conv2d1x1", {"r": 2, "target_modules": ["conv2d"]}),
+    ("Conv2d Groups PaCA (paca only)", "Conv2dGroups", {"r": 2, "target_modules": ["conv2d"]}),
+    ("Conv2d Groups2 PaCA (paca only)", "Conv2dGroups2", {"r": 2, "target_modules": ["conv2d"]}),
+    ("Conv3d 1 PaCA (paca only)", "Conv3d", {"r": 2, "target_modules": ["conv3d"]}),
+    ("Conv3d 1x1 PaCA (paca only)", "Conv3d1x1", {"r": 2, "target_modules": ["conv3d"]}),
+]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector, name, obj):
+    # Called for each name of a module once it is imported, before its test classes parametrize their methods over
+    # TEST_CASES (the list object the marks hold): extending that list in place adds rows to every such test.
+    module = getattr(collector, "obj", None)
+    if (IMPL != "paca" or not isinstance(collector, pytest.Module) or collector.path.name != "test_custom_models.py"
+            or getattr(module, "_paca_rows", False)):
+        return None
+    import paca
+
+    module.TEST_CASES.extend((title, model_id, paca.PacaConfig, kwargs) for title, model_id, kwargs in PACA_ONLY_CASES)
+    module._paca_rows = True
+    return None
+
+
 def pytest_collection_finish(session):
     # Guard against a silent baseline run: every collected test module must see the PacaConfig of the chosen impl,
     # and the baseline must not have paca (which re-registers PEFT's "PACA" type on import) loaded at all.

@@ -10,6 +10,9 @@ unpacks it and runs, with `sys.executable -m pytest` and the sdist's own pytest 
   --impl both   both, then the conformance gap: tests failing on paca that pass on PEFT (those that use PEFT's
                 PaCA internals, its layer classes or torch.ops.peft, listed apart).
 
+In paca mode the plugin also adds rows to test_custom_models.py's TEST_CASES for the layers only paca tunes
+(transformers Conv1D, Conv1d/2d/3d, grouped): PEFT's generic tests on them, named "... (paca only)", must pass too.
+
 Tests that read a model from the HF hub are reported as skipped, with the model id (no network here). Outcomes go to
 JUnit XML files in the cache dir ($PACA_CACHE_DIR, default ~/.cache/paca/upstream); `--impl paca` compares against
 the baseline stored there for the same versions (running it first if there is none) and exits 1 on any gap.
@@ -144,11 +147,19 @@ def main():
     for message, tests in sorted(groups.items(), key=lambda g: -len(g[1])):
         print(f"  [{len(tests)}] {message}")
         print("\n".join(f"      {t}" + (f"  [uses PEFT's {mine[t][2]}]" if mine[t][2] else "") for t in tests))
+    # Rows upstream_plugin.py adds to PEFT's generic custom-model tests for the layers only paca tunes (no baseline).
+    extra = {t: o for t, (o, *_) in mine.items() if "(paca only)" in t}
+    broken = sorted(t for t, o in extra.items() if o in ("failed", "errors"))
+    if extra:
+        counts = {k: sum(1 for o in extra.values() if o == k) for k in ("passed", "failed", "skipped", "errors")}
+        print(f"\nPEFT's generic tests on layers only paca tunes (Conv1D, Conv1d/2d/3d, grouped): "
+              + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        print("\n".join(f"  {t}: {mine[t][1]}" for t in broken))
     passing = sorted(t for t, (o, _, internal) in mine.items() if internal and o == "passed")
     if passing:
         print(f"\n{len(passing)} pass on paca but use PEFT's PaCA internals: there they test PEFT's code (or nothing):")
         print("\n".join(f"  {t}  [{mine[t][2]}]" for t in passing))
-    return 1 if gap else 0
+    return 1 if gap or broken else 0
 
 
 if __name__ == "__main__":
