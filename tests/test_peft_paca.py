@@ -255,3 +255,42 @@ def test_transformers_load_adapter_and_add_adapter_with_paca_adapters(tmp_path):
     fresh = tiny_llama()
     fresh.add_adapter(paca.PacaConfig(r=2, target_modules=["q_proj"], random_seed=1))
     assert any(type(m).__module__.startswith("paca.") for m in fresh.modules())
+
+
+PLAIN_PEFT_4BIT = textwrap.dedent("""
+    import sys, torch, warnings
+    warnings.simplefilter("ignore")
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    out = sys.argv[1]
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(out + "/base", quantization_config=quantized, device_map="cpu")
+    model = PeftModel.from_pretrained(base, out + "/adapter").eval()
+    with torch.no_grad():
+        torch.save(model(torch.load(out + "/x.pt")).logits, out + "/plain_peft_logits.pt")
+    assert "paca" not in sys.modules
+""")
+
+
+def test_qpaca_adapter_loads_in_plain_peft_with_the_same_logits(tmp_path):
+    """On a 4-bit base PEFT's PaCA runs a dequantized copy of the weight per call, paca's QPaCA the same maths: an
+    adapter paca trained there loads in plain PEFT with the same logits."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    tiny_llama(hidden=64).save_pretrained(tmp_path / "base")  # widths bitsandbytes' CPU layout takes
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantized, device_map="cpu")
+    torch.manual_seed(0)
+    ours = get_peft_model(base, paca.PacaConfig(r=4, target_modules=["q_proj", "v_proj"], random_seed=0,
+                                                init_weights=False)).eval()
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    ours.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = ours(x).logits
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", PLAIN_PEFT_4BIT, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "plain_peft_logits.pt"), expected, atol=1e-5, rtol=0)

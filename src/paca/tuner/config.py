@@ -20,7 +20,7 @@ LOADING_NOTE = f"""
 
 This is a PaCA (Partial Connection Adaptation) adapter saved by paca. PEFT >= 0.22 loads it with its own PaCA
 where it tunes `nn.Linear` layers only; for the layers only paca tunes (fused MoE experts, routers, convolutions,
-GPT-2 Conv1D, a 4-bit base) and paca's options (`rank_pattern`, `alpha_pattern`, `bias`, `selection`), `pip
+GPT-2 Conv1D) and paca's options (`rank_pattern`, `alpha_pattern`, `bias`, `selection`), `pip
 install paca`, then
 
 ```python
