@@ -27,6 +27,13 @@ def plot_loss(rows: list[dict], path: str, title: str) -> str | None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     staged = path + ".tmp.png"
     fig.savefig(staged)
