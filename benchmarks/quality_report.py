@@ -29,27 +29,35 @@ def summarise(records: list[dict]) -> dict[str, list[dict]]:
     summary = {}
     for task, methods in by_task.items():
         reference = {(r["seed"], r["fold"]): r["test_accuracy"] for r in methods.get(REFERENCE, [])}
-        reference_step = statistics.median(run["step_seconds"] for r in methods.get(REFERENCE, []) for run in r["runs"]) \
-            if reference else None
+        reference_step = (
+            statistics.median(run["step_seconds"] for r in methods.get(REFERENCE, []) for run in r["runs"])
+            if reference
+            else None
+        )
         rows = []
         for method, rs in methods.items():
             accuracy = [r["test_accuracy"] for r in rs]
-            paired = [r["test_accuracy"] - reference[(r["seed"], r["fold"])] for r in rs
-                      if (r["seed"], r["fold"]) in reference]
+            paired = [
+                r["test_accuracy"] - reference[(r["seed"], r["fold"])]
+                for r in rs
+                if (r["seed"], r["fold"]) in reference
+            ]
             runs = [run for r in rs for run in r["runs"]]
             step = statistics.median(run["step_seconds"] for run in runs)
-            rows.append({
-                "method": method,
-                "splits": len(rs),
-                "trainable": rs[0]["trainable"],
-                "accuracy": _mean_std(accuracy),
-                "paired": _mean_std(paired) if paired and method != REFERENCE else None,
-                "lr_choices": Counter(r["learning_rate"] for r in rs),
-                "on_edge": sum(r["on_edge"] for r in rs),
-                "epoch_seconds": statistics.median(run["epoch_seconds"] for run in runs),
-                "step_ratio": step / reference_step if reference_step else None,
-                "validation_by_lr": _validation_by_lr(runs),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "splits": len(rs),
+                    "trainable": rs[0]["trainable"],
+                    "accuracy": _mean_std(accuracy),
+                    "paired": _mean_std(paired) if paired and method != REFERENCE else None,
+                    "lr_choices": Counter(r["learning_rate"] for r in rs),
+                    "on_edge": sum(r["on_edge"] for r in rs),
+                    "epoch_seconds": statistics.median(run["epoch_seconds"] for run in runs),
+                    "step_ratio": step / reference_step if reference_step else None,
+                    "validation_by_lr": _validation_by_lr(runs),
+                }
+            )
         summary[task] = rows
     return summary
 
@@ -72,21 +80,30 @@ def markdown(summary: dict[str, list[dict]]) -> str:
     """The results tables a user would quote: one per task, then each method's validation accuracy by lr."""
     out = []
     for task, rows in summary.items():
-        out += [f"**{task}** (test accuracy over {rows[0]['splits']} splits)", "",
-                "| method | trainable params | test accuracy | vs LoRA r=8 (paired) | lr chosen (median, range) "
-                "| s / epoch | step vs LoRA r=8 |",
-                "|---|---:|---:|---:|---|---:|---:|"]
+        out += [
+            f"**{task}** (test accuracy over {rows[0]['splits']} splits)",
+            "",
+            "| method | trainable params | test accuracy | vs LoRA r=8 (paired) | lr chosen (median, range) "
+            "| s / epoch | step vs LoRA r=8 |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
         for row in rows:
             mean, std = row["accuracy"]
             paired = f"{row['paired'][0]:+.3f} ± {row['paired'][1]:.3f}" if row["paired"] else "-"
             ratio = f"{row['step_ratio']:.2f}x" if row["step_ratio"] else "-"
-            out.append(f"| {row['method']} | {row['trainable']:,} | {mean:.3f} ± {std:.3f} | {paired} | "
-                       f"{_choices(row)} | {row['epoch_seconds']:.2f} | {ratio} |")
+            out.append(
+                f"| {row['method']} | {row['trainable']:,} | {mean:.3f} ± {std:.3f} | {paired} | "
+                f"{_choices(row)} | {row['epoch_seconds']:.2f} | {ratio} |"
+            )
         out.append("")
     for task, rows in summary.items():
         lrs = sorted({lr for row in rows for lr in row["validation_by_lr"]})
-        out += [f"**{task}**: mean validation accuracy by learning rate (blank: not tried)", "",
-                "| method | " + " | ".join(_lr(lr) for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+        out += [
+            f"**{task}**: mean validation accuracy by learning rate (blank: not tried)",
+            "",
+            "| method | " + " | ".join(_lr(lr) for lr in lrs) + " |",
+            "|---|" + "---:|" * len(lrs),
+        ]
         for row in rows:
             cells = [f"{row['validation_by_lr'][lr]:.3f}" if lr in row["validation_by_lr"] else "" for lr in lrs]
             out.append(f"| {row['method']} | " + " | ".join(cells) + " |")

@@ -16,9 +16,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from quality_protocol import Split, ValidationScore
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -33,14 +32,17 @@ class Method:
 
 
 # Grid centres: 1e-2 for the head alone, 1e-3 for every adapter (PaCA, LoRA and DoRA alike), 1e-4 for full fine-tuning.
-METHODS = {m.name: m for m in (
-    Method("head", "head", 0, -4),
-    Method("paca-r8", "paca", 8, -6),
-    Method("paca-r16", "paca", 16, -6),
-    Method("lora-r8", "lora", 8, -6),
-    Method("dora-r8", "dora", 8, -6),
-    Method("full", "full", 0, -8),
-)}
+METHODS = {
+    m.name: m
+    for m in (
+        Method("head", "head", 0, -4),
+        Method("paca-r8", "paca", 8, -6),
+        Method("paca-r16", "paca", 16, -6),
+        Method("lora-r8", "lora", 8, -6),
+        Method("dora-r8", "dora", 8, -6),
+        Method("full", "full", 0, -8),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,24 @@ def build_model(method: Method, base: nn.Module, seed: int) -> nn.Module:
         model.classifier.requires_grad_(True)
         return model
     if method.kind == "paca":
-        config = paca.PacaConfig(r=method.r, paca_alpha=2 * method.r, target_modules="all-linear",
-                                 modules_to_save=["classifier"], random_seed=seed, task_type="SEQ_CLS")
+        config = paca.PacaConfig(
+            r=method.r,
+            paca_alpha=2 * method.r,
+            target_modules="all-linear",
+            modules_to_save=["classifier"],
+            random_seed=seed,
+            task_type="SEQ_CLS",
+        )
     elif method.kind in ("lora", "dora"):
-        config = peft.LoraConfig(r=method.r, lora_alpha=2 * method.r, target_modules="all-linear", lora_dropout=0.0,
-                                 use_dora=method.kind == "dora", modules_to_save=["classifier"], task_type="SEQ_CLS")
+        config = peft.LoraConfig(
+            r=method.r,
+            lora_alpha=2 * method.r,
+            target_modules="all-linear",
+            lora_dropout=0.0,
+            use_dora=method.kind == "dora",
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        )
     else:
         raise ValueError(f"method '{method.name}': unknown kind '{method.kind}' (head, paca, lora, dora, full)")
     with warnings.catch_warnings():
@@ -110,21 +125,27 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def batches(input_ids: list[list[int]], labels: list[int], indices: list[int], batch_size: int, pad_id: int,
-            generator: torch.Generator | None = None):
+def batches(
+    input_ids: list[list[int]],
+    labels: list[int],
+    indices: list[int],
+    batch_size: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+):
     """``(input_ids, attention_mask, labels)`` batches of ``indices``, shuffled by ``generator`` when given, each
     padded to its longest example."""
     order = list(indices)
     if generator is not None:
         order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         width = max(len(input_ids[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):
-            ids[row, :len(input_ids[i])] = torch.tensor(input_ids[i])
-            mask[row, :len(input_ids[i])] = 1
+            ids[row, : len(input_ids[i])] = torch.tensor(input_ids[i])
+            mask[row, : len(input_ids[i])] = 1
         yield ids, mask, torch.tensor([labels[i] for i in chunk])
 
 
@@ -144,11 +165,19 @@ def evaluate(model: nn.Module, input_ids, labels, indices, batch_size: int, pad_
 def linear_schedule(optimizer, total_steps: int, warmup_fraction: float):
     warmup = max(1, round(total_steps * warmup_fraction))
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+    )
 
 
-def train_run(model: nn.Module, input_ids: list[list[int]], labels: list[int], split: Split, learning_rate: float,
-              settings: TrainSettings, pad_id: int) -> Run:
+def train_run(
+    model: nn.Module,
+    input_ids: list[list[int]],
+    labels: list[int],
+    split: Split,
+    learning_rate: float,
+    settings: TrainSettings,
+    pad_id: int,
+) -> Run:
     """Train ``model`` on ``split.fit`` only, then score it on ``split.validation`` and ``split.test``."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -170,5 +199,10 @@ def train_run(model: nn.Module, input_ids: list[list[int]], labels: list[int], s
         epoch_seconds.append(time.perf_counter() - start)
     val_accuracy, val_loss = evaluate(model, input_ids, labels, split.validation, 64, pad_id)
     test_accuracy, _ = evaluate(model, input_ids, labels, split.test, 64, pad_id)
-    return Run(learning_rate, ValidationScore(val_accuracy, val_loss), test_accuracy,
-               sum(epoch_seconds) / len(epoch_seconds), steps_per_epoch)
+    return Run(
+        learning_rate,
+        ValidationScore(val_accuracy, val_loss),
+        test_accuracy,
+        sum(epoch_seconds) / len(epoch_seconds),
+        steps_per_epoch,
+    )

@@ -55,8 +55,9 @@ def bare_functions():
             g = grad.reshape(-1, grad.shape[-1])
             xs = ctx.x_selected.reshape(-1, ctx.x_selected.shape[-1])
             if ctx.scaled:  # as the product computes it: its ignored input a cached broadcast zero
-                grad_delta = torch.addmm(ctx.columns.broadcast_zero(g, (g.shape[1], xs.shape[1])), g.t(), xs, beta=0,
-                                         alpha=ctx.scale)
+                grad_delta = torch.addmm(
+                    ctx.columns.broadcast_zero(g, (g.shape[1], xs.shape[1])), g.t(), xs, beta=0, alpha=ctx.scale
+                )
             else:
                 grad_delta = g.t() @ xs
             grad_input = grad @ ctx.w
@@ -69,6 +70,7 @@ def bare_functions():
     def operator(write: bool, scaled: bool, restored: bool = True):
         def call(x, weight, bias, delta, idx, scale, transposed, columns):
             return apply(x, weight, bias, delta, idx, scale, columns, write, scaled, restored)
+
         return call
 
     return operator
@@ -134,12 +136,14 @@ def main() -> None:
     times = {name: [] for name in variants}  # (forward + backward, optimizer) per round
     names = list(variants)
     for k in range(args.rounds):
-        for name in names[k % len(names):] + names[:k % len(names)]:  # each variant after a different one each round
+        for name in names[k % len(names) :] + names[: k % len(names)]:  # each variant after a different one each round
             times[name].append(step(name))
     ms = lambda seconds: statistics.median(seconds) * 1e3  # noqa: E731
-    print(f"median of {args.rounds} interleaved rounds: floor forward + backward "
-          f"{ms(f for f, _ in times['floor']):.2f} ms, AdamW step paca {ms(o for _, o in times['paca']):.2f} ms, "
-          f"lora {ms(o for _, o in times['lora']):.2f} ms")
+    print(
+        f"median of {args.rounds} interleaved rounds: floor forward + backward "
+        f"{ms(f for f, _ in times['floor']):.2f} ms, AdamW step paca {ms(o for _, o in times['paca']):.2f} ms, "
+        f"lora {ms(o for _, o in times['lora']):.2f} ms"
+    )
     print(f"  {'':18s} {'f+b xfloor':>10s} {'step xLoRA':>10s} {'step xPEFT-PaCA':>15s}")
 
     def step_ratio(rounds, reference):
@@ -148,6 +152,7 @@ def main() -> None:
     for name, rounds in times.items():
         fb = statistics.median(f / floor_f for (f, _), (floor_f, _) in zip(rounds, times["floor"]))
         print(f"  {name:18s} {fb:9.3f}x {step_ratio(rounds, 'lora'):9.3f}x {step_ratio(rounds, 'peft-paca'):14.3f}x")
+
 
 if __name__ == "__main__":
     main()

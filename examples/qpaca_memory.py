@@ -57,8 +57,15 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     directory = tempfile.mkdtemp()
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
@@ -69,13 +76,25 @@ def main():
     dense = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
     rows.append(("16-bit (bf16)", dense.get_memory_footprint(), block_bytes(dense), None))
     lora16 = get_peft_model(dense, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
-    rows.append((f"16-bit + LoRA r={args.r}", lora16.get_memory_footprint(), block_bytes(lora16),
-                 saved_activation_bytes(lora16, ids)))
+    rows.append(
+        (
+            f"16-bit + LoRA r={args.r}",
+            lora16.get_memory_footprint(),
+            block_bytes(lora16),
+            saved_activation_bytes(lora16, ids),
+        )
+    )
     del dense, lora16
     dense = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
     paca16 = get_peft_model(dense, paca.PacaConfig(r=args.r, paca_alpha=2 * args.r, target_modules="all-linear"))
-    rows.append((f"16-bit + PaCA r={args.r}", paca16.get_memory_footprint(), block_bytes(paca16),
-                 saved_activation_bytes(paca16, ids)))
+    rows.append(
+        (
+            f"16-bit + PaCA r={args.r}",
+            paca16.get_memory_footprint(),
+            block_bytes(paca16),
+            saved_activation_bytes(paca16, ids),
+        )
+    )
     del dense, paca16
 
     def load_4bit():
@@ -84,20 +103,36 @@ def main():
     q = load_4bit()
     rows.append(("4-bit NF4", q.get_memory_footprint(), block_bytes(q), None))
     qlora = get_peft_model(q, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
-    rows.append((f"4-bit + LoRA r={args.r} (QLoRA)", qlora.get_memory_footprint(), block_bytes(qlora),
-                 saved_activation_bytes(qlora, ids)))
+    rows.append(
+        (
+            f"4-bit + LoRA r={args.r} (QLoRA)",
+            qlora.get_memory_footprint(),
+            block_bytes(qlora),
+            saved_activation_bytes(qlora, ids),
+        )
+    )
     qpaca = get_peft_model(load_4bit(), paca.PacaConfig(r=args.r, paca_alpha=2 * args.r, target_modules="all-linear"))
-    rows.append((f"4-bit + PaCA r={args.r} (QPaCA)", qpaca.get_memory_footprint(), block_bytes(qpaca),
-                 saved_activation_bytes(qpaca, ids)))
+    rows.append(
+        (
+            f"4-bit + PaCA r={args.r} (QPaCA)",
+            qpaca.get_memory_footprint(),
+            block_bytes(qpaca),
+            saved_activation_bytes(qpaca, ids),
+        )
+    )
 
     blocks_16 = rows[0][2]
-    print(f"Llama-shaped: hidden {args.hidden}, FFN {args.intermediate}, 32 heads / 4 KV heads, {args.layers} blocks, "
-          f"vocab 32000 (embeddings and head stay 16-bit); batch 1 x {args.seq} tokens\n")
+    print(
+        f"Llama-shaped: hidden {args.hidden}, FFN {args.intermediate}, 32 heads / 4 KV heads, {args.layers} blocks, "
+        f"vocab 32000 (embeddings and head stay 16-bit); batch 1 x {args.seq} tokens\n"
+    )
     print("| model | footprint MiB | blocks MiB | blocks vs 16-bit | saved for backward MiB |")
     print("|---|---:|---:|---:|---:|")
     for name, footprint, blocks, saved in rows:
-        print(f"| {name} | {mib(footprint)} | {mib(blocks)} | {blocks / blocks_16:.3f} | "
-              f"{'' if saved is None else mib(saved)} |")
+        print(
+            f"| {name} | {mib(footprint)} | {mib(blocks)} | {blocks / blocks_16:.3f} | "
+            f"{'' if saved is None else mib(saved)} |"
+        )
 
 
 if __name__ == "__main__":

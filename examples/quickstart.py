@@ -35,12 +35,21 @@ def main() -> None:
         shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
     base_dir, adapter_dir = os.path.join(args.out, "base"), os.path.join(args.out, "adapter")
 
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(base_dir)  # stands in for a pretrained checkpoint
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           paca.PacaConfig(r=8, paca_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        paca.PacaConfig(r=8, paca_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     model.print_trainable_parameters()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     generator = torch.Generator().manual_seed(0)
@@ -65,14 +74,18 @@ def main() -> None:
     def accuracy(lg):
         return (lg[:, :-1].argmax(-1) == test[:, 1:]).float().mean().item()
 
-    print(f"next-token accuracy on held-out sequences: base {accuracy(base_logits):.2f} -> PaCA {accuracy(logits):.2f}")
+    print(
+        f"next-token accuracy on held-out sequences: base {accuracy(base_logits):.2f} -> PaCA {accuracy(logits):.2f}"
+    )
 
     model.save_pretrained(adapter_dir)
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
     with torch.no_grad():
         same = torch.equal(reloaded(input_ids=test).logits, logits)
-    print(f"saved {adapter_dir} ({os.path.getsize(os.path.join(adapter_dir, 'adapter_model.safetensors'))} bytes); "
-          f"reloaded outputs identical: {same}")
+    print(
+        f"saved {adapter_dir} ({os.path.getsize(os.path.join(adapter_dir, 'adapter_model.safetensors'))} bytes); "
+        f"reloaded outputs identical: {same}"
+    )
 
     export_lora(adapter_dir, os.path.join(args.out, "lora"), base=base_dir)
     export_merged(adapter_dir, os.path.join(args.out, "merged"), base=base_dir)

@@ -55,8 +55,15 @@ def train(model, task, steps, lr, seed):
 
 
 def pretrained(steps):
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return train(LlamaForCausalLM(config), "copy", steps, 3e-3, seed=0).eval()
 
@@ -75,23 +82,34 @@ def main():
 
     base = pretrained(args.pretrain_steps)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    print(f"base model after {args.pretrain_steps} copy steps: copy {accuracy(base, 'copy'):.3f}, "
-          f"reverse {accuracy(base, 'reverse'):.3f}\n")
-    print(f"| selection | held-out reverse accuracy (mean ± sd, {args.seeds} seeds) | min | max | "
-          "fine-tune s | selection s |")
+    print(
+        f"base model after {args.pretrain_steps} copy steps: copy {accuracy(base, 'copy'):.3f}, "
+        f"reverse {accuracy(base, 'reverse'):.3f}\n"
+    )
+    print(
+        f"| selection | held-out reverse accuracy (mean ± sd, {args.seeds} seeds) | min | max | "
+        "fine-tune s | selection s |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for strategy in args.strategies.split(","):
         scores, times, selection_times = [], [], []
         for seed in range(args.seeds):
             base.load_state_dict(state)
-            config = paca.PacaConfig(r=args.r, paca_alpha=2.0 * args.r, target_modules="all-linear", random_seed=seed,
-                                     selection=strategy, task_type="CAUSAL_LM")
+            config = paca.PacaConfig(
+                r=args.r,
+                paca_alpha=2.0 * args.r,
+                target_modules="all-linear",
+                random_seed=seed,
+                selection=strategy,
+                task_type="CAUSAL_LM",
+            )
             start = time.perf_counter()
             model = get_peft_model(base, config)
             if strategy == "gradient":
                 generator = torch.Generator().manual_seed(1000 + seed)
-                paca.select_by_gradient(model, (batch(64, "reverse", generator) for _ in range(args.calibration)),
-                                        steps=args.calibration)
+                paca.select_by_gradient(
+                    model, (batch(64, "reverse", generator) for _ in range(args.calibration)), steps=args.calibration
+                )
             selection_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             train(model.train(), "reverse", args.steps, args.lr, seed=seed)
@@ -99,8 +117,11 @@ def main():
             scores.append(accuracy(model.eval(), "reverse"))
             base = model.unload()
         spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        print(f"| {strategy} | {statistics.mean(scores):.3f} ± {spread:.3f} | {min(scores):.3f} | {max(scores):.3f} | "
-              f"{statistics.mean(times):.1f} | {statistics.mean(selection_times):.1f} |", flush=True)
+        print(
+            f"| {strategy} | {statistics.mean(scores):.3f} ± {spread:.3f} | {min(scores):.3f} | {max(scores):.3f} | "
+            f"{statistics.mean(times):.1f} | {statistics.mean(selection_times):.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

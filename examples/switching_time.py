@@ -57,20 +57,31 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=4, vocab_size=1024, max_position_embeddings=2048)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=1024,
+        max_position_embeddings=2048,
+    )
     directory = tempfile.mkdtemp()
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(f"{directory}/base")
     n_layers = 7 * args.layers
-    print(f"Llama-shaped: hidden {args.hidden}, FFN {args.intermediate}, {args.layers} blocks, all {n_layers} linear "
-          f"layers adapted, fp32, CPU {args.threads} thread(s); median of {args.repeats} switches\n")
+    print(
+        f"Llama-shaped: hidden {args.hidden}, FFN {args.intermediate}, {args.layers} blocks, all {n_layers} linear "
+        f"layers adapted, fp32, CPU {args.threads} thread(s); median of {args.repeats} switches\n"
+    )
     print("| method | r | switch (unmerge + merge) ms | per layer ms | exact restore |")
     print("|---|---:|---:|---:|---|")
     for r in [int(x) for x in args.ranks.split(",")]:
         configs = {
             "PaCA": lambda seed: paca.PacaConfig(r=r, paca_alpha=2 * r, target_modules="all-linear", random_seed=seed),
-            "LoRA": lambda seed: LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False),
+            "LoRA": lambda seed: LoraConfig(
+                r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False
+            ),
         }
         for kind, adapter_config in configs.items():
             a, b = save_adapters(directory, config, adapter_config, kind)
@@ -81,16 +92,23 @@ def main():
             if kind == "PaCA":
                 switch = lambda name: paca.switch_adapter(model, name)  # noqa: E731
             else:
+
                 def switch(name):
                     model.unmerge_adapter()
                     model.set_adapter(name)
                     model.merge_adapter([name])
+
             switch("a")
             ms = median_ms(switch, args.repeats)
             model.unmerge_adapter()
-            exact = all(torch.equal(p, original[n.replace("base_model.model.", "").replace(".base_layer", "")])
-                        for n, p in model.named_parameters() if "base_layer.weight" in n)
-            print(f"| {kind} | {r} | {ms:.2f} | {ms / n_layers:.3f} | {'bit-exact' if exact else 'no (float drift)'} |")
+            exact = all(
+                torch.equal(p, original[n.replace("base_model.model.", "").replace(".base_layer", "")])
+                for n, p in model.named_parameters()
+                if "base_layer.weight" in n
+            )
+            print(
+                f"| {kind} | {r} | {ms:.2f} | {ms / n_layers:.3f} | {'bit-exact' if exact else 'no (float drift)'} |"
+            )
             del model, base
 
 

@@ -32,15 +32,31 @@ RUNS = {
         "full, random-init model": ["model=paca-demo-random", "method=full"],
     },
     "selection": {f"selection={s}": [f"selection={s}"] for s in ("random", "weight_norm", "gradient", "structured")},
-    "lr": {f"{m} lr={DEMO_LR[m] * f:g}": [f"method={m}", f"lr={DEMO_LR[m] * f:g}"]
-           for m in ("paca", "lora", "full") for f in (0.5, 1, 2)},
+    "lr": {
+        f"{m} lr={DEMO_LR[m] * f:g}": [f"method={m}", f"lr={DEMO_LR[m] * f:g}"]
+        for m in ("paca", "lora", "full")
+        for f in (0.5, 1, 2)
+    },
 }
 
 
 def run_once(keys: list[str], seed: int, workdir: str) -> dict:
     out = tempfile.mkdtemp(dir=workdir)
-    done = subprocess.run([sys.executable, "-m", "paca", "train", *keys, f"seed={seed}", f"output_dir={out}",
-                           "overwrite=true", "save_steps=0"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paca",
+            "train",
+            *keys,
+            f"seed={seed}",
+            f"output_dir={out}",
+            "overwrite=true",
+            "save_steps=0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"run {keys} seed {seed} failed:\n{done.stderr[-3000:]}")
     with open(os.path.join(out, "summary.json")) as f:
@@ -55,19 +71,23 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
 
 def table(results: dict[str, list[dict]]) -> str:
     first = next(iter(results.values()))
-    rows = ["| run | exact match before | held-out exact match | held-out loss | train time, s | time / first run | trainable "
-            "| optimizer state | peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | exact match before | held-out exact match | held-out loss | train time, s | time / first run | trainable "
+        "| optimizer state | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, summaries in results.items():
         exact = [100 * s["eval_after"]["eval_exact_match"] for s in summaries]
         before = [100 * s["eval_before"]["eval_exact_match"] for s in summaries]
         loss = [s["eval_after"]["eval_loss"] for s in summaries]
         seconds = [s["train_seconds"] for s in summaries]
         ratio = [s["train_seconds"] / f["train_seconds"] for s, f in zip(summaries, first)]
-        rows.append(f"| {name} | {statistics.median(before):.1f}% | {spread(exact, '.1f', '%')} | {spread(loss, '.3f')} | {spread(seconds, '.1f')} | "
-                    f"{statistics.median(ratio):.2f}x | {summaries[0]['trainable_parameters']:,} | "
-                    f"{summaries[0]['optimizer_state_bytes'] / 1024:.0f} KiB | "
-                    f"{statistics.median(s['peak_memory_bytes'] for s in summaries) / 2**20:.0f} MiB |")
+        rows.append(
+            f"| {name} | {statistics.median(before):.1f}% | {spread(exact, '.1f', '%')} | {spread(loss, '.3f')} | {spread(seconds, '.1f')} | "
+            f"{statistics.median(ratio):.2f}x | {summaries[0]['trainable_parameters']:,} | "
+            f"{summaries[0]['optimizer_state_bytes'] / 1024:.0f} KiB | "
+            f"{statistics.median(s['peak_memory_bytes'] for s in summaries) / 2**20:.0f} MiB |"
+        )
     return "\n".join(rows)
 
 
@@ -88,8 +108,12 @@ def main() -> None:
             for name, keys in RUNS[args.runs].items():
                 summary = run_once(keys, seed, workdir)
                 results[name].append(summary)
-                print(f"seed {seed} | {name} | exact match {100 * summary['eval_after']['eval_exact_match']:.1f}% | "
-                      f"{summary['train_seconds']:.1f} s", file=sys.stderr, flush=True)
+                print(
+                    f"seed {seed} | {name} | exact match {100 * summary['eval_after']['eval_exact_match']:.1f}% | "
+                    f"{summary['train_seconds']:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": args.runs, "seeds": args.seeds, "results": results}, f, indent=1)

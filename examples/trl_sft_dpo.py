@@ -27,14 +27,28 @@ WORDS = ["abc", "dog", "sun", "cat", "map", "pen", "cup", "hat"]
 
 
 def sft_data() -> Dataset:
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"upper {w}"}],
-                               "completion": [{"role": "assistant", "content": w.upper()}]} for w in WORDS * 4])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": f"upper {w}"}],
+                "completion": [{"role": "assistant", "content": w.upper()}],
+            }
+            for w in WORDS * 4
+        ]
+    )
 
 
 def dpo_data() -> Dataset:
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"upper {w}"}],
-                               "chosen": [{"role": "assistant", "content": w.upper()}],
-                               "rejected": [{"role": "assistant", "content": w}]} for w in WORDS * 4])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": f"upper {w}"}],
+                "chosen": [{"role": "assistant", "content": w.upper()}],
+                "rejected": [{"role": "assistant", "content": w}],
+            }
+            for w in WORDS * 4
+        ]
+    )
 
 
 def demo_model(out: str) -> str:
@@ -56,32 +70,48 @@ def main() -> None:
     torch.manual_seed(0)
     base = args.model or demo_model(args.out)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    common = dict(max_steps=args.steps, per_device_train_batch_size=8, logging_steps=max(1, args.steps // 4),
-                  report_to="none",
-                  save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    common = dict(
+        max_steps=args.steps,
+        per_device_train_batch_size=8,
+        logging_steps=max(1, args.steps // 4),
+        report_to="none",
+        save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
 
     # 1. SFT: PaCA on every linear layer; TRL renders the chat template and learns the completion only.
-    sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base), processing_class=tokenizer,
-                     train_dataset=sft_data(),
-                     args=SFTConfig(output_dir=os.path.join(args.out, "sft"), learning_rate=2e-2, **common),
-                     peft_config=paca.PacaConfig(r=8, paca_alpha=16, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+    sft = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base),
+        processing_class=tokenizer,
+        train_dataset=sft_data(),
+        args=SFTConfig(output_dir=os.path.join(args.out, "sft"), learning_rate=2e-2, **common),
+        peft_config=paca.PacaConfig(r=8, paca_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     sft.train()
     sft.save_model()  # adapter_config.json + adapter_model.safetensors, a PaCA adapter
     history = [row for row in sft.state.log_history if "loss" in row]
-    print(f"sft: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}; adapter in {os.path.join(args.out, 'sft')}")
+    print(
+        f"sft: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}; adapter in {os.path.join(args.out, 'sft')}"
+    )
 
     # 2. DPO from the SFT adapter: the policy trains the same PaCA deltas; the reference is the adapter disabled.
-    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), os.path.join(args.out, "sft"),
-                                       is_trainable=True)
-    dpo = DPOTrainer(model=policy, processing_class=tokenizer, train_dataset=dpo_data(),
-                     args=DPOConfig(output_dir=os.path.join(args.out, "dpo"), learning_rate=5e-3, beta=0.1,
-                                    **common))
+    policy = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), os.path.join(args.out, "sft"), is_trainable=True
+    )
+    dpo = DPOTrainer(
+        model=policy,
+        processing_class=tokenizer,
+        train_dataset=dpo_data(),
+        args=DPOConfig(output_dir=os.path.join(args.out, "dpo"), learning_rate=5e-3, beta=0.1, **common),
+    )
     dpo.train()
     dpo.save_model()
     history = [row for row in dpo.state.log_history if "loss" in row]
-    print(f"dpo: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, reward accuracy "
-          f"{history[-1].get('rewards/accuracies', float('nan')):.2f}; adapter in {os.path.join(args.out, 'dpo')}")
+    print(
+        f"dpo: loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}, reward accuracy "
+        f"{history[-1].get('rewards/accuracies', float('nan')):.2f}; adapter in {os.path.join(args.out, 'dpo')}"
+    )
 
 
 if __name__ == "__main__":

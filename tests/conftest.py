@@ -10,7 +10,6 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(peft|tr
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(peft|transformers)\b")
 
 import paca  # noqa: E402,F401  (registers PaCA with PEFT)
-
 from paca.tuner.config import _peft_saves_paca_biases  # noqa: E402
 
 # peft 0.20 (axolotl 0.19's pin, `make test-axolotl`) saves no PaCA bias and has no hook to check an adapter file
@@ -25,8 +24,15 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2, hidden: int 
     """A Llama-shaped causal LM: hidden 32 (intermediate twice that), 2 layers, GQA (4 heads, 2 kv heads), vocab 64."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()
 

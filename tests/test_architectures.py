@@ -8,10 +8,10 @@ load it wrong, as stated).
 
 import warnings
 
-import pytest
-from packaging import version
-import torch
 import peft
+import pytest
+import torch
+from packaging import version
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
@@ -22,8 +22,15 @@ from paca.modeling import load_model
 G = torch.Generator().manual_seed(7)
 IDS = torch.randint(1, 60, (2, 10), generator=G)
 PIXELS = torch.randn(2, 3, 28, 28, generator=G)
-DECODER = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64)
+DECODER = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def _build(name: str):
@@ -32,55 +39,150 @@ def _build(name: str):
 
     text = {"input_ids": IDS}
     if name in ("llama", "qwen2", "mistral", "phi3", "gemma2", "olmo2"):
-        cls, cfg = {"llama": (t.LlamaForCausalLM, t.LlamaConfig), "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config),
-                    "mistral": (t.MistralForCausalLM, t.MistralConfig), "phi3": (t.Phi3ForCausalLM, t.Phi3Config),
-                    "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config),
-                    "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config)}[name]
+        cls, cfg = {
+            "llama": (t.LlamaForCausalLM, t.LlamaConfig),
+            "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config),
+            "mistral": (t.MistralForCausalLM, t.MistralConfig),
+            "phi3": (t.Phi3ForCausalLM, t.Phi3Config),
+            "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config),
+            "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config),
+        }[name]
         extra = dict(head_dim=8) if name == "gemma2" else dict(pad_token_id=0) if name == "phi3" else {}
         return cls(cfg(**DECODER, **extra)), text, "CAUSAL_LM"
     if name == "gpt2":
-        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)), text, \
-            "CAUSAL_LM"
+        return (
+            t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+            text,
+            "CAUSAL_LM",
+        )
     if name == "opt":
-        return t.OPTForCausalLM(t.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
-                                            num_attention_heads=4, word_embed_proj_dim=32,
-                                            max_position_embeddings=64)), text, "CAUSAL_LM"
+        return (
+            t.OPTForCausalLM(
+                t.OPTConfig(
+                    vocab_size=64,
+                    hidden_size=32,
+                    ffn_dim=48,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    word_embed_proj_dim=32,
+                    max_position_embeddings=64,
+                )
+            ),
+            text,
+            "CAUSAL_LM",
+        )
     if name == "gpt_neox":
-        return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                                    num_hidden_layers=2, num_attention_heads=4,
-                                                    max_position_embeddings=64)), text, "CAUSAL_LM"
+        return (
+            t.GPTNeoXForCausalLM(
+                t.GPTNeoXConfig(
+                    vocab_size=64,
+                    hidden_size=32,
+                    intermediate_size=48,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    max_position_embeddings=64,
+                )
+            ),
+            text,
+            "CAUSAL_LM",
+        )
     if name in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"):
         from test_experts import tiny_moe
 
         return tiny_moe(name), text, "CAUSAL_LM"
     if name == "mamba":
-        return t.MambaForCausalLM(t.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2,
-                                                expand=2, conv_kernel=4)), text, "CAUSAL_LM"
+        return (
+            t.MambaForCausalLM(
+                t.MambaConfig(
+                    vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4
+                )
+            ),
+            text,
+            "CAUSAL_LM",
+        )
     if name == "bert":
-        return t.BertModel(t.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=64)), text, None
+        return (
+            t.BertModel(
+                t.BertConfig(
+                    vocab_size=64,
+                    hidden_size=32,
+                    intermediate_size=48,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    max_position_embeddings=64,
+                )
+            ),
+            text,
+            None,
+        )
     if name == "roberta_cls":
-        config = t.RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+        config = t.RobertaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            num_labels=3,
+        )
         return t.RobertaForSequenceClassification(config), text, "SEQ_CLS"
     if name in ("t5", "bart"):
         if name == "t5":
-            model = t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
-                                                            num_heads=4, decoder_start_token_id=0))
+            model = t.T5ForConditionalGeneration(
+                t.T5Config(
+                    vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0
+                )
+            )
         else:
-            model = t.BartForConditionalGeneration(t.BartConfig(
-                vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64))
+            model = t.BartForConditionalGeneration(
+                t.BartConfig(
+                    vocab_size=64,
+                    d_model=32,
+                    encoder_layers=1,
+                    decoder_layers=1,
+                    encoder_attention_heads=4,
+                    decoder_attention_heads=4,
+                    encoder_ffn_dim=48,
+                    decoder_ffn_dim=48,
+                    max_position_embeddings=64,
+                )
+            )
         return model, {"input_ids": IDS, "decoder_input_ids": IDS[:, :6]}, "SEQ_2_SEQ_LM"
     if name == "vit":
-        return t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                      image_size=28, patch_size=14)), {"pixel_values": PIXELS}, None
+        return (
+            t.ViTModel(
+                t.ViTConfig(
+                    hidden_size=32,
+                    intermediate_size=48,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    image_size=28,
+                    patch_size=14,
+                )
+            ),
+            {"pixel_values": PIXELS},
+            None,
+        )
     if name == "clip":
-        config = t.CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                               num_attention_heads=4, max_position_embeddings=64),
-                              vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                                 num_attention_heads=4, image_size=28, patch_size=14),
-                              projection_dim=16)
+        config = t.CLIPConfig(
+            text_config=dict(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                image_size=28,
+                patch_size=14,
+            ),
+            projection_dim=16,
+        )
         return t.CLIPModel(config), {"input_ids": IDS, "pixel_values": PIXELS}, None
     if name == "llava":
         from test_export import tiny_llava
@@ -118,19 +220,30 @@ def lora_targets(model) -> set[str]:
 # What PaCA's all-linear tunes beyond LoRA's, and why.
 PACA_ONLY = {
     # PEFT has no v4-to-v5 conversion for gpt-oss: LoRA's all-linear leaves experts and routers out.
-    "gpt_oss": {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts", "model.layers.0.mlp.router",
-                "model.layers.1.mlp.router"},
+    "gpt_oss": {
+        "model.layers.0.mlp.experts",
+        "model.layers.1.mlp.experts",
+        "model.layers.0.mlp.router",
+        "model.layers.1.mlp.router",
+    },
 }
 # peft < 0.22's MoE conversion turns the dense MLP's gate/up/down targets into expert parameters: the dense layers
 # (Qwen3-MoE's mlp_only_layers, DeepSeek's first layer and shared experts) get no LoRA. peft 0.22 keeps them.
 PEFT_MOVES_DENSE_MLPS = version.parse(peft.__version__) < version.parse("0.22")
 if PEFT_MOVES_DENSE_MLPS:
-    PACA_ONLY["qwen3_moe"] = {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
-                              "model.layers.0.mlp.down_proj"}
-    PACA_ONLY["deepseek_v3"] = {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
-                                "model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.gate_proj",
-                                "model.layers.1.mlp.shared_experts.up_proj",
-                                "model.layers.1.mlp.shared_experts.down_proj"}
+    PACA_ONLY["qwen3_moe"] = {
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+    }
+    PACA_ONLY["deepseek_v3"] = {
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.shared_experts.gate_proj",
+        "model.layers.1.mlp.shared_experts.up_proj",
+        "model.layers.1.mlp.shared_experts.down_proj",
+    }
 # PEFT refuses LoRA on Mamba's out_proj (its fused CUDA kernel reads the weight), so LoRA runs without it; PaCA tunes
 # it and warns that the fused path would bypass it (tests/test_peft_integration.py).
 LORA_TARGETS = {"mamba": ["in_proj", "x_proj", "dt_proj"]}  # all-linear but out_proj
@@ -141,9 +254,29 @@ LORA_EXPORT_REFUSED = {"mamba": "plain PEFT refuses LoRA on 'backbone.layers.0.m
 if PEFT_MOVES_DENSE_MLPS:
     LORA_EXPORT_REFUSED.update(qwen3_moe="as fused expert parameters", deepseek_v3="as fused expert parameters")
 
-ARCHITECTURES = ["llama", "qwen2", "mistral", "phi3", "gemma2", "olmo2", "gpt2", "opt", "gpt_neox", "mixtral",
-                 "qwen3_moe", "gpt_oss", "deepseek_v3", "mamba", "bert", "roberta_cls", "t5", "bart", "vit", "clip",
-                 "llava"]
+ARCHITECTURES = [
+    "llama",
+    "qwen2",
+    "mistral",
+    "phi3",
+    "gemma2",
+    "olmo2",
+    "gpt2",
+    "opt",
+    "gpt_neox",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_oss",
+    "deepseek_v3",
+    "mamba",
+    "bert",
+    "roberta_cls",
+    "t5",
+    "bart",
+    "vit",
+    "clip",
+    "llava",
+]
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

@@ -20,11 +20,12 @@ WEIGHTS = "adapter_model.safetensors"
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-
 def snapshot(model):
-    return ({n: type(m) for n, m in model.named_modules()},
-            {k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
+    return (
+        {n: type(m) for n, m in model.named_modules()},
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
 
 
 def assert_unchanged(before, model):
@@ -61,6 +62,7 @@ def rewrite_tensors(directory, edit):
 # configuration and injection
 # ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("r", [0, -3, 2.5, True])
 def test_non_positive_or_non_integer_r_is_rejected_by_the_config(r):
     """PacaConfig(r<=0 or not an int) raises ValueError naming r before any model is touched."""
@@ -72,9 +74,14 @@ def test_r_larger_than_a_linear_layers_input_is_refused_as_peft_does():
     """r > d_in on a linear layer: PEFT's PaCA's ValueError, naming the module; the model is left as it was."""
     model = tiny_llama()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"module 'model\.layers\.1\.self_attn\.q_proj': r \(40\) cannot be larger "
-                                         r"than in_features \(32\)"):
-        get_peft_model(model, PacaConfig(r=40, target_modules=r"model\.layers\.(0\.mlp\.down_proj|1\.self_attn\.q_proj)"))
+    with pytest.raises(
+        ValueError,
+        match=r"module 'model\.layers\.1\.self_attn\.q_proj': r \(40\) cannot be larger "
+        r"than in_features \(32\)",
+    ):
+        get_peft_model(
+            model, PacaConfig(r=40, target_modules=r"model\.layers\.(0\.mlp\.down_proj|1\.self_attn\.q_proj)")
+        )
     assert_unchanged(before, model)
 
 
@@ -95,7 +102,9 @@ def test_r_larger_than_a_convolutions_input_tunes_all_its_channels_and_says_so_o
     """r > C_in on a convolution (an image stem's 3 channels; a layer type PEFT's PaCA does not tune) never fails the
     model: it tunes all its input channels at the adapter's scale, one warning names it, and it saves and loads."""
     cfg = PacaConfig(r=8, target_modules=["stem", "body"])
-    with pytest.warns(UserWarning, match=r"r exceeds the input dimension of 1 layer\(s\): stem \(r=8, d_in=3\)") as caught:
+    with pytest.warns(
+        UserWarning, match=r"r exceeds the input dimension of 1 layer\(s\): stem \(r=8, d_in=3\)"
+    ) as caught:
         model = get_peft_model(_ConvNet(), cfg)
     assert len([w for w in caught if "exceeds the input dimension" in str(w.message)]) == 1
     layers = paca_layers(model)
@@ -121,8 +130,9 @@ def test_no_matching_target_module_is_an_error_naming_the_targets():
     assert_unchanged(before, model)
 
 
-@pytest.mark.parametrize("target,type_name", [("post_attention_layernorm", "LlamaRMSNorm"),
-                                              ("embed_tokens", "Embedding")])
+@pytest.mark.parametrize(
+    "target,type_name", [("post_attention_layernorm", "LlamaRMSNorm"), ("embed_tokens", "Embedding")]
+)
 def test_unsupported_layer_type_is_a_type_error_naming_module_and_type(target, type_name):
     """Targeting a norm or an embedding: TypeError naming the module and its type; earlier injections undone."""
     model = tiny_llama()
@@ -148,11 +158,19 @@ def test_bad_second_adapter_leaves_existing_paca_model_unchanged(token_ids):
 # loading an adapter that does not fit, or a damaged file
 # ----------------------------------------------------------------------------------------------------
 
+
 def _other_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 
@@ -212,8 +230,9 @@ def test_truncated_weights_file_names_the_file(adapter_dir, keep):
     _load_fails(adapter_dir, rf"{path}.*truncated")
 
 
-@pytest.mark.parametrize("garbage", ["all", "header_json", "header_length", "header_not_a_table",
-                                     "entry_without_offsets"])
+@pytest.mark.parametrize(
+    "garbage", ["all", "header_json", "header_length", "header_not_a_table", "entry_without_offsets"]
+)
 def test_corrupted_weights_file_names_the_file(adapter_dir, garbage):
     """Garbage bytes in place of the file, its JSON header or its header length, or a well-formed JSON header
     of the wrong structure: error naming the file."""
@@ -222,29 +241,33 @@ def test_corrupted_weights_file_names_the_file(adapter_dir, garbage):
     (header_len,) = struct.unpack("<Q", data[:8])
     if garbage in ("header_not_a_table", "entry_without_offsets"):
         header = b"[1, 2, 3]" if garbage == "header_not_a_table" else b'{"x": {"dtype": "F32", "shape": [1]}}'
-        data[8:8 + header_len] = header.ljust(header_len)
+        data[8 : 8 + header_len] = header.ljust(header_len)
     elif garbage == "all":
         data = bytearray(os.urandom(len(data)))
         data[:8] = struct.pack("<Q", 200)  # a plausible length so the header itself is the garbage
     elif garbage == "header_json":
         data[8:40] = b"\xff\xfe garbage, not json \x00\x01\x02\x03\x04\x05"[:32]
     else:
-        data[:8] = struct.pack("<Q", 2 ** 62)
+        data[:8] = struct.pack("<Q", 2**62)
     path.write_bytes(bytes(data))
     _load_fails(adapter_dir, rf"{path}.*(corrupted|truncated)")
 
 
-@pytest.mark.parametrize("defect,match", [
-    ("duplicate", "sorted and unique"),
-    ("unsorted", "sorted and unique"),
-    ("negative", "out of range"),
-    ("too_large", "out of range"),
-    ("wrong_count", "paca_indices for r="),
-    ("float_indices", "integer"),
-])
+@pytest.mark.parametrize(
+    "defect,match",
+    [
+        ("duplicate", "sorted and unique"),
+        ("unsorted", "sorted and unique"),
+        ("negative", "out of range"),
+        ("too_large", "out of range"),
+        ("wrong_count", "paca_indices for r="),
+        ("float_indices", "integer"),
+    ],
+)
 @needs_peft_0_21
 def test_bad_indices_in_file_are_rejected_naming_file_or_module(adapter_dir, defect, match):
     """Duplicate, unsorted, out-of-range, miscounted or non-integer paca_indices: error naming where."""
+
     def edit(tensors):
         idx = tensors[f"{Q0}.paca_indices"]
         if defect == "duplicate":
@@ -274,6 +297,7 @@ def test_inconsistent_adapter_is_rejected(adapter_dir, defect):
         (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
         match = r"q_proj.*shape.*r=3"
     else:
+
         def edit(tensors):
             if defect == "nan":
                 tensors[f"{Q0}.paca_delta"][0, 0] = float("nan")

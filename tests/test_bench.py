@@ -11,13 +11,20 @@ from torch import nn
 from paca.bench import suite
 from paca.bench.measure import DispatchedOperators, SavedTensorBytes, accounting_step, train_step
 from paca.bench.methods import make_trainee
-from paca.tuner.config import PEFT_HAS_PACA
 from paca.bench.presets import ModelSpec, build_model
 from paca.bench.search import Probe, largest_fitting
 from paca.cli import main as paca_main
+from paca.tuner.config import PEFT_HAS_PACA
 
-TINY_TARGETS_D_OUT = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128,
-                      "down_proj": 64}
+TINY_TARGETS_D_OUT = {
+    "q_proj": 64,
+    "k_proj": 32,
+    "v_proj": 32,
+    "o_proj": 64,
+    "gate_proj": 128,
+    "up_proj": 128,
+    "down_proj": 64,
+}
 
 
 def run_bench(args, capsys):
@@ -28,10 +35,12 @@ def run_bench(args, capsys):
 
 # -- the smoke run -----------------------------------------------------------------------------------
 
+
 def test_quick_run_writes_json_markdown_and_plots_with_every_method(tmp_path, capsys):
     json_path, md_path, plots = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "plots"
-    code, out, err = run_bench(["--quick", "--json", str(json_path), "--markdown", str(md_path),
-                                "--plots", str(plots)], capsys)
+    code, out, err = run_bench(
+        ["--quick", "--json", str(json_path), "--markdown", str(md_path), "--plots", str(plots)], capsys
+    )
     assert code == 0, err
     doc = json.loads(json_path.read_text())
     assert {"device", "model", "settings", "results", "command"} <= set(doc)
@@ -39,8 +48,18 @@ def test_quick_run_writes_json_markdown_and_plots_with_every_method(tmp_path, ca
     assert list(results) == ["full", "lora", "dora", "paca", "floor", "qlora"]
     for r in results.values():
         assert "errors" not in r
-        for key in ("step_time_s", "forward_s", "backward_s", "tokens_per_s", "peak_memory_bytes", "activation_bytes",
-                    "flops_per_step", "tflops_per_s", "max_seq_len", "best_sentences_per_s"):
+        for key in (
+            "step_time_s",
+            "forward_s",
+            "backward_s",
+            "tokens_per_s",
+            "peak_memory_bytes",
+            "activation_bytes",
+            "flops_per_step",
+            "tflops_per_s",
+            "max_seq_len",
+            "best_sentences_per_s",
+        ):
             assert r[key] > 0, (r["method"], key)
         assert r["step_time_s"] == pytest.approx(r["forward_s"] + r["backward_s"] + r["optimizer_s"], rel=0.5)
     assert results["floor"]["optimizer_s"] < 1e-3 and results["floor"]["trainable_params"] == 0  # no optimizer
@@ -62,6 +81,7 @@ def test_quick_run_writes_json_markdown_and_plots_with_every_method(tmp_path, ca
 
 
 # -- accounting --------------------------------------------------------------------------------------
+
 
 def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
     a = torch.randn(10, 10, requires_grad=True)  # 400 bytes
@@ -138,8 +158,27 @@ def test_compile_times_compiled_steps_and_keeps_the_eager_operator_counts(tmp_pa
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     path = tmp_path / "bench.json"
-    code, out, err = run_bench(["--preset", "tiny", "--batch", "2", "--seq", "16", "--methods", "floor,paca",
-                                "--repeats", "2", "--threads", "1", "--compile", "eager", "--json", str(path)], capsys)
+    code, out, err = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--methods",
+            "floor,paca",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--compile",
+            "eager",
+            "--json",
+            str(path),
+        ],
+        capsys,
+    )
     torch._dynamo.reset()
     assert code == 0, err
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
@@ -147,7 +186,9 @@ def test_compile_times_compiled_steps_and_keeps_the_eager_operator_counts(tmp_pa
     results = {r["method"]: r for r in json.loads(path.read_text())["results"]}
     # The compiled floor's gradient source (an add of a zero leaf, its sum and accumulation in backward): 3 more.
     assert {m: results[m]["dispatched_ops_per_step"] for m in results} == {
-        "floor": TINY_OPERATORS["floor"] + 3, "paca": TINY_OPERATORS["paca"]}
+        "floor": TINY_OPERATORS["floor"] + 3,
+        "paca": TINY_OPERATORS["paca"],
+    }
     assert "rounds of torch.compile'd models (eager; ops/step and memory of an eager step)" in out
 
 
@@ -172,14 +213,24 @@ def test_kernels_per_step_are_a_column_where_a_device_counted_them_and_absent_on
             self.device_type = device_type
 
     assert count_device_events([Event(DeviceType.CPU), Event(DeviceType.CUDA), Event(DeviceType.CUDA)]) == 2
-    row = dict(method="paca", step_time_s=1.0, forward_s=0.5, backward_s=0.4, optimizer_s=0.1, tokens_per_s=32.0,
-               tflops_per_s=0.1, peak_memory_bytes=2**30, activation_bytes=2**20, dispatched_ops_per_step=262,
-               trainable_params=8192)
+    row = dict(
+        method="paca",
+        step_time_s=1.0,
+        forward_s=0.5,
+        backward_s=0.4,
+        optimizer_s=0.1,
+        tokens_per_s=32.0,
+        tflops_per_s=0.1,
+        peak_memory_bytes=2**30,
+        activation_bytes=2**20,
+        dispatched_ops_per_step=262,
+        trainable_params=8192,
+    )
     doc = {"settings": {"batch": 1, "seq": 32, "repeats": 3}, "results": [row]}
-    (_, header, rows), = tables(doc)
+    ((_, header, rows),) = tables(doc)
     assert "kernels f+b" not in header
     doc["results"] = [dict(row, device_kernels_per_step=301)]
-    (_, header, rows), = tables(doc)
+    ((_, header, rows),) = tables(doc)
     assert header[header.index("ops/step") + 1] == "kernels f+b" and rows[0][header.index("kernels f+b")] == "301"
 
 
@@ -216,11 +267,15 @@ def test_moe_preset_compares_paca_and_lora_on_the_same_experts_and_paca_keeps_fe
     ids = suite.random_tokens(512, 2, 16, seed=0, device=torch.device("cpu"))
     paca = make_trainee("paca", base, 8, 16, 0)
     lora = make_trainee("lora", base, 8, 16, 0)
-    tuned_by_paca = {(m.layer_name, p) for m in paca.model.modules() if isinstance(m, Experts)
-                     for p in m.paca_delta["default"]}
+    tuned_by_paca = {
+        (m.layer_name, p) for m in paca.model.modules() if isinstance(m, Experts) for p in m.paca_delta["default"]
+    }
     tuned_by_paca |= {(m.layer_name, "weight") for m in paca.model.modules() if isinstance(m, Router)}
-    tuned_by_lora = {(name.removeprefix("base_model.model.").removesuffix(".base_layer"), m.parameter_name)
-                     for name, m in lora.model.named_modules() if isinstance(m, ParamWrapper)}
+    tuned_by_lora = {
+        (name.removeprefix("base_model.model.").removesuffix(".base_layer"), m.parameter_name)
+        for name, m in lora.model.named_modules()
+        if isinstance(m, ParamWrapper)
+    }
     assert tuned_by_paca == tuned_by_lora and len(tuned_by_paca) == 6  # 2 layers x (gate_up, down, router)
     accounts = {}
     for trainee in (paca, lora, make_trainee("floor", base, 8, 16, 0)):
@@ -242,12 +297,14 @@ def test_moe_preset_compares_paca_and_lora_on_the_same_experts_and_paca_keeps_fe
 
 # -- out of memory is a data point -------------------------------------------------------------------
 
+
 def oom_above(threshold: int, seen: list):
     def measure(size: int) -> Probe:
         seen.append(size)
         if size > threshold:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {size} units")
         return Probe(size, fits=True, memory_bytes=size)
+
     return measure
 
 
@@ -283,32 +340,67 @@ def test_out_of_memory_during_a_run_ends_with_every_result_it_got(monkeypatch, t
 
     monkeypatch.setattr(suite, "accounting_step", accounting_that_runs_out_above_600_tokens)
     path = tmp_path / "r.json"
-    code, out, err = run_bench(["--preset", "tiny", "--methods", "paca,lora", "--parts", "table4,fig3", "--threads",
-                                "1", "--memory-cap-gib", "1", "--seq-granularity", "32", "--max-seq", "4096",
-                                "--fig3-seq", "128", "--max-batch", "16", "--json", str(path)], capsys)
+    code, out, err = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--methods",
+            "paca,lora",
+            "--parts",
+            "table4,fig3",
+            "--threads",
+            "1",
+            "--memory-cap-gib",
+            "1",
+            "--seq-granularity",
+            "32",
+            "--max-seq",
+            "4096",
+            "--fig3-seq",
+            "128",
+            "--max-batch",
+            "16",
+            "--json",
+            str(path),
+        ],
+        capsys,
+    )
     assert code == 0, err
     results = {r["method"]: r for r in json.loads(path.read_text())["results"]}
     for r in results.values():
         assert r["max_seq_len"] == 576  # largest multiple of 32 up to 600
-        assert [(p["size"], p["fits"]) for p in r["throughput"]] == [(1, True), (2, True), (4, True), (5, False),
-                                                                    (6, False), (8, False)]  # 5 x 128 > 600
+        assert [(p["size"], p["fits"]) for p in r["throughput"]] == [
+            (1, True),
+            (2, True),
+            (4, True),
+            (5, False),
+            (6, False),
+            (8, False),
+        ]  # 5 x 128 > 600
         assert r["max_batch"] == 4 and r["best_batch"] in (1, 2, 4)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, message", [
-    (["--methods", "paca,bogus"], "unknown method(s) 'bogus'; choose from full, lora, dora, paca, peft-paca, floor, qlora, qpaca, qpeft-paca"),
-    (["--preset", "llama9"], "unknown preset 'llama9'"),
-    (["--model", "./no-such-dir"], "unknown preset './no-such-dir' and no model directory of that name"),
-    (["--preset", "cpu", "--layers", "0"], "--layers must be a positive integer"),
-    (["--preset", "tiny", "--parts", "table4", "--memory-cap-gib", "100000"], "is more than the"),
-    (["--preset", "tiny", "--parts", "fig3"], "need --memory-cap-gib"),
-    (["--preset", "tiny", "--parts", "fig5"], "unknown part(s) fig5"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
-    (["--preset", "llama3-8b", "--layers", "4000"], "for its weights alone"),
-    (["--preset", "tiny", "--compile", "nonsense"], "--compile nonsense: not a torch.compile backend here"),
-])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--methods", "paca,bogus"],
+            "unknown method(s) 'bogus'; choose from full, lora, dora, paca, peft-paca, floor, qlora, qpaca, qpeft-paca",
+        ),
+        (["--preset", "llama9"], "unknown preset 'llama9'"),
+        (["--model", "./no-such-dir"], "unknown preset './no-such-dir' and no model directory of that name"),
+        (["--preset", "cpu", "--layers", "0"], "--layers must be a positive integer"),
+        (["--preset", "tiny", "--parts", "table4", "--memory-cap-gib", "100000"], "is more than the"),
+        (["--preset", "tiny", "--parts", "fig3"], "need --memory-cap-gib"),
+        (["--preset", "tiny", "--parts", "fig5"], "unknown part(s) fig5"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+        (["--preset", "llama3-8b", "--layers", "4000"], "for its weights alone"),
+        (["--preset", "tiny", "--compile", "nonsense"], "--compile nonsense: not a torch.compile backend here"),
+    ],
+)
 def test_bad_input_is_a_one_line_error_not_a_traceback(args, message, capsys):
     code, out, err = run_bench(args, capsys)
     assert code == 1
@@ -323,8 +415,10 @@ def test_a_model_with_learned_positions_is_refused_beyond_them_and_a_rope_model_
     assert code == 1 and "learned position embeddings for 64 tokens" in err and "--seq 128" in err
     assert "Traceback" not in err
     tiny_llama().save_pretrained(tmp_path / "llama")  # RoPE: 64 positions in its config, longer inputs run
-    code, out, err = run_bench(["--model", str(tmp_path / "llama"), "--seq", "128", "--batch", "1", "--repeats", "1",
-                                "--methods", "paca"], capsys)
+    code, out, err = run_bench(
+        ["--model", str(tmp_path / "llama"), "--seq", "128", "--batch", "1", "--repeats", "1", "--methods", "paca"],
+        capsys,
+    )
     assert code == 0, err
 
 
@@ -337,12 +431,31 @@ def test_qpaca_without_working_4bit_support_fails_clearly_while_the_other_method
     from paca.bench import methods
 
     def no_4bit_support(model):
-        raise methods.BenchError(methods.qpaca_unsupported("simulated: PaCA layer over Linear4bit does not reproduce it"))
+        raise methods.BenchError(
+            methods.qpaca_unsupported("simulated: PaCA layer over Linear4bit does not reproduce it")
+        )
 
     monkeypatch.setattr(methods, "check_quantized_paca", no_4bit_support)
     path = tmp_path / "r.json"
-    code, out, err = run_bench(["--preset", "tiny", "--methods", "paca,qpaca", "--repeats", "2", "--threads", "1",
-                                "--batch", "1", "--seq", "32", "--json", str(path)], capsys)
+    code, out, err = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--methods",
+            "paca,qpaca",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--batch",
+            "1",
+            "--seq",
+            "32",
+            "--json",
+            str(path),
+        ],
+        capsys,
+    )
     assert code == 1 and "Traceback" not in err
     results = {r["method"]: r for r in json.loads(path.read_text())["results"]}
     assert results["paca"]["step_time_s"] > 0

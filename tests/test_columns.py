@@ -247,8 +247,9 @@ def test_a_tied_head_computes_with_its_tuned_columns_and_gets_their_gradient(tok
     (expected * probe).sum().backward()
     torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(embeds.grad, reference_embeds.grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(head.paca_delta["default"].grad, s * reference.lm_head.weight.grad[:, idx],
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        head.paca_delta["default"].grad, s * reference.lm_head.weight.grad[:, idx], rtol=1e-10, atol=1e-10
+    )
     assert torch.equal(base.model.embed_tokens.weight, w0)
 
 
@@ -260,7 +261,9 @@ def test_regathered_weights_are_rewritten_in_backward():
     layer.get_base_layer().weight.ds_id = 0
     y = layer(x.requires_grad_(True))
     with torch.no_grad():
-        layer.get_base_layer().weight.data.copy_(layer.state_dict()["base_layer.weight"])  # a re-gather: no version bump
+        layer.get_base_layer().weight.data.copy_(
+            layer.state_dict()["base_layer.weight"]
+        )  # a re-gather: no version bump
     assert count_writes(lambda: y.square().sum().backward()) == 2  # written again, then restored
     expected_x, _ = reference_grads(layer, x)
     torch.testing.assert_close(x.grad, expected_x)

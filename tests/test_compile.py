@@ -55,7 +55,9 @@ def test_compiled_layer_fullgraph_matches_eager_forward_and_backward(kind):
     _check_compiled_matches_eager(kind, "aot_eager")
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler"
+)
 def test_compiled_linear_layer_with_inductor_matches_eager():
     """The default inductor backend also compiles the linear PaCA layer in one graph and matches eager."""
     _check_compiled_matches_eager("linear", "inductor")

@@ -37,8 +37,9 @@ def test_cuda_layer_matches_the_float64_reference_forward_and_backward(kind, dty
     torch.testing.assert_close(xc.grad.double().cpu(), expected_x, rtol=tol, atol=tol * expected_x.abs().max().item())
     grad_delta = layer.paca_delta["default"].grad
     assert grad_delta.dtype == torch.float32
-    torch.testing.assert_close(grad_delta.double().cpu(), expected_delta, rtol=tol,
-                               atol=tol * expected_delta.abs().max().item())
+    torch.testing.assert_close(
+        grad_delta.double().cpu(), expected_delta, rtol=tol, atol=tol * expected_delta.abs().max().item()
+    )
     assert torch.equal(layer.state_dict()["base_layer.weight"].cpu(), w0.to(dtype))
 
 
@@ -62,9 +63,9 @@ def test_cuda_experts_match_the_float64_reference_with_grouped_gemms(kind, dtype
     GEMM (r = 8: the r-channel operand's rows are 16 bytes in bf16)."""
     import copy
 
-    import paca.ops.experts as ops
     from test_experts import experts_module, routing
 
+    import paca.ops.experts as ops
     from paca.tuner.experts import Experts
 
     layer = Experts(experts_module(kind).double(), "default", "mlp.experts", r=8, paca_alpha=16.0, init_weights=False)
@@ -73,8 +74,11 @@ def test_cuda_experts_match_the_float64_reference_with_grouped_gemms(kind, dtype
     reference = copy.deepcopy(layer)
     h = hidden.clone().requires_grad_()
     (reference(h, index, weights) * probe).sum().backward()
-    expected = [reference(hidden, index, weights).detach(), h.grad,
-                *(d.grad for d in reference.paca_delta["default"].values())]
+    expected = [
+        reference(hidden, index, weights).detach(),
+        h.grad,
+        *(d.grad for d in reference.paca_delta["default"].values()),
+    ]
     layer.to("cuda", dtype)
     for d in layer.paca_delta["default"].values():
         d.data = d.data.float()

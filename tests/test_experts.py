@@ -218,27 +218,57 @@ def test_merge_then_unmerge_is_bit_exact_and_merged_outputs_match():
 # whole MoE models
 # ----------------------------------------------------------------------------------------------------
 
+
 def tiny_moe(kind: str) -> nn.Module:
     import transformers
 
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=8, max_position_embeddings=64)
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     if kind == "mixtral":
         config = transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **common)
         cls = transformers.MixtralForCausalLM
     elif kind == "gpt_oss":
-        config = transformers.GptOssConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
-                                           layer_types=["full_attention"] * 2, **common)
+        config = transformers.GptOssConfig(
+            intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["full_attention"] * 2,
+            **common,
+        )
         cls = transformers.GptOssForCausalLM
     elif kind == "qwen3_moe":  # a dense MLP in layer 0, experts in layer 1
-        config = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
-                                             num_experts_per_tok=2, mlp_only_layers=[0], **common)
+        config = transformers.Qwen3MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0],
+            **common,
+        )
         cls = transformers.Qwen3MoeForCausalLM
     else:  # DeepSeek-V3: dense layer 0, then routed plus shared experts
-        config = transformers.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
-                                               num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8,
-                                               q_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                                               n_group=1, topk_group=1, **{**common, "num_key_value_heads": 4})
+        config = transformers.DeepseekV3Config(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=8,
+            q_lora_rank=8,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+            **{**common, "num_key_value_heads": 4},
+        )
         cls = transformers.DeepseekV3ForCausalLM
     torch.manual_seed(0)
     return cls(config).eval()
@@ -291,8 +321,9 @@ def test_lora_export_in_target_parameters_layout_loads_in_plain_peft_exactly(kin
 
     base_dir = tmp_path / "base"
     tiny_moe(kind).save_pretrained(base_dir)
-    model = get_peft_model(tiny_moe(kind), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM",
-                                                      init_weights=False))
+    model = get_peft_model(
+        tiny_moe(kind), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_weights=False)
+    )
     with torch.no_grad():
         expected = model(token_ids).logits
     model.save_pretrained(tmp_path / "adapter")
@@ -306,9 +337,10 @@ def test_lora_export_in_target_parameters_layout_loads_in_plain_peft_exactly(kin
 
 
 def test_target_parameters_tune_the_named_projections_and_router_and_refuse_other_parameters(token_ids):
-    model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["q_proj"],
-                                                           target_parameters=["mlp.experts.down_proj",
-                                                                              "mlp.gate.weight"]))
+    model = get_peft_model(
+        tiny_moe("mixtral"),
+        PacaConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj", "mlp.gate.weight"]),
+    )
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     assert len(experts) == 2 and all(list(e.paca_delta["default"]) == ["down_proj"] for e in experts)
     routers = [m for m in model.modules() if isinstance(m, Router)]
@@ -316,10 +348,15 @@ def test_target_parameters_tune_the_named_projections_and_router_and_refuse_othe
     model(token_ids).logits.sum().backward()
     assert all(e.paca_delta["default"]["down_proj"].grad is not None for e in experts)
     assert all(r.paca_delta["default"].grad.abs().sum() > 0 for r in routers)
-    with pytest.raises(ValueError, match=r"cannot tune 'model\.layers\.0\.input_layernorm\.weight' "
-                                         r"\(MixtralRMSNorm\)"):
-        get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["q_proj"],
-                                                       target_parameters=["input_layernorm.weight"]))
+    with pytest.raises(
+        ValueError,
+        match=r"cannot tune 'model\.layers\.0\.input_layernorm\.weight' "
+        r"\(MixtralRMSNorm\)",
+    ):
+        get_peft_model(
+            tiny_moe("mixtral"),
+            PacaConfig(r=4, target_modules=["q_proj"], target_parameters=["input_layernorm.weight"]),
+        )
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss", "deepseek_v3"])
@@ -327,15 +364,21 @@ def test_router_logits_and_gradients_equal_the_dense_reference_in_float64(kind):
     """The router's own forward runs with its logits from W0 + s * D (Mixtral: F.linear on the weight; gpt-oss:
     with a bias; DeepSeek-V3: on a float32 cast of it); outputs and the delta gradient equal the dense reference."""
     model = tiny_moe(kind).double()
-    router = next(m for n, m in model.named_modules() if n.endswith("mlp.router" if kind == "gpt_oss" else "mlp.gate")
-                  and not isinstance(m, nn.Linear) and hasattr(m, "weight"))
+    router = next(
+        m
+        for n, m in model.named_modules()
+        if n.endswith("mlp.router" if kind == "gpt_oss" else "mlp.gate")
+        and not isinstance(m, nn.Linear)
+        and hasattr(m, "weight")
+    )
     w0 = router.weight.detach().clone()
     layer = Router(router, "default", "gate", r=R, paca_alpha=2 * R, init_weights=False, seed=3)
     reference = copy.deepcopy(router)
     with torch.no_grad():
         reference.weight.add_(layer.get_delta_weight("default"))
-    hidden = torch.randn(TOKENS, model.config.hidden_size, dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(2))
+    hidden = torch.randn(
+        TOKENS, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
     outputs, grads = [], []
     for module in (layer, reference):
         x = hidden.clone().requires_grad_()
@@ -374,8 +417,11 @@ def test_a_router_computing_its_logits_otherwise_is_refused_by_name():
             super().__init__()
             self.router = MatmulRouter()
 
-    with pytest.raises(TypeError, match=r"cannot tune router 'router' \(MatmulRouter\): its forward does not compute "
-                                        r"its logits as F\.linear on its weight"):
+    with pytest.raises(
+        TypeError,
+        match=r"cannot tune router 'router' \(MatmulRouter\): its forward does not compute "
+        r"its logits as F\.linear on its weight",
+    ):
         get_peft_model(Block(), PacaConfig(r=2, target_modules=["router"]))
 
 
@@ -408,8 +454,11 @@ def test_one_adapter_at_a_time_and_no_per_row_adapters_on_experts(token_ids):
         # Switched to, the second adapter gives what a model holding only it gives (the first one's columns gone).
         alone_base = tiny_moe("mixtral")
         torch.manual_seed(1)
-        alone = get_peft_model(alone_base, PacaConfig(r=2, target_modules=["experts"], init_weights=False,
-                                                      random_seed=1), adapter_name="other")
+        alone = get_peft_model(
+            alone_base,
+            PacaConfig(r=2, target_modules=["experts"], init_weights=False, random_seed=1),
+            adapter_name="other",
+        )
         torch.testing.assert_close(second, alone(token_ids).logits, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(first, second)
     model.base_model.set_adapter(["default", "other"])
@@ -458,15 +507,21 @@ def test_damaged_expert_entries_are_refused_naming_the_file_or_module(tmp_path):
     key = next(k for k in tensors if k.endswith("paca_indices.down_proj"))
     tensors[key] = tensors[key].flip(-1).contiguous()  # rows out of order
     save_file(tensors, path)
-    with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors.*mlp\.experts\.paca_indices\.down_proj' "
-                                               r"expert 0: paca_indices must be sorted"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"adapter_model\.safetensors.*mlp\.experts\.paca_indices\.down_proj' "
+        r"expert 0: paca_indices must be sorted",
+    ):
         load_adapter_tensors(str(tmp_path / "adapter"))
     narrow = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=2, target_modules=["experts"]))
     narrow.save_pretrained(tmp_path / "r2")
     config_path = tmp_path / "r2" / "adapter_config.json"
     config_path.write_text(config_path.read_text().replace('"r": 2', '"r": 4'))  # config and tensors disagree
-    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp\.experts' \(gate_up_proj\): paca_delta has "
-                                         r"shape \(4, 48, 2\) but this model needs \(4, 48, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"module 'model\.layers\.0\.mlp\.experts' \(gate_up_proj\): paca_delta has "
+        r"shape \(4, 48, 2\) but this model needs \(4, 48, 4\)",
+    ):
         model.load_adapter(tmp_path / "r2", adapter_name="narrow")
     assert "narrow" not in model.peft_config
     with pytest.raises(ValueError, match="add_weighted_adapter: the adapters tune fused experts"):
@@ -541,16 +596,18 @@ def test_16_bit_base_and_autocast_compute_in_16_bit_and_keep_float32_deltas(sett
 def test_a_router_casting_its_16_bit_weight_to_float32_is_still_tuned(token_ids):
     """DeepSeek-V3's router computes F.linear on ``self.weight.type(torch.float32)``: in bf16 that is a copy, which
     the router layer recognises as its weight, so the delta applies and gets a gradient."""
-    model = get_peft_model(tiny_moe("deepseek_v3").to(torch.bfloat16),
-                           PacaConfig(r=4, target_modules=["mlp.gate"], init_weights=False))
+    model = get_peft_model(
+        tiny_moe("deepseek_v3").to(torch.bfloat16), PacaConfig(r=4, target_modules=["mlp.gate"], init_weights=False)
+    )
     router = next(m for m in model.modules() if isinstance(m, Router))
     model(token_ids).logits.float().sum().backward()
     assert router.paca_delta["default"].grad.abs().sum() > 0
 
 
 def test_torch_compile_fullgraph_of_a_router_matches_eager():
-    layer = Router(tiny_moe("mixtral").model.layers[0].mlp.gate, "default", "gate", r=3, paca_alpha=6.0,
-                   init_weights=False)
+    layer = Router(
+        tiny_moe("mixtral").model.layers[0].mlp.gate, "default", "gate", r=3, paca_alpha=6.0, init_weights=False
+    )
     hidden = torch.randn(TOKENS, 32, generator=torch.Generator().manual_seed(4))
     torch._dynamo.reset()
     try:
@@ -584,7 +641,9 @@ def test_review_fixes_narrow_experts_export_and_target_parameters_beside_all_lin
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
     with torch.no_grad():
         torch.testing.assert_close(lora(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
-    both = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules="all-linear",
-                                                          target_parameters=["mlp.experts.down_proj"]))
-    assert [sorted(m.paca_delta["default"]) for m in both.modules() if isinstance(m, Experts)] == \
-        [["down_proj", "gate_up_proj"]] * 2
+    both = get_peft_model(
+        tiny_moe("mixtral"), PacaConfig(r=4, target_modules="all-linear", target_parameters=["mlp.experts.down_proj"])
+    )
+    assert [sorted(m.paca_delta["default"]) for m in both.modules() if isinstance(m, Experts)] == [
+        ["down_proj", "gate_up_proj"]
+    ] * 2

@@ -24,7 +24,6 @@ from paca.export import lora_factors
 MAKE = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
-
 def make_adapter(tmp_path, arch, **config):
     """Save a base model and a PaCA adapter (random nonzero deltas) for it; return (base_dir, adapter_dir, logits fn)."""
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
@@ -71,18 +70,24 @@ def test_export_lora_loads_as_plain_peft_lora_adapter_with_equal_outputs(tmp_pat
     torch.testing.assert_close(lora(token_ids).logits, model(token_ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [dict(rank_pattern={"down_proj": 8}, alpha_pattern={"down_proj": 4.0,
-                                                                                     r"layers\.1\..*q_proj": 2.0}),
-                                    dict(r=4, paca_indices_pattern={"q_proj": [0, 5, 9]})],
-                         ids=["rank_and_alpha_pattern", "indices_pattern"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(rank_pattern={"down_proj": 8}, alpha_pattern={"down_proj": 4.0, r"layers\.1\..*q_proj": 2.0}),
+        dict(r=4, paca_indices_pattern={"q_proj": [0, 5, 9]}),
+    ],
+    ids=["rank_and_alpha_pattern", "indices_pattern"],
+)
 def test_export_lora_of_layers_with_their_own_r_and_scale_is_exact(tmp_path, config, token_ids):
     """rank_pattern / alpha_pattern, and paca_indices_pattern (given columns, any number): each layer has its
     own r and scale; merged and LoRA exports reproduce the PaCA model's logits."""
     base_dir, adapter_dir, model = make_adapter(tmp_path, "llama", **config)
     layers = paca_layers(model)
     if "rank_pattern" in config:
-        down, q1, q0 = (layers[f"model.layers.{i}.{n}"] for i, n in ((0, "mlp.down_proj"), (1, "self_attn.q_proj"),
-                                                                     (0, "self_attn.q_proj")))
+        down, q1, q0 = (
+            layers[f"model.layers.{i}.{n}"]
+            for i, n in ((0, "mlp.down_proj"), (1, "self_attn.q_proj"), (0, "self_attn.q_proj"))
+        )
         assert (down.r["default"], down.scaling["default"]) == (8, 4.0 / 8)
         assert (q1.r["default"], q1.scaling["default"]) == (4, 2.0 / 4)
         assert (q0.r["default"], q0.scaling["default"]) == (4, 8.0 / 4)  # PEFT's default paca_alpha, 8
@@ -102,8 +107,9 @@ def test_export_lora_of_layers_with_their_own_r_and_scale_is_exact(tmp_path, con
 @pytest.mark.parametrize("bias", ["all", "paca_only"])
 def test_export_lora_carries_trained_biases_and_modules_to_save(tmp_path, bias, token_ids):
     """Biases (bias='all' / 'paca_only') and modules_to_save travel into the LoRA adapter; outputs still equal."""
-    base_dir, adapter_dir, model = make_adapter(tmp_path, "gpt2", target_modules=["c_attn", "c_fc"], bias=bias,
-                                                modules_to_save=["ln_f"])
+    base_dir, adapter_dir, model = make_adapter(
+        tmp_path, "gpt2", target_modules=["c_attn", "c_fc"], bias=bias, modules_to_save=["ln_f"]
+    )
     run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["bias"] == {"all": "all", "paca_only": "lora_only"}[bias]  # a value LoRA readers know
@@ -124,8 +130,9 @@ def test_lora_factors_reproduce_the_dense_delta_of_a_conv2d_layer(kernel):
     layer = PacaConv(torch.nn.Conv2d(6, 4, kernel), "default", "conv", r=2, paca_alpha=5.0)
     with torch.no_grad():
         layer.paca_delta["default"].normal_()
-    a, b = lora_factors(layer.paca_delta["default"].detach(), layer.paca_indices["default"],
-                        layer.scaling["default"], 6, kernel)
+    a, b = lora_factors(
+        layer.paca_delta["default"].detach(), layer.paca_indices["default"], layer.scaling["default"], 6, kernel
+    )
     assert a.shape == (2 * kernel[0] * kernel[1], 6, *kernel) and b.shape == (4, a.shape[0], 1, 1)
     dense = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
     torch.testing.assert_close(dense, layer.get_delta_weight("default"), rtol=0, atol=1e-7)
@@ -136,9 +143,25 @@ def test_python_dash_m_paca_is_the_same_entry_point_as_paca(tmp_path):
     base_dir, adapter_dir, _ = make_adapter(tmp_path, "llama", target_modules=["q_proj", "down_proj"])
     run_export(adapter_dir, "lora", tmp_path / "in_process", base_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "paca", "export", "--adapter", str(adapter_dir), "--to", "lora",
-                           str(tmp_path / "module"), "--base", str(base_dir)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paca",
+            "export",
+            "--adapter",
+            str(adapter_dir),
+            "--to",
+            "lora",
+            str(tmp_path / "module"),
+            "--base",
+            str(base_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["exported"] == "lora"
     a = load_file(tmp_path / "in_process" / "adapter_model.safetensors")
@@ -165,8 +188,21 @@ def test_export_to_lora_of_a_lora_adapter_says_it_is_one_already(tmp_path, capsy
     """`--to lora` given a LoRA adapter (here: one exported before) is a one-line error, not a KeyError."""
     base_dir, adapter_dir, _ = make_adapter(tmp_path, "llama", target_modules=["q_proj"])
     run_export(adapter_dir, "lora", tmp_path / "lora", base_dir)
-    assert paca_main(["export", "--adapter", str(tmp_path / "lora"), "--to", "lora", str(tmp_path / "again"),
-                      "--base", str(base_dir)]) == 1
+    assert (
+        paca_main(
+            [
+                "export",
+                "--adapter",
+                str(tmp_path / "lora"),
+                "--to",
+                "lora",
+                str(tmp_path / "again"),
+                "--base",
+                str(base_dir),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "holds a LORA adapter, not PaCA; it is already a PEFT LoRA adapter" in err and "Traceback" not in err
     assert not (tmp_path / "again").exists()
@@ -183,21 +219,34 @@ def test_export_errors_name_the_missing_file_or_the_missing_base(tmp_path, capsy
         assert "--base" in capsys.readouterr().err
         assert not (tmp_path / to).exists()
     os.remove(adapter_dir / "adapter_model.safetensors")
-    assert paca_main(["export", "--adapter", str(adapter_dir), "--to", "lora", str(tmp_path / "x"),
-                      "--base", str(base_dir)]) == 1
+    assert (
+        paca_main(
+            ["export", "--adapter", str(adapter_dir), "--to", "lora", str(tmp_path / "x"), "--base", str(base_dir)]
+        )
+        == 1
+    )
     assert str(adapter_dir / "adapter_model.safetensors") in capsys.readouterr().err
 
 
 def tiny_llava():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                              image_size=28, patch_size=14)
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14
+    )
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
-                                                     image_token_index=63)).eval()
+    return LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_index=63)
+    ).eval()
 
 
 def test_export_of_a_vision_language_adapter_trained_as_causal_lm(tmp_path, token_ids):
@@ -227,15 +276,27 @@ def tiny_qwen3_moe():
     """Qwen3-MoE with a dense MLP in layer 0 (mlp_only_layers) and fused experts in layer 1, as DeepSeek-V3 mixes."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, num_experts=4,
-                            num_experts_per_tok=2, max_position_embeddings=64, mlp_only_layers=[0])
+    config = Qwen3MoeConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        mlp_only_layers=[0],
+    )
     torch.manual_seed(0)
     return Qwen3MoeForCausalLM(config).eval()
 
 
-def test_moe_model_with_a_dense_layer_exports_merged_exactly_and_lora_refuses_what_peft_would_drop(tmp_path,
-                                                                                                  token_ids, capsys):
+def test_moe_model_with_a_dense_layer_exports_merged_exactly_and_lora_refuses_what_peft_would_drop(
+    tmp_path, token_ids, capsys
+):
     """A Qwen3-MoE model: all-linear tunes attention, the dense MLP and the fused experts. peft < 0.22's MoE conversion
     would load the dense MLP's gate/up/down LoRA as expert parameters (their deltas lost), so there --to lora refuses,
     naming it; peft 0.22 keeps them, and the LoRA export is exact; --to merged is exact."""
@@ -252,8 +313,9 @@ def test_moe_model_with_a_dense_layer_exports_merged_exactly_and_lora_refuses_wh
                 p.normal_(std=0.1)
     model.save_pretrained(adapter_dir)
     expected = model(token_ids).logits
-    code = paca_main(["export", "--adapter", str(adapter_dir), "--to", "lora", str(tmp_path / "lora"),
-                      "--base", str(base_dir)])
+    code = paca_main(
+        ["export", "--adapter", str(adapter_dir), "--to", "lora", str(tmp_path / "lora"), "--base", str(base_dir)]
+    )
     if version.parse(peft.__version__) < version.parse("0.22"):
         assert code != 0 and not (tmp_path / "lora").exists()
         assert "as fused expert parameters" in capsys.readouterr().err

@@ -25,7 +25,6 @@ LAYER_KINDS = ["linear", "gpt2_conv1d", "conv2d", "conv1d", "conv3d", "grouped_c
 CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
-
 def make_layer(kind, dtype=torch.float32, bias=True, r=3, alpha=6.0, seed=0, d_in=16, d_out=8):
     """A PaCA layer of ``kind`` around a fresh base layer (d_in 16, d_out 8), and an input for it."""
     torch.manual_seed(seed)
@@ -95,11 +94,19 @@ def assert_matches_reference(layer, x, adapters=("default",), tol=1e-5):
 # gradcheck through the layer modules
 # ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("kind,input_shape", [("linear", (2, 3, 6)), ("linear", (4, 6)),
-                                              ("gpt2_conv1d", (2, 3, 6)), ("gpt2_conv1d", (4, 6)),
-                                              ("conv2d", (1, 6, 5, 4))],
-                         ids=["linear_3d", "linear_2d", "conv1d_3d", "conv1d_2d", "conv2d"])
+@pytest.mark.parametrize(
+    "kind,input_shape",
+    [
+        ("linear", (2, 3, 6)),
+        ("linear", (4, 6)),
+        ("gpt2_conv1d", (2, 3, 6)),
+        ("gpt2_conv1d", (4, 6)),
+        ("conv2d", (1, 6, 5, 4)),
+    ],
+    ids=["linear_3d", "linear_2d", "conv1d_3d", "conv1d_2d", "conv2d"],
+)
 def test_layer_passes_float64_gradcheck(kind, input_shape, bias):
     """float64 gradcheck of a PaCA layer w.r.t. input, delta and a trainable bias."""
     layer, _ = make_layer(kind, dtype=torch.float64, bias=bias, r=2, d_in=6, d_out=3)
@@ -128,8 +135,9 @@ def test_layer_gradients_match_dense_reference_and_base_gets_none(kind):
 
     idx, s = layer.paca_indices["default"], layer.scaling["default"]
     delta = layer.paca_delta["default"].detach()
-    w_eff = w.index_copy(layer.in_dim, idx, w.index_select(layer.in_dim, idx)
-                         + s * (delta.t() if layer.in_dim == 0 else delta)).requires_grad_(True)
+    w_eff = w.index_copy(
+        layer.in_dim, idx, w.index_select(layer.in_dim, idx) + s * (delta.t() if layer.in_dim == 0 else delta)
+    ).requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
     reference_forward(layer, xr, w_eff, base.bias.detach()).square().sum().backward()
     grad_cols = w_eff.grad.index_select(layer.in_dim, idx)
@@ -143,6 +151,7 @@ def test_layer_gradients_match_dense_reference_and_base_gets_none(kind):
 # ----------------------------------------------------------------------------------------------------
 # outputs reflect the current delta
 # ----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -235,8 +244,14 @@ def test_base_weight_reads_as_pretrained_bit_for_bit_after_forward_and_backward(
     w = base.weight.detach().clone()
     out = layer(x.requires_grad_(True))
     idx, in_dim = layer.paca_indices["default"], layer.in_dim
-    written = w.index_copy(in_dim, idx, (w.index_select(in_dim, idx) + layer.scaling["default"]
-                                          * layer._delta_in_weight_layout(layer.paca_delta["default"].detach())))
+    written = w.index_copy(
+        in_dim,
+        idx,
+        (
+            w.index_select(in_dim, idx)
+            + layer.scaling["default"] * layer._delta_in_weight_layout(layer.paca_delta["default"].detach())
+        ),
+    )
     assert torch.equal(base.weight, written)  # kept for the backward
     out.sum().backward()
     assert torch.equal(base.weight, w)
@@ -251,6 +266,7 @@ def test_base_weight_reads_as_pretrained_bit_for_bit_after_forward_and_backward(
 # ----------------------------------------------------------------------------------------------------
 # merge / unmerge / disable / several adapters
 # ----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_merge_gives_same_output_and_unmerge_restores_base_bit_for_bit(kind):
@@ -305,8 +321,9 @@ def test_a_new_adapter_selects_its_columns_from_the_pretrained_weight(kind):
     w0 = layer.state_dict()["base_layer.weight"].clone()
     layer(x.requires_grad_(True))  # its backward never runs: the columns stay written
     tuned = layer.get_base_layer().weight.detach().clone()
-    assert not torch.equal(selection.weight_norm_columns(tuned, 4, layer.in_dim),
-                           selection.weight_norm_columns(w0, 4, layer.in_dim))  # the test can tell them apart
+    assert not torch.equal(
+        selection.weight_norm_columns(tuned, 4, layer.in_dim), selection.weight_norm_columns(w0, 4, layer.in_dim)
+    )  # the test can tell them apart
     layer.update_layer("other", r=4, paca_alpha=8.0, selection_strategy="weight_norm")
     assert torch.equal(layer.paca_indices["other"], selection.weight_norm_columns(w0, 4, layer.in_dim))
 
@@ -341,14 +358,19 @@ def test_two_active_adapters_each_get_their_own_gradient(kind):
 # precision
 # ----------------------------------------------------------------------------------------------------
 
+
 def dense_reference_grads(layer, x, probe):
     """float64 (dL/dx, dL/dD) of ``loss = sum(y * probe)`` through the dense reference."""
     xr = x.detach().double().requires_grad_(True)
     d = layer.paca_delta["default"].detach().double().requires_grad_(True)
     base = layer.get_base_layer()
     shift = (d.t() if layer.in_dim == 0 else d) * layer.scaling["default"]
-    w = layer.state_dict()["base_layer.weight"].detach().double().index_add(layer.in_dim,
-                                                                              layer.paca_indices["default"], shift)
+    w = (
+        layer.state_dict()["base_layer.weight"]
+        .detach()
+        .double()
+        .index_add(layer.in_dim, layer.paca_indices["default"], shift)
+    )
     b = None if base.bias is None else base.bias.detach().double()
     (reference_forward(layer, xr, w, b) * probe.double()).sum().backward()
     return xr.grad, d.grad
@@ -445,6 +467,7 @@ def test_mps_autocast_is_seen_though_torch_s_any_autocast_flag_leaves_it_out():
 # ----------------------------------------------------------------------------------------------------
 # training dynamics on a tiny Llama
 # ----------------------------------------------------------------------------------------------------
+
 
 def _paca_llama(seed_delta=5):
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -543,8 +566,9 @@ def test_an_mbconv_block_with_a_depthwise_convolution_trains_merges_and_reloads(
     targets = ["stem", "depthwise", "pointwise", "temporal", "volume"]
     model = get_peft_model(Net(), PacaConfig(r=4, target_modules=targets))
     layers = {name.split(".")[-1]: m for name, m in model.named_modules() if isinstance(m, PacaConv)}
-    assert {n: m.r["default"] for n, m in layers.items()} == dict(stem=3, depthwise=1, pointwise=4, temporal=4,
-                                                                   volume=4)
+    assert {n: m.r["default"] for n, m in layers.items()} == dict(
+        stem=3, depthwise=1, pointwise=4, temporal=4, volume=4
+    )
     base_out = model(x).detach()
     model(x).square().mean().backward()
     assert all(m.paca_delta["default"].grad.abs().sum() > 0 for m in layers.values())
@@ -556,7 +580,9 @@ def test_an_mbconv_block_with_a_depthwise_convolution_trains_merges_and_reloads(
     with torch.no_grad():
         for name, m in layers.items():
             conv = getattr(reference, name).double()
-            conv.weight.index_add_(1, m.paca_indices["default"], m.paca_delta["default"].double() * m.scaling["default"])
+            conv.weight.index_add_(
+                1, m.paca_indices["default"], m.paca_delta["default"].double() * m.scaling["default"]
+            )
     torch.testing.assert_close(out.double(), reference.double()(x.double()), rtol=1e-4, atol=1e-4)  # fp32 chain
     model.merge_adapter()
     torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)

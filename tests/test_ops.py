@@ -16,7 +16,6 @@ from paca.ops import partial_conv, partial_linear
 SCALE = 1.75
 
 
-
 def _idx(d_in, r, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(d_in, generator=g)[:r].sort().values
@@ -43,6 +42,7 @@ def linear_case(shape_x, d_in=10, d_out=7, r=3, bias=True, transposed=False, see
 # ----------------------------------------------------------------------------------------------------
 # gradcheck
 # ----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("shape_x", [(2, 3), (4,)], ids=["3d_input", "2d_input"])
@@ -83,6 +83,7 @@ def test_partial_conv_passes_gradcheck(conv, bias):
 # against the dense reference
 # ----------------------------------------------------------------------------------------------------
 
+
 def _check_against_reference(run_op, run_dense, x, w0, b, delta, idx):
     """Output, grad_x, grad_b, grad_D of the operator equal the dense reference; W0 untouched, no grad."""
     w0_before = w0.detach().clone()
@@ -111,8 +112,15 @@ def _check_against_reference(run_op, run_dense, x, w0, b, delta, idx):
 def test_partial_linear_matches_dense_reference(shape_x, bias):
     """nn.Linear layout: y, dL/dx, dL/db equal the dense layer's; dL/dD = s * dL/dW[:, idx]; W0 gets nothing."""
     x, w0, b, delta, idx = linear_case(shape_x, bias=bias)
-    _check_against_reference(lambda x, w, b, d: partial_linear(x, w, b, d, idx, SCALE, False),
-                             lambda x, w, b: F.linear(x, w, b), x, w0, b, delta, idx)
+    _check_against_reference(
+        lambda x, w, b, d: partial_linear(x, w, b, d, idx, SCALE, False),
+        lambda x, w, b: F.linear(x, w, b),
+        x,
+        w0,
+        b,
+        delta,
+        idx,
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -145,8 +153,15 @@ def test_partial_conv_matches_dense_reference(conv, bias):
     """Conv2d: y, dL/dx, dL/db equal F.conv2d with the effective weight; dL/dD = s * dL/dW[:, idx]."""
     x, w0, b, delta, idx = conv_case(bias=bias)
     args = (conv["stride"], conv["padding"], conv["dilation"])
-    _check_against_reference(lambda x, w, b, d: partial_conv(x, w, b, d, idx, SCALE, *args),
-                             lambda x, w, b: F.conv2d(x, w, b, *args), x, w0, b, delta, idx)
+    _check_against_reference(
+        lambda x, w, b, d: partial_conv(x, w, b, d, idx, SCALE, *args),
+        lambda x, w, b: F.conv2d(x, w, b, *args),
+        x,
+        w0,
+        b,
+        delta,
+        idx,
+    )
 
 
 def test_under_torch_func_transforms_the_operator_takes_the_public_function_apply():
@@ -198,8 +213,9 @@ def test_partial_linear_on_an_input_without_tokens_gives_zero_delta_gradient():
 def test_partial_linear_low_precision_is_close_to_float64_reference(dtype):
     """In float32 / bfloat16 the operator stays within the dtype's tolerance of the float64 reference."""
     x, w0, b, delta, idx = linear_case((2, 5), d_in=32, d_out=16, r=4)
-    y = partial_linear(x.detach().to(dtype), w0.to(dtype), b.detach().to(dtype), delta.detach().float(), idx,
-                       SCALE, False)
+    y = partial_linear(
+        x.detach().to(dtype), w0.to(dtype), b.detach().to(dtype), delta.detach().float(), idx, SCALE, False
+    )
     assert y.dtype == dtype
     ref = F.linear(x.detach(), effective_weight(w0, delta.detach(), idx, SCALE, 1), b.detach())
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=6e-2)
@@ -209,6 +225,7 @@ def test_partial_linear_low_precision_is_close_to_float64_reference(dtype):
 # ----------------------------------------------------------------------------------------------------
 # what is kept for backward
 # ----------------------------------------------------------------------------------------------------
+
 
 def _saved_tensors(fn):
     saved = []
@@ -230,7 +247,8 @@ def _assert_only_selected_input_saved(saved, allowed, x, idx, channel_dim):
             continue
         assert t.shape == x_sel.shape and torch.equal(t, x_sel), (
             f"a tensor of shape {tuple(t.shape)} was saved for backward; only x[..., idx] "
-            f"{tuple(x_sel.shape)}, the layer's parameters/buffers and the indices may be")
+            f"{tuple(x_sel.shape)}, the layer's parameters/buffers and the indices may be"
+        )
         assert t.shape[channel_dim] == idx.numel() != x.shape[channel_dim]
 
 

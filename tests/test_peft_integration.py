@@ -13,11 +13,9 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 from packaging import version
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
 from paca import PacaConfig, PacaLayer, paca_layers
-
-
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,13 +48,17 @@ def linear_out_features(module):
 # targeting and trainable parameters
 # ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("r", [1, 4])
 def test_trainable_parameters_are_sum_of_d_out_times_r(arch, r):
     """get_nb_trainable_parameters / print_trainable_parameters count exactly sum(d_out * r) over tuned layers."""
     base = tiny_llama() if arch == "llama" else tiny_gpt2()
-    expected = sum(linear_out_features(m) * r for n, m in base.named_modules()
-                   if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and "lm_head" not in n)
+    expected = sum(
+        linear_out_features(m) * r
+        for n, m in base.named_modules()
+        if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and "lm_head" not in n
+    )
     model = get_peft_model(base, PacaConfig(r=r, target_modules="all-linear"))
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == expected
@@ -79,8 +81,9 @@ def test_target_modules_list_wraps_only_named_layers():
 def test_all_linear_wraps_every_linear_but_lm_head(arch):
     """'all-linear' wraps every nn.Linear / GPT-2 Conv1D except the output head."""
     base = tiny_llama() if arch == "llama" else tiny_gpt2()
-    expected = {n for n, m in base.named_modules()
-                if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"}
+    expected = {
+        n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+    } - {"lm_head"}
     model = get_peft_model(base, PacaConfig(r=2, target_modules="all-linear"))
     assert set(paca_layers(model)) == expected
     assert not isinstance(model.base_model.model.lm_head, PacaLayer)
@@ -89,13 +92,16 @@ def test_all_linear_wraps_every_linear_but_lm_head(arch):
 def test_default_targets_are_lora_defaults_for_the_architecture():
     """target_modules unset: the architecture's usual LoRA targets (q_proj and v_proj for Llama)."""
     model = get_peft_model(tiny_llama(), PacaConfig(r=2))
-    assert set(paca_layers(model)) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    assert set(paca_layers(model)) == {
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    }
 
 
 def test_exclude_modules_are_left_alone():
     """exclude_modules removes matching layers from the targets."""
-    model = get_peft_model(tiny_llama(), PacaConfig(r=2, target_modules="all-linear",
-                                                    exclude_modules=["down_proj", "k_proj"]))
+    model = get_peft_model(
+        tiny_llama(), PacaConfig(r=2, target_modules="all-linear", exclude_modules=["down_proj", "k_proj"])
+    )
     names = set(paca_layers(model))
     assert names and not any(n.endswith(("down_proj", "k_proj")) for n in names)
     assert len(names) == 2 * (len(LLAMA_LINEAR) - 2)
@@ -103,8 +109,9 @@ def test_exclude_modules_are_left_alone():
 
 def test_layers_to_transform_limits_tuning_to_given_blocks():
     """layers_to_transform=[1] (layers_pattern 'layers') tunes only block 1."""
-    model = get_peft_model(tiny_llama(), PacaConfig(r=2, target_modules=LLAMA_LINEAR, layers_to_transform=[1],
-                                                    layers_pattern="layers"))
+    model = get_peft_model(
+        tiny_llama(), PacaConfig(r=2, target_modules=LLAMA_LINEAR, layers_to_transform=[1], layers_pattern="layers")
+    )
     names = set(paca_layers(model))
     assert len(names) == len(LLAMA_LINEAR) and all(n.startswith("model.layers.1.") for n in names)
 
@@ -120,11 +127,15 @@ def test_fresh_adapter_leaves_outputs_unchanged(token_ids):
 # several adapters
 # ----------------------------------------------------------------------------------------------------
 
+
 def _single_adapter_logits(config, source, adapter, token_ids):
     """Logits of a fresh model carrying only ``adapter``'s deltas copied from ``source``."""
     single = get_peft_model(tiny_llama(), config)
-    wanted = {n.replace(f".{adapter}", ".default"): p for n, p in source.named_parameters()
-              if n.endswith(f"paca_delta.{adapter}")}
+    wanted = {
+        n.replace(f".{adapter}", ".default"): p
+        for n, p in source.named_parameters()
+        if n.endswith(f"paca_delta.{adapter}")
+    }
     with torch.no_grad():
         for n, p in single.named_parameters():
             if "paca_delta" in n:
@@ -157,8 +168,9 @@ def test_mixed_adapter_batch_gives_each_row_its_own_adapter(token_ids):
     names and merged adapters are refused."""
     # PEFT's modules_to_save wrapper needs every named adapter to have its copy: both train the head.
     cfg_a = PacaConfig(r=4, target_modules=["q_proj", "v_proj"], seed=1, modules_to_save=["lm_head"])
-    cfg_b = PacaConfig(r=2, paca_alpha=4.0, target_modules=["v_proj", "down_proj"], seed=2,
-                       modules_to_save=["lm_head"])
+    cfg_b = PacaConfig(
+        r=2, paca_alpha=4.0, target_modules=["v_proj", "down_proj"], seed=2, modules_to_save=["lm_head"]
+    )
     model = get_peft_model(tiny_llama(), cfg_a)
     model.add_adapter("b", cfg_b)
     randomize_deltas(model, seed=5, std=0.3)
@@ -209,6 +221,7 @@ def test_delete_adapter_removes_its_state_and_keeps_the_other(token_ids):
 # ----------------------------------------------------------------------------------------------------
 # disable / merge / unmerge / unload
 # ----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -277,8 +290,15 @@ def test_unload_restores_base_model_bit_for_bit(merge_first, token_ids):
 def tiny_roberta_classifier():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           vocab_size=64, max_position_embeddings=64, num_labels=3)
+    config = RobertaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     return RobertaForSequenceClassification(config).eval()
 
@@ -333,8 +353,11 @@ def test_safe_merge_of_a_broken_adapter_says_what_peft_methods_say_and_leaves_th
     weight = layer.get_base_layer().weight.detach().clone()
     with torch.no_grad():
         layer.paca_delta["default"][0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"NaNs detected in the merged weights\. The adapter default seems to be "
-                                         r"broken \(module 'model\.layers\.1\.self_attn\.v_proj'"):
+    with pytest.raises(
+        ValueError,
+        match=r"NaNs detected in the merged weights\. The adapter default seems to be "
+        r"broken \(module 'model\.layers\.1\.self_attn\.v_proj'",
+    ):
         model.merge_adapter(safe_merge=True)
     assert not layer.merged and torch.equal(layer.get_base_layer().weight, weight)
 
@@ -352,6 +375,7 @@ def test_layers_report_in_and_out_features_of_their_base(arch):
 # ----------------------------------------------------------------------------------------------------
 # transformers integration
 # ----------------------------------------------------------------------------------------------------
+
 
 def test_transformers_load_adapter_on_plain_model_matches_peft_model(tmp_path, token_ids):
     """transformers' model.load_adapter(dir) on a plain model gives the PeftModel's outputs."""
@@ -373,10 +397,22 @@ def _trainer(model, out_dir, max_steps):
 
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 8), generator=g)]
-    args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=2,
-                             learning_rate=5e-2, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
-                             logging_steps=1, seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                             lr_scheduler_type="linear", weight_decay=0.01)
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=5e-2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+    )
     return Trainer(model=model, args=args, train_dataset=data)
 
 
@@ -404,10 +440,16 @@ def test_mamba_layers_its_fused_kernel_reads_directly_are_named_and_train_on_the
     from transformers import MambaConfig, MambaForCausalLM
 
     torch.manual_seed(0)
-    base = MambaForCausalLM(MambaConfig(hidden_size=32, state_size=4, num_hidden_layers=2, vocab_size=64,
-                                        intermediate_size=64, time_step_rank=4))
-    with pytest.warns(UserWarning, match=r"Mamba's fused CUDA path .* 4 tuned layer\(s\) \(e\.g\. "
-                                         r"'backbone\.layers\.0\.mixer\.x_proj'\)"):
+    base = MambaForCausalLM(
+        MambaConfig(
+            hidden_size=32, state_size=4, num_hidden_layers=2, vocab_size=64, intermediate_size=64, time_step_rank=4
+        )
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"Mamba's fused CUDA path .* 4 tuned layer\(s\) \(e\.g\. "
+        r"'backbone\.layers\.0\.mixer\.x_proj'\)",
+    ):
         model = get_peft_model(base, PacaConfig(r=2, target_modules=["in_proj", "x_proj", "out_proj"]))
     ids = torch.randint(0, 64, (1, 8))
     model(input_ids=ids, labels=ids).loss.backward()

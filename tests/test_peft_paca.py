@@ -15,12 +15,11 @@ import textwrap
 import peft
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 from peft import PeftModel, get_peft_model
 
 import paca
 from paca.tuner.config import PEFT_HAS_PACA
-
-from conftest import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.skipif(not PEFT_HAS_PACA, reason="peft < 0.22 has no PaCA of its own")
 
@@ -70,8 +69,16 @@ def test_same_config_selects_the_same_columns_as_peft(random_seed):
 
 def test_paca_indices_pattern_gives_peft_columns_and_scale():
     pattern = {"model.layers.0.self_attn.q_proj": [5, 1, 3], "down_proj": [0, 2, 4, 6, 8]}
-    theirs, ours = _pair(dict(r=2, paca_alpha=6, target_modules="all-linear", random_seed=0,
-                              paca_indices_pattern=pattern, init_weights=False))
+    theirs, ours = _pair(
+        dict(
+            r=2,
+            paca_alpha=6,
+            target_modules="all-linear",
+            random_seed=0,
+            paca_indices_pattern=pattern,
+            init_weights=False,
+        )
+    )
     a, b = _tuned(theirs), _tuned(ours)
     for name in a:
         assert torch.equal(a[name].paca_indices["default"], b[name].paca_indices["default"]), name
@@ -163,8 +170,9 @@ def test_several_active_adapters_sum_overlapping_columns_as_peft_does():
         model.add_adapter("other", type(model.peft_config["default"])(**dict(kwargs, random_seed=1)))
         model.base_model.set_adapter(["default", "other"])
     a, b = _tuned(theirs), _tuned(ours)
-    overlapping = sum(len(set(m.paca_indices["default"].tolist()) & set(m.paca_indices["other"].tolist()))
-                      for m in b.values())
+    overlapping = sum(
+        len(set(m.paca_indices["default"].tolist()) & set(m.paca_indices["other"].tolist())) for m in b.values()
+    )
     assert overlapping > 0
     for name in a:
         for adapter in ("default", "other"):
@@ -227,8 +235,9 @@ def test_adapter_files_load_both_ways_with_plain_peft(tmp_path):
     get_peft_model(gpt2, paca.PacaConfig(r=2, target_modules=["c_attn"])).save_pretrained(tmp_path / "gpt2_paca")
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(tmp_path)], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     # paca's nn.Linear adapter in plain PEFT: the same logits.
     torch.testing.assert_close(torch.load(tmp_path / "plain_peft_logits.pt"), paca_logits, atol=1e-5, rtol=0)
@@ -242,8 +251,9 @@ def test_adapter_files_load_both_ways_with_plain_peft(tmp_path):
 
 
 def test_transformers_load_adapter_and_add_adapter_with_paca_adapters(tmp_path):
-    model = get_peft_model(tiny_llama(), paca.PacaConfig(r=2, target_modules=["q_proj", "v_proj"], random_seed=1,
-                                                         init_weights=False))
+    model = get_peft_model(
+        tiny_llama(), paca.PacaConfig(r=2, target_modules=["q_proj", "v_proj"], random_seed=1, init_weights=False)
+    )
     model.save_pretrained(tmp_path)
     x = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -282,15 +292,17 @@ def test_qpaca_adapter_loads_in_plain_peft_with_the_same_logits(tmp_path):
     quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantized, device_map="cpu")
     torch.manual_seed(0)
-    ours = get_peft_model(base, paca.PacaConfig(r=4, target_modules=["q_proj", "v_proj"], random_seed=0,
-                                                init_weights=False)).eval()
+    ours = get_peft_model(
+        base, paca.PacaConfig(r=4, target_modules=["q_proj", "v_proj"], random_seed=0, init_weights=False)
+    ).eval()
     x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.save(x, tmp_path / "x.pt")
     ours.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = ours(x).logits
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", PLAIN_PEFT_4BIT, str(tmp_path)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT_4BIT, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "plain_peft_logits.pt"), expected, atol=1e-5, rtol=0)

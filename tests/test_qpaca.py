@@ -24,7 +24,6 @@ bnb = pytest.importorskip("bitsandbytes")
 HIDDEN = 64  # intermediate 128, 4 heads of 16, 2 kv heads
 
 
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny Llama (hidden 64, GQA) saved in float32: the '16-bit' checkpoint the 4-bit model is loaded from.
@@ -38,8 +37,12 @@ def base_dir(tmp_path_factory):
 
 
 def load_4bit(path, compute_dtype=torch.float32, double_quant=False):
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                                bnb_4bit_use_double_quant=double_quant)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+    )
     return LlamaForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
 
 
@@ -55,11 +58,14 @@ def paca_4bit_layers(model):
     return {m.layer_name: m for m in model.modules() if isinstance(m, PacaLinear4bit)}
 
 
-@pytest.mark.parametrize("compute_dtype,double_quant,tol", [(torch.float32, False, 1e-5), (torch.float32, True, 1e-5),
-                                                            (torch.bfloat16, False, 3e-2)])
+@pytest.mark.parametrize(
+    "compute_dtype,double_quant,tol",
+    [(torch.float32, False, 1e-5), (torch.float32, True, 1e-5), (torch.bfloat16, False, 3e-2)],
+)
 def test_layer_output_and_gradients_match_dense_reference(base_dir, compute_dtype, double_quant, tol):
-    model = get_peft_model(load_4bit(base_dir, compute_dtype, double_quant),
-                           PacaConfig(r=3, paca_alpha=6.0, target_modules=["o_proj"]))
+    model = get_peft_model(
+        load_4bit(base_dir, compute_dtype, double_quant), PacaConfig(r=3, paca_alpha=6.0, target_modules=["o_proj"])
+    )
     randomize_deltas(model)
     layer = paca_4bit_layers(model)["model.layers.0.self_attn.o_proj"]
     delta, idx, scale = layer.paca_delta["default"], layer.paca_indices["default"], layer.scaling["default"]
@@ -131,8 +137,15 @@ def tuned_layer_bytes(model):
 
 def test_memory_footprint_grows_by_the_deltas_only_and_stays_about_4bit(tmp_path):
     # Wider than the shared tiny model so the ratios mean something: hidden 256, r 4 (the paper uses 8 of 4096).
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     quantized = load_4bit(str(tmp_path))
@@ -191,8 +204,10 @@ def test_merge_is_exact_and_never_requantizes(base_dir, token_ids):
 
 
 def test_export_merged_is_16bit_and_lora_export_reproduces_qpaca(base_dir, tmp_path, token_ids):
-    model = get_peft_model(load_4bit(base_dir), PacaConfig(r=2, paca_alpha=4.0, target_modules=["o_proj", "up_proj"],
-                                                                   task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_4bit(base_dir),
+        PacaConfig(r=2, paca_alpha=4.0, target_modules=["o_proj", "up_proj"], task_type="CAUSAL_LM"),
+    )
     randomize_deltas(model)
     model.train()  # train mode: bitsandbytes' eval-mode CPU kernel rounds the LoRA base's scales
     expected = model(input_ids=token_ids).logits
@@ -233,6 +248,7 @@ def test_training_step_changes_only_the_deltas(base_dir, token_ids):
 
 
 # -- bad input -----------------------------------------------------------------------------------------
+
 
 def test_8bit_and_other_quantization_are_refused_by_name():
     model = tiny_llama()
@@ -302,8 +318,9 @@ def test_an_already_repacked_4bit_weight_is_refused_by_name(base_dir):
 def test_selection_on_a_4bit_base_reads_the_dequantized_weight(base_dir):
     from paca import select_by_gradient
 
-    model = get_peft_model(load_4bit(base_dir), PacaConfig(r=3, target_modules=["o_proj", "down_proj"],
-                                                           selection="weight_norm"))
+    model = get_peft_model(
+        load_4bit(base_dir), PacaConfig(r=3, target_modules=["o_proj", "down_proj"], selection="weight_norm")
+    )
     for name, layer in paca_4bit_layers(model).items():
         norms = layer.dequantized_weight().norm(dim=0)  # (d_in,)
         assert torch.equal(layer.paca_indices["default"], norms.topk(3).indices.sort().values), name
@@ -311,7 +328,9 @@ def test_selection_on_a_4bit_base_reads_the_dequantized_weight(base_dir):
     chosen = select_by_gradient(model, [{"input_ids": ids, "labels": ids}], steps=1)
     assert chosen.keys() == paca_4bit_layers(model).keys()
 
-    structured = get_peft_model(load_4bit(base_dir), PacaConfig(r=16, target_modules=["o_proj"], selection="structured"))
+    structured = get_peft_model(
+        load_4bit(base_dir), PacaConfig(r=16, target_modules=["o_proj"], selection="structured")
+    )
     for layer in paca_4bit_layers(structured).values():
         idx = layer.paca_indices["default"]  # one whole head of 16 columns (hidden 64, 4 heads)
         assert idx[0] % 16 == 0 and torch.equal(idx, idx[0] + torch.arange(16))

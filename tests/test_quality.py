@@ -12,22 +12,36 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
-from quality_protocol import (ValidationScore, choose_learning_rate, grid_learning_rate,  # noqa: E402
-                              search_learning_rate, stratified_splits, tune_and_test)
+from quality_protocol import (
+    ValidationScore,
+    choose_learning_rate,
+    grid_learning_rate,  # noqa: E402
+    search_learning_rate,
+    stratified_splits,
+    tune_and_test,
+)
 from quality_train import METHODS, TrainSettings, build_model, train_run, trainable_parameters  # noqa: E402
 
 torch.set_num_threads(1)
 
-WORDS = ("good great fine bad awful dull film plot actor scene space orbit god faith moon belief the a is and "
-         "of it").split()
+WORDS = (
+    "good great fine bad awful dull film plot actor scene space orbit god faith moon belief the a is and of it"
+).split()
 
 
 def tiny_bert(vocab_size: int = 5 + len(WORDS), seed: int = 0):
     """A randomly initialised two-way BERT classifier: hidden 32, one layer, two heads (no download)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=80, num_labels=2)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        num_labels=2,
+    )
     torch.manual_seed(seed)
     return BertForSequenceClassification(config)
 
@@ -87,12 +101,15 @@ def test_ties_in_validation_accuracy_go_to_the_lower_validation_loss():
     assert choose_learning_rate(scores) == 1e-3
 
 
-@pytest.mark.parametrize("best_step, tried, on_edge", [
-    (-6, (-7, -6, -5), False),            # interior at once: three runs
-    (-8, (-9, -8, -7, -6, -5), False),    # below the grid: extended until interior
-    (-10, (-9, -8, -7, -6, -5), True),    # past the extension limit: reported as on the edge
-    (-3, (-7, -6, -5, -4, -3), True),
-])
+@pytest.mark.parametrize(
+    "best_step, tried, on_edge",
+    [
+        (-6, (-7, -6, -5), False),  # interior at once: three runs
+        (-8, (-9, -8, -7, -6, -5), False),  # below the grid: extended until interior
+        (-10, (-9, -8, -7, -6, -5), True),  # past the extension limit: reported as on the edge
+        (-3, (-7, -6, -5, -4, -3), True),
+    ],
+)
 def test_grid_extends_past_an_edge_choice_and_flags_what_stays_there(best_step, tried, on_edge):
     best = grid_learning_rate(best_step)
     search = search_learning_rate(-6, lambda lr: ValidationScore(1 - abs(math.log10(lr / best)), 0.0))
@@ -125,11 +142,23 @@ def test_every_method_starts_from_the_same_head_and_adapters_tune_the_same_layer
     heads, tuned = {}, {}
     for name, method in METHODS.items():
         model = build_model(method, base, seed=5)
-        heads[name] = next(p for n, p in model.named_parameters() if n.endswith("classifier.weight")
-                           or n.endswith("classifier.modules_to_save.default.weight")).detach().clone()
+        heads[name] = (
+            next(
+                p
+                for n, p in model.named_parameters()
+                if n.endswith("classifier.weight") or n.endswith("classifier.modules_to_save.default.weight")
+            )
+            .detach()
+            .clone()
+        )
         if method.kind in ("paca", "lora", "dora"):
-            tuned[name] = sorted({n.split(".paca_")[0].split(".lora_")[0] for n, _ in model.named_parameters()
-                                  if ".paca_" in n or ".lora_" in n})
+            tuned[name] = sorted(
+                {
+                    n.split(".paca_")[0].split(".lora_")[0]
+                    for n, _ in model.named_parameters()
+                    if ".paca_" in n or ".lora_" in n
+                }
+            )
     assert all(torch.equal(h, heads["head"]) for h in heads.values())
     assert not torch.equal(build_model(METHODS["head"], base, seed=6).classifier.weight, heads["head"])
     layers = list(tuned.values())
@@ -162,8 +191,28 @@ def test_the_command_runs_end_to_end_on_real_text_and_writes_its_report(tmp_path
 
     _save_tiny_model(str(tmp_path))
     out = tmp_path / "out"
-    quality.main(["--model", str(tmp_path), "--per-class", "6", "--epochs", "1", "--folds", "2", "--seeds", "0",
-                  "--methods", "head", "paca-r16", "lora-r8", "--max-length", "16", "--out", str(out)])
+    quality.main(
+        [
+            "--model",
+            str(tmp_path),
+            "--per-class",
+            "6",
+            "--epochs",
+            "1",
+            "--folds",
+            "2",
+            "--seeds",
+            "0",
+            "--methods",
+            "head",
+            "paca-r16",
+            "lora-r8",
+            "--max-length",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     records = json.loads((out / "records.json").read_text())["records"]
     assert len(records) == 2 * 2 * 3  # folds x tasks x methods
@@ -176,10 +225,26 @@ def test_the_command_runs_end_to_end_on_real_text_and_writes_its_report(tmp_path
 def test_a_report_of_an_interrupted_study_says_it_is_partial(tmp_path):
     import quality
 
-    record = {"task": "polarity", "seed": 0, "fold": 0, "method": "lora-r8", "learning_rate": 1e-3, "on_edge": False,
-              "test_accuracy": 0.8, "trainable": 10, "runs": [{"learning_rate": 1e-3, "validation_accuracy": 0.7,
-                                                               "validation_loss": 0.5, "test_accuracy": 0.8,
-                                                               "epoch_seconds": 1.0, "step_seconds": 0.1}]}
+    record = {
+        "task": "polarity",
+        "seed": 0,
+        "fold": 0,
+        "method": "lora-r8",
+        "learning_rate": 1e-3,
+        "on_edge": False,
+        "test_accuracy": 0.8,
+        "trainable": 10,
+        "runs": [
+            {
+                "learning_rate": 1e-3,
+                "validation_accuracy": 0.7,
+                "validation_loss": 0.5,
+                "test_accuracy": 0.8,
+                "epoch_seconds": 1.0,
+                "step_seconds": 0.1,
+            }
+        ],
+    }
     assert quality.report(str(tmp_path), [record], planned_records=4).startswith("PARTIAL: 1 of 4")
 
 
@@ -196,6 +261,8 @@ def test_real_text_loads_balanced_and_without_the_headers_that_name_the_group():
 def test_post_body_keeps_the_authors_words_only():
     import quality_data
 
-    post = ("From: a@b\nNewsgroups: sci.space\nSubject: orbits\n\nIn article <1@x> c@d writes:\n> quoted text\n"
-            "My own words\nabout orbits.\n")
+    post = (
+        "From: a@b\nNewsgroups: sci.space\nSubject: orbits\n\nIn article <1@x> c@d writes:\n> quoted text\n"
+        "My own words\nabout orbits.\n"
+    )
     assert quality_data.post_body(post) == "My own words about orbits."

@@ -16,8 +16,6 @@ from safetensors.torch import load_file
 from paca import PacaConfig, paca_layers
 from paca.selection import random_columns
 
-
-
 MAKE = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
@@ -66,8 +64,9 @@ def test_saved_file_holds_only_deltas_and_indices_of_expected_size(tmp_path, arc
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True], ids=["", "low_cpu_mem_usage"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_loaded_adapter_gives_equal_outputs_right_after_from_pretrained(tmp_path, arch, mode, low_cpu_mem_usage,
-                                                                        token_ids):
+def test_loaded_adapter_gives_equal_outputs_right_after_from_pretrained(
+    tmp_path, arch, mode, low_cpu_mem_usage, token_ids
+):
     """PeftModel.from_pretrained on a fresh base (also with low_cpu_mem_usage, adapters built on meta):
     outputs equal the saved model's at once (no merge, no optimizer step)."""
     model = get_peft_model(MAKE[arch](), PacaConfig(r=4, target_modules="all-linear")).eval()
@@ -138,6 +137,7 @@ def test_loading_uses_saved_indices_not_a_new_selection(tmp_path, token_ids):
 
 def test_indices_are_reproducible_from_seed_and_layer_name():
     """Same seed -> same columns in every layer; another seed -> other columns; layers differ from each other."""
+
     def indices(seed):
         m = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", seed=seed))
         return {n: layer.paca_indices["default"].clone() for n, layer in paca_layers(m).items()}
@@ -162,8 +162,7 @@ def transformers_peft_integration_or_skip():
 
     needed = getattr(integration, "MIN_PEFT_VERSION", "0")
     if Version(peft.__version__) < Version(needed):
-        pytest.skip(f"transformers' add_adapter requires peft >= {needed}; peft {peft.__version__} "
-                    "is installed")
+        pytest.skip(f"transformers' add_adapter requires peft >= {needed}; peft {peft.__version__} is installed")
 
 
 def test_transformers_add_adapter_selects_the_same_columns_as_get_peft_model():

@@ -20,7 +20,6 @@ from paca import PacaConfig, paca_layers, select_by_gradient
 from paca.selection import random_columns
 
 
-
 def indices(model, adapter="default"):
     return {name: layer.paca_indices[adapter].clone() for name, layer in paca_layers(model).items()}
 
@@ -31,6 +30,7 @@ def calibration_batches(n=4, seed=5):
 
 
 # -- random, weight_norm --------------------------------------------------------------------------------
+
 
 def test_random_is_seeded_per_layer_and_reproducible():
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", seed=7))
@@ -57,11 +57,11 @@ def test_weight_norm_picks_the_largest_column_norms(model_fn):
 
 # -- gradient -------------------------------------------------------------------------------------------
 
+
 def reference_gradient_scores(batches, steps):
     """sum_steps sum_i (dL/dW_ij)^2 with plain autograd on the dense weights of a fresh model."""
     model = tiny_llama()
-    weights = {n.removesuffix(".weight"): p for n, p in model.named_parameters()
-               if n.endswith("proj.weight")}
+    weights = {n.removesuffix(".weight"): p for n, p in model.named_parameters() if n.endswith("proj.weight")}
     scores = {n: torch.zeros(p.shape[1]) for n, p in weights.items()}
     for batch in batches[:steps]:
         model.zero_grad()
@@ -92,26 +92,32 @@ def test_accumulated_micro_batches_score_like_the_joined_batch():
         labels[0, :7] = -100  # the first half counts fewer tokens: a plain mean of halves would weight it wrong
         joined.append({"input_ids": ids, "labels": labels})
     halves = [{k: v[rows] for k, v in batch.items()} for batch in joined for rows in (slice(0, 2), slice(2, 4))]
-    whole = select_by_gradient(get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")),
-                               joined, steps=3)
-    accumulated = select_by_gradient(get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")),
-                                     halves, steps=3, accumulate=2)
-    unweighted = select_by_gradient(get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")),
-                                     halves, steps=6)  # each half squared on its own: a different score
+    whole = select_by_gradient(
+        get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")), joined, steps=3
+    )
+    accumulated = select_by_gradient(
+        get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")), halves, steps=3, accumulate=2
+    )
+    unweighted = select_by_gradient(
+        get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear")), halves, steps=6
+    )  # each half squared on its own: a different score
     assert all(torch.equal(whole[name], accumulated[name]) for name in whole)
     assert any(not torch.equal(whole[name], unweighted[name]) for name in whole)
 
 
 def test_select_by_gradient_updates_nothing_and_leaves_grads_alone():
-    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules=["q_proj", "down_proj"],
-                                                    selection="gradient", modules_to_save=["lm_head"]))
+    model = get_peft_model(
+        tiny_llama(),
+        PacaConfig(r=4, target_modules=["q_proj", "down_proj"], selection="gradient", modules_to_save=["lm_head"]),
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     select_by_gradient(model, calibration_batches(2), steps=2)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
         assert p.grad is None, n
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in before if "paca_delta" in n
-                                                                           or "modules_to_save" in n}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n in before if "paca_delta" in n or "modules_to_save" in n
+    }
 
 
 def test_gradient_indices_are_saved_and_loading_does_not_reselect(tmp_path):
@@ -140,10 +146,19 @@ def test_select_by_gradient_bad_input():
 
 # -- structured -----------------------------------------------------------------------------------------
 
+
 def gqa_llama(head_dim=None):
     """Llama with 4 query heads, 2 KV heads; ``head_dim`` may differ from hidden / heads (as in Qwen3, Gemma)."""
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=head_dim, vocab_size=64, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
@@ -156,8 +171,9 @@ def assert_whole_blocks(idx, block):
 
 @pytest.mark.parametrize("head_dim", [None, 16])
 def test_structured_picks_whole_heads_of_attention_output(head_dim):
-    model = get_peft_model(gqa_llama(head_dim), PacaConfig(r=16, target_modules=["o_proj", "down_proj"],
-                                                           selection="structured"))
+    model = get_peft_model(
+        gqa_llama(head_dim), PacaConfig(r=16, target_modules=["o_proj", "down_proj"], selection="structured")
+    )
     hd = head_dim or 8
     for name, layer in paca_layers(model).items():
         idx = layer.paca_indices["default"]
@@ -171,8 +187,9 @@ def test_structured_picks_whole_heads_of_attention_output(head_dim):
 
 def test_structured_rounds_r_to_whole_heads_and_keeps_the_scale(token_ids):
     with pytest.warns(UserWarning, match=r"r=12 is rounded to 2 head\(s\) = 16 columns"):
-        model = get_peft_model(gqa_llama(), PacaConfig(r=12, paca_alpha=24.0, target_modules=["o_proj"],
-                                                       selection="structured"))
+        model = get_peft_model(
+            gqa_llama(), PacaConfig(r=12, paca_alpha=24.0, target_modules=["o_proj"], selection="structured")
+        )
     for layer in paca_layers(model).values():
         assert layer.r["default"] == 16 and layer.paca_delta["default"].shape == (32, 16)
         assert layer.scaling["default"] == 24.0 / 12  # the config's per-column scale
@@ -182,15 +199,18 @@ def test_structured_rounds_r_to_whole_heads_and_keeps_the_scale(token_ids):
 def test_structured_on_gpt2_and_fallback_for_hidden_input_layers():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        model = get_peft_model(tiny_gpt2(), PacaConfig(r=8, target_modules=["c_attn", "c_proj"], random_seed=0,
-                                                       selection="structured"))
+        model = get_peft_model(
+            tiny_gpt2(), PacaConfig(r=8, target_modules=["c_attn", "c_proj"], random_seed=0, selection="structured")
+        )
     fallback = [w for w in caught if "'c_attn' layers read the hidden state" in str(w.message)]
     assert len(fallback) == 1 and "chosen at random" in str(fallback[0].message)  # once, not once per block
     layers = paca_layers(model)
     assert_whole_blocks(layers["transformer.h.0.attn.c_proj"].paca_indices["default"], 8)  # n_embd 32 / 4 heads
     assert layers["transformer.h.0.mlp.c_proj"].in_features == 128  # FFN down: channels
-    assert torch.equal(layers["transformer.h.0.attn.c_attn"].paca_indices["default"],
-                       random_columns(32, 8, 0, "transformer.h.0.attn.c_attn"))
+    assert torch.equal(
+        layers["transformer.h.0.attn.c_attn"].paca_indices["default"],
+        random_columns(32, 8, 0, "transformer.h.0.attn.c_attn"),
+    )
 
 
 def test_structured_indices_survive_save_and_load(tmp_path, token_ids):
@@ -210,7 +230,9 @@ def test_structured_without_attention_layout_is_a_clear_error():
             self.o_proj = torch.nn.Linear(16, 16)
 
     model = torch.nn.Sequential(Attention())
-    with pytest.raises(ValueError, match=r"module '0.o_proj': selection='structured' cannot find the attention layout"):
+    with pytest.raises(
+        ValueError, match=r"module '0.o_proj': selection='structured' cannot find the attention layout"
+    ):
         get_peft_model(model, PacaConfig(r=4, target_modules=["o_proj"], selection="structured"))
 
     llama = gqa_llama()

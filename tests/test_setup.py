@@ -38,8 +38,11 @@ def project_requirements() -> list[Requirement]:
 def test_every_locked_distribution_is_installed_at_its_locked_version():
     lock = lock_tool()
     locked, installed = lock.read_lock(LOCK), lock.installed()
-    wrong = {name: (version, installed.get(name, "missing")) for name, version in locked.items()
-             if installed.get(name) != version}
+    wrong = {
+        name: (version, installed.get(name, "missing"))
+        for name, version in locked.items()
+        if installed.get(name) != version
+    }
     assert not wrong, f"installed != constraints.txt (locked, installed): {wrong}; run `make test` to rebuild .venv"
 
 
@@ -49,8 +52,9 @@ def test_the_lock_pins_each_dependency_within_its_declared_range():
     for requirement in project_requirements():
         name = lock.canonical(requirement.name)
         assert name in locked, f"{name} is a dependency in pyproject.toml but constraints.txt does not pin it"
-        assert requirement.specifier.contains(locked[name], prereleases=True), \
+        assert requirement.specifier.contains(locked[name], prereleases=True), (
             f"constraints.txt pins {name}=={locked[name]}, outside pyproject.toml's '{requirement}'"
+        )
     assert locked["torch"] == "2.13.0"  # the local CPU wheel; any other version pulls several GB of CUDA packages
 
 
@@ -65,16 +69,25 @@ def test_the_core_admits_the_versions_axolotl_pins_and_only_the_train_extra_asks
     for line in project["dependencies"] + extras["quant"] + extras["test"]:
         requirement = Requirement(line)
         name = lock.canonical(requirement.name)
-        assert name in pins and requirement.specifier.contains(pins[name], prereleases=True), \
+        assert name in pins and requirement.specifier.contains(pins[name], prereleases=True), (
             f"'{requirement}' excludes axolotl's {name}=={pins.get(name, 'missing')} (constraints-axolotl.txt)"
-    too_old = [line for line in extras["train"]
-               if not Requirement(line).specifier.contains(pins[lock.canonical(Requirement(line).name)])]
+        )
+    too_old = [
+        line
+        for line in extras["train"]
+        if not Requirement(line).specifier.contains(pins[lock.canonical(Requirement(line).name)])
+    ]
     assert too_old, "the train extra admits axolotl's set: docs/TRAINING.md's 'From axolotl' says it does not"
 
 
 def test_a_command_starts_without_third_party_noise():
-    done = subprocess.run([sys.executable, "-m", "paca", "--help"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "paca", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0 and done.stdout.startswith("usage: paca")
     assert done.stderr == ""
 
@@ -86,7 +99,11 @@ def test_the_noise_filter_drops_only_the_known_bitsandbytes_line():
         return logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, __file__, 1, message, None, None)
 
     keep = _MissingKernelsPackage().filter
-    assert not keep(record("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. "
-                           "Please make sure you already `pip install kernels` and the kernels >= 0.11.1"))
+    assert not keep(
+        record(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. "
+            "Please make sure you already `pip install kernels` and the kernels >= 0.11.1"
+        )
+    )
     assert keep(record("Failed to load CPU gemm_4bit_forward from kernels-community: HTTP 404"))  # a real failure
     assert keep(record("some other bitsandbytes warning"))

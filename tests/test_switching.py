@@ -16,11 +16,11 @@ from peft import PeftModel, get_peft_model
 from paca import PacaConfig, add_weighted_adapter, paca_layers, switch_adapter
 
 
-
 def trained_adapter(tmp_path, name, seed, r=4, target_modules=("q_proj", "o_proj", "down_proj"), model_fn=tiny_llama):
     """Save an adapter with random deltas (a stand-in for training) and return its directory and own logits fn."""
-    model = get_peft_model(model_fn(), PacaConfig(r=r, paca_alpha=2.0 * r, target_modules=list(target_modules),
-                                                  seed=seed))
+    model = get_peft_model(
+        model_fn(), PacaConfig(r=r, paca_alpha=2.0 * r, target_modules=list(target_modules), seed=seed)
+    )
     g = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -61,7 +61,9 @@ def test_switching_on_a_4bit_base(tmp_path, token_ids):
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    wide = functools.partial(tiny_llama, hidden=64)  # 4-bit layer widths a multiple of 32, as bitsandbytes' CPU kernel needs
+    wide = functools.partial(
+        tiny_llama, hidden=64
+    )  # 4-bit layer widths a multiple of 32, as bitsandbytes' CPU kernel needs
     wide().save_pretrained(tmp_path / "base")
 
     def load_4bit():
@@ -71,8 +73,9 @@ def test_switching_on_a_4bit_base(tmp_path, token_ids):
     model, a, b = two_adapters(tmp_path, model_fn=load_4bit, trained_on=wide)
     for name, path in [("a", a), ("b", b), ("a", a)]:
         switch_adapter(model, name)
-        torch.testing.assert_close(model(input_ids=token_ids).logits, own_logits(load_4bit, path, token_ids),
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            model(input_ids=token_ids).logits, own_logits(load_4bit, path, token_ids), atol=0, rtol=0
+        )
 
 
 def dense_reference_logits(paths, weights, token_ids):
@@ -94,8 +97,11 @@ def test_weighted_combination_equals_the_dense_reference(tmp_path, token_ids, ov
     model = PeftModel.from_pretrained(tiny_llama(), a, adapter_name="a")
     model.load_adapter(b, adapter_name="b")
     layers = paca_layers(model)
-    shared = [torch.isin(m.paca_indices["a"], m.paca_indices["b"]).any() for m in layers.values()
-              if "a" in m.paca_delta and "b" in m.paca_delta]
+    shared = [
+        torch.isin(m.paca_indices["a"], m.paca_indices["b"]).any()
+        for m in layers.values()
+        if "a" in m.paca_delta and "b" in m.paca_delta
+    ]
     assert any(shared) == overlap
 
     model.add_weighted_adapter(["a", "b"], [0.7, -1.5], "mix")
@@ -113,8 +119,9 @@ def test_weighted_combination_of_one_adapter_scales_it(tmp_path, token_ids):
     model = PeftModel.from_pretrained(tiny_llama(), a, adapter_name="a")
     add_weighted_adapter(model, ["a"], [0.5], "scaled")
     model.set_adapter("scaled")
-    torch.testing.assert_close(model(input_ids=token_ids).logits, dense_reference_logits([a], [0.5], token_ids),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(input_ids=token_ids).logits, dense_reference_logits([a], [0.5], token_ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_bad_adapter_names(tmp_path):

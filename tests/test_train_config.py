@@ -26,9 +26,11 @@ def test_no_arguments_is_the_demo_with_its_own_settings_and_real_data_gets_real_
     assert load_config(["max_length=32"]).max_length == 32  # a given key wins over the demo's
     real = load_config(["model=org/model", f"data={tmp_path / 'train.jsonl'}"])
     assert (real.max_length, real.eval_split, real.batch_size) == (2048, 0.05, 8)
-    assert {m: load_config([f"data={tmp_path / 'x.jsonl'}", f"method={m}"]).learning_rate
-            for m in DEFAULT_LR} == DEFAULT_LR == {"paca": 2e-4, "qpaca": 2e-4, "lora": 2e-4, "dora": 2e-4,
-                                                   "full": 2e-5}
+    assert (
+        {m: load_config([f"data={tmp_path / 'x.jsonl'}", f"method={m}"]).learning_rate for m in DEFAULT_LR}
+        == DEFAULT_LR
+        == {"paca": 2e-4, "qpaca": 2e-4, "lora": 2e-4, "dora": 2e-4, "full": 2e-5}
+    )
 
 
 def test_fp16_optimizer_warmup_steps_and_report_to_are_keys_checked_by_name():
@@ -141,14 +143,17 @@ def test_example_configs_are_valid(path):
     load_config([path])
 
 
-@pytest.mark.parametrize("item,message", [
-    ("max_steps=inf", "key 'max_steps' expects an integer, got 'inf'"),
-    ("epochs=nan", "key 'epochs' expects a number, got 'nan'"),
-    ("eval_split=nan", "key 'eval_split' expects a number"),
-    ("warmup_ratio=3", r"key 'warmup_ratio' is a fraction of the steps in \[0, 1\)"),
-    ("model=", "key 'model' is empty"),
-    ("data=", "key 'data' is empty"),
-])
+@pytest.mark.parametrize(
+    "item,message",
+    [
+        ("max_steps=inf", "key 'max_steps' expects an integer, got 'inf'"),
+        ("epochs=nan", "key 'epochs' expects a number, got 'nan'"),
+        ("eval_split=nan", "key 'eval_split' expects a number"),
+        ("warmup_ratio=3", r"key 'warmup_ratio' is a fraction of the steps in \[0, 1\)"),
+        ("model=", "key 'model' is empty"),
+        ("data=", "key 'data' is empty"),
+    ],
+)
 def test_non_finite_out_of_range_and_empty_values_are_refused(item, message):
     with pytest.raises(ValueError, match=message):
         load_config([item])

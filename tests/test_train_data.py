@@ -29,13 +29,20 @@ def test_chat_template_is_applied_and_only_the_response_is_labelled(tmp_path, to
     assert tokenizer.decode(ids) == "<s><|user|>upper abc<|assistant|>ABC</s>"
     assert labelled_text(tokenizer, ids, labels) == "ABC</s>"  # the response and its end, nothing else
     assert labels[: ids.index(tokenizer.convert_tokens_to_ids("<|assistant|>")) + 1] == [IGNORE] * (
-        ids.index(tokenizer.convert_tokens_to_ids("<|assistant|>")) + 1)
+        ids.index(tokenizer.convert_tokens_to_ids("<|assistant|>")) + 1
+    )
 
 
 def test_every_assistant_turn_of_a_chat_is_labelled_and_no_other(tmp_path, tokenizer):
-    chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "yo"}, {"role": "user", "content": "bye"},
-                         {"role": "assistant", "content": "ciao"}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "ciao"},
+        ]
+    }
     [(ids, labels)] = tokenize_examples(load_examples(write_jsonl(tmp_path, [chat])), tokenizer)
     assert labelled_text(tokenizer, ids, labels) == "yo</s>ciao</s>"
 
@@ -43,16 +50,22 @@ def test_every_assistant_turn_of_a_chat_is_labelled_and_no_other(tmp_path, token
 def test_without_a_chat_template_prompt_and_response_are_joined_and_eos_ends_the_response(tmp_path, tokenizer):
     plain = demo.build_tokenizer()
     plain.chat_template = None
-    [(ids, labels)] = tokenize_examples(load_examples(write_jsonl(tmp_path, [{"prompt": "ab", "response": "cd"}])),
-                                        plain)
+    [(ids, labels)] = tokenize_examples(
+        load_examples(write_jsonl(tmp_path, [{"prompt": "ab", "response": "cd"}])), plain
+    )
     assert plain.decode(ids) == "<s>ab\ncd</s>"
     assert labelled_text(plain, ids, labels) == "cd</s>"
 
 
 def test_long_examples_are_truncated_counted_and_dropped_when_no_response_is_left(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"},
-                                  {"prompt": "a", "response": "b" * 40},  # response cut: truncated, kept
-                                  {"prompt": "a" * 40, "response": "b"}])  # response beyond the cut: dropped
+    path = write_jsonl(
+        tmp_path,
+        [
+            {"prompt": "a", "response": "b"},
+            {"prompt": "a", "response": "b" * 40},  # response cut: truncated, kept
+            {"prompt": "a" * 40, "response": "b"},
+        ],
+    )  # response beyond the cut: dropped
     examples = load_examples(path)
     data = tokenize(examples, [], tokenizer, max_length=16)
     assert data.truncated == 2
@@ -62,11 +75,21 @@ def test_long_examples_are_truncated_counted_and_dropped_when_no_response_is_lef
 
 
 def test_alpaca_and_sharegpt_records_read_as_chats(tmp_path):
-    path = write_jsonl(tmp_path, [
-        {"instruction": "upper", "input": "abc", "output": "ABC"},
-        {"instruction": "say hi", "input": "", "output": "hi", "system": "be brief"},
-        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
-                           {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}])
+    path = write_jsonl(
+        tmp_path,
+        [
+            {"instruction": "upper", "input": "abc", "output": "ABC"},
+            {"instruction": "say hi", "input": "", "output": "hi", "system": "be brief"},
+            {
+                "conversations": [
+                    {"from": "human", "value": "a"},
+                    {"from": "gpt", "value": "b"},
+                    {"from": "human", "value": "c"},
+                    {"from": "gpt", "value": "d"},
+                ]
+            },
+        ],
+    )
     alpaca, with_system, sharegpt = (e.messages for e in load_examples(path))
     assert alpaca == [{"role": "user", "content": "upper\n\nabc"}, {"role": "assistant", "content": "ABC"}]
     assert with_system[0] == {"role": "system", "content": "be brief"} and with_system[1]["content"] == "say hi"
@@ -80,18 +103,24 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_examples(path)
 
 
-@pytest.mark.parametrize("record,message", [
-    ({"question": "a", "answer": "b"}, r"expected 'messages' \(chat\), 'conversations' \(ShareGPT\), .*"
-                                       r"'prompt'/'completion' \(TRL\) or 'text'; got keys \['answer', 'question'\]"),
-    ({"instruction": "a", "output": 3}, "'instruction', 'input' and 'output' must be strings"),
-    ({"conversations": [{"from": "bot", "value": "a"}]}, "'conversations' must be a list"),
-    ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]}, "'conversations' must be a list"),
-    ({"prompt": "a", "response": "b", "system": 5}, "'system' must be a string, got 5"),
-    ({"prompt": "a", "response": 3}, "'prompt' and 'response' must be strings"),
-    ({"messages": [{"role": "user", "content": "a"}]}, "the last message must be the assistant's"),
-    ({"messages": [{"role": "bot", "content": "a"}]}, r"messages\[0\] must be"),
-    ([1, 2], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        (
+            {"question": "a", "answer": "b"},
+            r"expected 'messages' \(chat\), 'conversations' \(ShareGPT\), .*"
+            r"'prompt'/'completion' \(TRL\) or 'text'; got keys \['answer', 'question'\]",
+        ),
+        ({"instruction": "a", "output": 3}, "'instruction', 'input' and 'output' must be strings"),
+        ({"conversations": [{"from": "bot", "value": "a"}]}, "'conversations' must be a list"),
+        ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]}, "'conversations' must be a list"),
+        ({"prompt": "a", "response": "b", "system": 5}, "'system' must be a string, got 5"),
+        ({"prompt": "a", "response": 3}, "'prompt' and 'response' must be strings"),
+        ({"messages": [{"role": "user", "content": "a"}]}, "the last message must be the assistant's"),
+        ({"messages": [{"role": "bot", "content": "a"}]}, r"messages\[0\] must be"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path, record, message):
     path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}, record])
     with pytest.raises(ValueError, match=f"{path}:3: {message}"):
@@ -158,12 +187,14 @@ def test_demo_tasks_hold_out_words_never_seen_in_either_stage():
 
 # -- the formats users have ----------------------------------------------------------------------------
 
-TOOL_TEMPLATE = ("{{ bos_token }}{% if tools %}<|system|>{% for t in tools %}tool {{ t['function']['name'] }}"
-                 "{% endfor %}{% endif %}{% for m in messages %}"
-                 "<|{{ 'user' if m['role'] == 'tool' else m['role'] }}|>{% if m['role'] == 'tool' %}result {% endif %}"
-                 "{{ m['content'] }}{% for c in m.get('tool_calls') or [] %}call {{ c['function']['name'] }}"
-                 "{% endfor %}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>{% for t in tools %}tool {{ t['function']['name'] }}"
+    "{% endfor %}{% endif %}{% for m in messages %}"
+    "<|{{ 'user' if m['role'] == 'tool' else m['role'] }}|>{% if m['role'] == 'tool' %}result {% endif %}"
+    "{{ m['content'] }}{% for c in m.get('tool_calls') or [] %}call {{ c['function']['name'] }}"
+    "{% endfor %}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 WEATHER = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
 
 
@@ -177,9 +208,15 @@ def tool_tokenizer():
 def test_a_json_array_file_reads_like_jsonl_and_a_malformed_one_names_its_line(tmp_path):
     """LLaMA-Factory's alpaca_data.json: one JSON array of records, with history and system."""
     path = tmp_path / "alpaca_data.json"
-    path.write_text(json.dumps([{"instruction": "upper", "input": "abc", "output": "ABC"},
-                                {"instruction": "again", "output": "ok", "system": "be brief",
-                                 "history": [["hi", "yo"]]}], indent=2))
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": "upper", "input": "abc", "output": "ABC"},
+                {"instruction": "again", "output": "ok", "system": "be brief", "history": [["hi", "yo"]]},
+            ],
+            indent=2,
+        )
+    )
     first, second = load_examples(str(path))
     assert first.messages == [{"role": "user", "content": "upper\n\nabc"}, {"role": "assistant", "content": "ABC"}]
     assert [m["content"] for m in second.messages] == ["be brief", "hi", "yo", "again", "ok"]
@@ -198,51 +235,88 @@ def test_trl_prompt_completion_strings_are_plain_text_and_only_the_completion_is
 
 
 def test_trl_conversational_prompt_completion_learns_the_completion_turns_only(tmp_path, tokenizer):
-    record = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                         {"role": "user", "content": "bye"}],
-              "completion": [{"role": "assistant", "content": "ciao"}]}
+    record = {
+        "prompt": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "bye"},
+        ],
+        "completion": [{"role": "assistant", "content": "ciao"}],
+    }
     [(ids, labels)] = tokenize_examples(load_examples(write_jsonl(tmp_path, [record])), tokenizer)
     assert tokenizer.decode(ids) == "<s><|user|>hi<|assistant|>yo</s><|user|>bye<|assistant|>ciao</s>"
     assert labelled_text(tokenizer, ids, labels) == "ciao</s>"  # the prompt's assistant turn is context
 
 
-def test_tools_tool_calls_and_tool_results_render_through_the_template_and_calls_are_learned(tmp_path,
-                                                                                            tool_tokenizer):
+def test_tools_tool_calls_and_tool_results_render_through_the_template_and_calls_are_learned(tmp_path, tool_tokenizer):
     """An OpenAI / TRL chat with tools, and the same conversation in LLaMA-Factory's ShareGPT form (function_call
     and observation turns, tools as a JSON string): the same tokens; the call and the answer are learned, the
     tool's result is not."""
-    openai = {"messages": [{"role": "user", "content": "rain?"},
-                           {"role": "assistant", "content": None,
-                            "tool_calls": [{"type": "function", "function": {"name": "weather",
-                                                                             "arguments": {"city": "Oslo"}}}]},
-                           {"role": "tool", "name": "weather", "content": "wet"},
-                           {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
-              "tools": WEATHER}
-    sharegpt = {"conversations": [{"from": "human", "value": "rain?"},
-                                  {"from": "function_call", "value": json.dumps({"name": "weather",
-                                                                                 "arguments": {"city": "Oslo"}})},
-                                  {"from": "observation", "value": "wet"},
-                                  {"from": "gpt", "value": "yes"}],
-                "tools": json.dumps(WEATHER)}
-    (ids, labels), (ids2, labels2) = tokenize_examples(load_examples(write_jsonl(tmp_path, [openai, sharegpt])),
-                                                       tool_tokenizer)
-    assert tool_tokenizer.decode(ids) == ("<s><|system|>tool weather<|user|>rain?<|assistant|>call weather</s>"
-                                          "<|user|>result wet<|assistant|>yes</s>")
+    openai = {
+        "messages": [
+            {"role": "user", "content": "rain?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}],
+            },
+            {"role": "tool", "name": "weather", "content": "wet"},
+            {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+        ],
+        "tools": WEATHER,
+    }
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "rain?"},
+            {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Oslo"}})},
+            {"from": "observation", "value": "wet"},
+            {"from": "gpt", "value": "yes"},
+        ],
+        "tools": json.dumps(WEATHER),
+    }
+    (ids, labels), (ids2, labels2) = tokenize_examples(
+        load_examples(write_jsonl(tmp_path, [openai, sharegpt])), tool_tokenizer
+    )
+    assert tool_tokenizer.decode(ids) == (
+        "<s><|system|>tool weather<|user|>rain?<|assistant|>call weather</s><|user|>result wet<|assistant|>yes</s>"
+    )
     assert labelled_text(tool_tokenizer, ids, labels) == "call weather</s>yes</s>"
     assert (ids2, labels2) == (ids, labels)
 
 
-@pytest.mark.parametrize("record,message", [
-    ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
-                   {"role": "assistant", "content": "a cat"}]}, r"content parts of type image are not supported"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": "{oops"},
-     "'tools' is a string but not JSON"),
-    ({"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "weather()"},
-                        {"from": "gpt", "value": "b"}]}, r"conversations\[1\]: a function_call turn must hold JSON"),
-    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]},
-     "'prompt' and 'completion' must both be strings or both be lists"),
-    ({"text": ""}, "'text' must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "url": "x.png"}]},
+                    {"role": "assistant", "content": "a cat"},
+                ]
+            },
+            r"content parts of type image are not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": "{oops"},
+            "'tools' is a string but not JSON",
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "human", "value": "a"},
+                    {"from": "function_call", "value": "weather()"},
+                    {"from": "gpt", "value": "b"},
+                ]
+            },
+            r"conversations\[1\]: a function_call turn must hold JSON",
+        ),
+        (
+            {"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]},
+            "'prompt' and 'completion' must both be strings or both be lists",
+        ),
+        ({"text": ""}, "'text' must be a non-empty string"),
+    ],
+)
 def test_bad_records_of_the_new_formats_name_file_and_line(tmp_path, record, message):
     path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}, record])
     with pytest.raises(ValueError, match=f"{path}:2: .*{message}"):
@@ -254,48 +328,77 @@ def test_a_saved_validation_split_or_eval_data_is_the_eval_set_instead_of_a_held
 
     rows = lambda n, word: {"prompt": [f"{word} {i}" for i in range(n)], "response": [word] * n}  # noqa: E731
     path = str(tmp_path / "dd")
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(6, "train")),
-                          "validation": datasets.Dataset.from_dict(rows(2, "valid")),
-                          "test": datasets.Dataset.from_dict(rows(3, "test"))}).save_to_disk(path)
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows(6, "train")),
+            "validation": datasets.Dataset.from_dict(rows(2, "valid")),
+            "test": datasets.Dataset.from_dict(rows(3, "test")),
+        }
+    ).save_to_disk(path)
     data = load_data(path, "train", tokenizer, 64, eval_split=0.5, seed=0)
     assert (len(data.train), len(data.eval)) == (6, 2)  # all of train, the validation split: nothing held out
     assert "(eval: validation)" in data.report(64)
     assert len(load_data(path, "train", tokenizer, 64, 0.5, 0, eval_source="test").eval) == 3
     other = write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}], name="eval.jsonl")
     assert len(load_data(path, "train", tokenizer, 64, 0.5, 0, eval_source=other).eval) == 1
-    with pytest.raises(ValueError, match=r"eval_data 'dev' is neither a file or dataset nor a split of data .*"
-                                         r"\(its splits: train, validation, test\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"eval_data 'dev' is neither a file or dataset nor a split of data .*"
+        r"\(its splits: train, validation, test\)",
+    ):
         load_data(path, "train", tokenizer, 64, 0.5, 0, eval_source="dev")
 
 
 # -- preference pairs (stage=dpo) ----------------------------------------------------------------------
 
+
 def test_preference_pairs_of_trl_and_llama_factory_read_as_trl_pairs(tmp_path):
     from paca.train.data import load_preferences
 
     user = [{"role": "user", "content": "upper abc"}]
-    records = [{"prompt": user, "chosen": [{"role": "assistant", "content": "ABC"}],
-                "rejected": [{"role": "assistant", "content": "abc"}]},
-               {"instruction": "upper abc", "input": "", "chosen": "ABC", "rejected": "abc"},
-               {"conversations": [{"from": "human", "value": "upper abc"}], "chosen": {"from": "gpt", "value": "ABC"},
-                "rejected": {"from": "gpt", "value": "abc"}},
-               {"prompt": "upper abc:", "chosen": " ABC", "rejected": " abc"}]
+    records = [
+        {
+            "prompt": user,
+            "chosen": [{"role": "assistant", "content": "ABC"}],
+            "rejected": [{"role": "assistant", "content": "abc"}],
+        },
+        {"instruction": "upper abc", "input": "", "chosen": "ABC", "rejected": "abc"},
+        {
+            "conversations": [{"from": "human", "value": "upper abc"}],
+            "chosen": {"from": "gpt", "value": "ABC"},
+            "rejected": {"from": "gpt", "value": "abc"},
+        },
+        {"prompt": "upper abc:", "chosen": " ABC", "rejected": " abc"},
+    ]
     path = tmp_path / "prefs.json"
     path.write_text(json.dumps(records))
     data = load_preferences(str(path), "train", eval_split=0, seed=0)
     trl, alpaca, sharegpt, plain = data.train
-    assert trl == alpaca == sharegpt == {"prompt": user, "chosen": [{"role": "assistant", "content": "ABC"}],
-                                         "rejected": [{"role": "assistant", "content": "abc"}]}
+    assert (
+        trl
+        == alpaca
+        == sharegpt
+        == {
+            "prompt": user,
+            "chosen": [{"role": "assistant", "content": "ABC"}],
+            "rejected": [{"role": "assistant", "content": "abc"}],
+        }
+    )
     assert plain == records[3]
     assert data.report(64) == "data: 4 train / 0 eval preference pairs"
 
 
-@pytest.mark.parametrize("record,message", [
-    ({"prompt": "a", "response": "b"}, r"expected a preference pair: 'prompt'/'chosen'/'rejected'"),
-    ({"prompt": "a", "chosen": "b", "rejected": [{"role": "assistant", "content": "c"}]},
-     "'prompt', 'chosen' and 'rejected' must all be strings or all lists of messages"),
-    ({"instruction": "a", "chosen": 3, "rejected": "c"}, "'chosen' must be a string or a {from, value} turn"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        ({"prompt": "a", "response": "b"}, r"expected a preference pair: 'prompt'/'chosen'/'rejected'"),
+        (
+            {"prompt": "a", "chosen": "b", "rejected": [{"role": "assistant", "content": "c"}]},
+            "'prompt', 'chosen' and 'rejected' must all be strings or all lists of messages",
+        ),
+        ({"instruction": "a", "chosen": 3, "rejected": "c"}, "'chosen' must be a string or a {from, value} turn"),
+    ],
+)
 def test_bad_preference_records_name_file_and_line(tmp_path, record, message):
     from paca.train.data import load_preferences
 
@@ -311,20 +414,28 @@ def test_review_fixes_in_reading(tmp_path, tokenizer):
 
     from paca.train.data import load_preferences
 
-    for record, message in (({"instruction": None, "output": "x"}, "'instruction', 'input' and 'output' must be "
-                                                                  "strings"),
-                            ({"instruction": "q", "output": None}, "'instruction', 'input' and 'output' must be")):
+    for record, message in (
+        ({"instruction": None, "output": "x"}, "'instruction', 'input' and 'output' must be strings"),
+        ({"instruction": "q", "output": None}, "'instruction', 'input' and 'output' must be"),
+    ):
         with pytest.raises(ValueError, match=f":1: {message}"):
             load_examples(write_jsonl(tmp_path, [record]))
     strict = demo.build_tokenizer()
-    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
-                            "turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+        "turns') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
     path = write_jsonl(tmp_path, [{"prompt": "a", "response": "b", "system": "s"}])
-    with pytest.raises(ValueError, match=f"{path}:1: the tokenizer's chat template cannot render this "
-                                         r"conversation \(TemplateError: no system turns\)"):
+    with pytest.raises(
+        ValueError,
+        match=f"{path}:1: the tokenizer's chat template cannot render this "
+        r"conversation \(TemplateError: no system turns\)",
+    ):
         tokenize_examples(load_examples(path), strict)
-    bare = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-            "tools": json.dumps([{"name": "weather", "parameters": {}}])}
+    bare = {
+        "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        "tools": json.dumps([{"name": "weather", "parameters": {}}]),
+    }
     [example] = load_examples(write_jsonl(tmp_path, [bare]))
     assert example.tools == [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     a, b = (write_jsonl(tmp_path, [{"prompt": "a", "response": "b"}] * 3, name=n) for n in ("a.jsonl", "b.jsonl"))
@@ -334,6 +445,8 @@ def test_review_fixes_in_reading(tmp_path, tokenizer):
     pairs = lambda n: datasets.Dataset.from_dict({"prompt": ["p"] * n, "chosen": ["c"] * n, "rejected": ["r"] * n})  # noqa: E731
     saved = str(tmp_path / "prefs")
     datasets.DatasetDict({"train": pairs(5), "validation": pairs(2), "test": pairs(3)}).save_to_disk(saved)
-    assert [len(load_preferences(saved, "train", 0.5, 0).train), len(load_preferences(saved, "train", 0.5, 0).eval)] \
-        == [5, 2]
+    assert [
+        len(load_preferences(saved, "train", 0.5, 0).train),
+        len(load_preferences(saved, "train", 0.5, 0).eval),
+    ] == [5, 2]
     assert len(load_preferences(saved, "train", 0.5, 0, eval_source="test").eval) == 3

@@ -22,7 +22,7 @@ STEPS = ["max_steps=4", "save_steps=2", "logging_steps=1", "eval_split=8", "lr=0
 
 # Runs `paca train` with two extra callbacks: one records, at step 1, the local (per-process) shape of a
 # frozen weight and of its PaCA delta; the other stands for a kill after a given step.
-DRIVER = '''
+DRIVER = """
 import json, os, sys
 from transformers import TrainerCallback
 from paca.train import run
@@ -51,12 +51,15 @@ argv = sys.argv[1:]
 kill = [int(a.split("=")[1]) for a in argv if a.startswith("kill_after=")]
 argv = [a for a in argv if not a.startswith("kill_after=")]
 run(load_config(argv), callbacks=[RecordShards()] + [KillAfter(k) for k in kill])
-'''
+"""
 
 
 def single_process_run(task_file, out, *extra):
-    run(load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", *STEPS,
-                     *extra]))
+    run(
+        load_config(
+            [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", *STEPS, *extra]
+        )
+    )
     return load_file(os.path.join(out, "adapter_model.safetensors"))  # later keys win: extra may set model
 
 
@@ -72,8 +75,19 @@ def free_port() -> int:
 
 
 def torchrun(target: list[str], args: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), *target, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *target,
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
@@ -168,10 +182,21 @@ def test_moe_experts_under_fsdp2_equal_one_process(task_file, tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     tokenizer = demo.build_tokenizer()
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
-                           num_experts_per_tok=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     base = tmp_path / "base"
     MixtralForCausalLM(config).save_pretrained(base)

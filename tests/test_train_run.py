@@ -19,13 +19,26 @@ from paca.train.cli import main
 from paca.train.config import load_config
 from paca.train.trainer import sft_trainer_class
 
-PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\) \| loss [\d.]+ \| lr [\d.]+e[-+]\d+ \| [\d.]+[kMG]? tok/s \| "
-                           r"peak [\d.]+ (KiB|MiB|GiB) \| eta \w+$")
+PROGRESS_LINE = re.compile(
+    r"^step (\d+)/(\d+) \(\d+%\) \| loss [\d.]+ \| lr [\d.]+e[-+]\d+ \| [\d.]+[kMG]? tok/s \| "
+    r"peak [\d.]+ (KiB|MiB|GiB) \| eta \w+$"
+)
 
 
 def config(task_file, output_dir, *overrides):
-    return load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={output_dir}", "batch_size=8",
-                        "eval_split=8", "logging_steps=1", "save_steps=0", "lr=0.02", *overrides])
+    return load_config(
+        [
+            f"data={task_file}",
+            "model=paca-demo-random",
+            f"output_dir={output_dir}",
+            "batch_size=8",
+            "eval_split=8",
+            "logging_steps=1",
+            "save_steps=0",
+            "lr=0.02",
+            *overrides,
+        ]
+    )
 
 
 def adapter(output_dir):
@@ -94,10 +107,16 @@ def test_the_demo_base_cache_key_follows_recipe_code_and_versions(monkeypatch):
     """A cached base is reused only when everything that made it is the same: any change gives a new key."""
     recipe = demo.base_recipe()
     assert demo.base_key(recipe) == demo.base_key() and len(demo.base_key()) == 12  # deterministic
-    for change in ({"lr": recipe["lr"] * 2}, {"steps": recipe["steps"] + 1},
-                   {"code_sha256": "0" * 64}, {"versions": {**recipe["versions"], "transformers": "9.9.9"}}):
+    for change in (
+        {"lr": recipe["lr"] * 2},
+        {"steps": recipe["steps"] + 1},
+        {"code_sha256": "0" * 64},
+        {"versions": {**recipe["versions"], "transformers": "9.9.9"}},
+    ):
         assert demo.base_key({**recipe, **change}) != demo.base_key(recipe), change
-    monkeypatch.setattr(demo, "PRETRAIN_LR", demo.PRETRAIN_LR * 2)  # an edited recipe is seen without a hand-kept version
+    monkeypatch.setattr(
+        demo, "PRETRAIN_LR", demo.PRETRAIN_LR * 2
+    )  # an edited recipe is seen without a hand-kept version
     assert demo.base_key() != demo.base_key(recipe)
 
 
@@ -110,11 +129,17 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(task_file, tmp_
     assert newest_checkpoint(parts).endswith("checkpoint-4")
     run(config(task_file, parts, "max_steps=6", "save_steps=2", "resume=true"))
     assert_same_tensors(adapter(parts), adapter(whole))
-    logged = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    logged = [
+        json.loads(line)["step"]
+        for line in (parts / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert logged == [1, 2, 3, 4, 5, 6]  # step 5, logged before the kill, is replaced, not duplicated
-    evaluated = [json.loads(line) for line in (parts / "metrics.jsonl").read_text().splitlines()
-                 if "eval_loss" in json.loads(line)]
+    evaluated = [
+        json.loads(line)
+        for line in (parts / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in json.loads(line)
+    ]
     assert [row["step"] for row in evaluated] == [0, 6]  # the checkpoint is not re-evaluated as "before"
     before = json.loads((parts / "summary.json").read_text())["eval_before"]
     assert before == json.loads((whole / "summary.json").read_text())["eval_before"]
@@ -140,9 +165,11 @@ def test_a_resume_with_another_model_data_or_lr_is_refused_before_anything_is_to
     other_data = tmp_path / "other.jsonl"
     other_data.write_text(open(task_file).read())  # the same examples under another name: another data source
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    for change, named in ((["model=paca-demo"], "model: 'paca-demo-random' in the run, 'paca-demo' given"),
-                          ([f"data={other_data}"], "data: "),
-                          (["lr=0.5", "r=2"], "lr: 0.02 in the run, 0.5 given; r: 8 in the run, 2 given")):
+    for change, named in (
+        (["model=paca-demo"], "model: 'paca-demo-random' in the run, 'paca-demo' given"),
+        ([f"data={other_data}"], "data: "),
+        (["lr=0.5", "r=2"], "lr: 0.02 in the run, 0.5 given; r: 8 in the run, 2 given"),
+    ):
         code = main([f"output_dir={out}", "resume=true", *change])
         err = capsys.readouterr().err
         assert code == 1 and named in err and "A resume can change only epochs, max_steps" in err, err
@@ -151,8 +178,9 @@ def test_a_resume_with_another_model_data_or_lr_is_refused_before_anything_is_to
     assert json.loads((out / "summary.json").read_text())["steps"] == 5
 
 
-def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_its_columns(task_file, tmp_path,
-                                                                                         capsys):
+def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_its_columns(
+    task_file, tmp_path, capsys
+):
     import paca
     from paca.train.data import load_data
     from paca.train.methods import apply_method, load_base
@@ -168,7 +196,7 @@ def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_i
     model, tokenizer, _ = load_base(cfg)
     data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed)
     model = apply_method(model, cfg)
-    batches = [_collator(tokenizer)(data.train[i:i + 8]) for i in (0, 8, 16)]
+    batches = [_collator(tokenizer)(data.train[i : i + 8]) for i in (0, 8, 16)]
     chosen = paca.select_by_gradient(model, iter(batches), steps=3)
     saved = adapter(whole)
     for layer, idx in chosen.items():
@@ -184,8 +212,7 @@ def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_i
     assert_same_tensors(adapter(parts), saved)
 
 
-def test_a_kill_during_a_checkpoint_save_never_leaves_a_complete_looking_checkpoint(task_file, tmp_path,
-                                                                                    monkeypatch):
+def test_a_kill_during_a_checkpoint_save_never_leaves_a_complete_looking_checkpoint(task_file, tmp_path, monkeypatch):
     trainer_class = sft_trainer_class()
     original = trainer_class._save_rng_state  # runs after the weights and optimizer are written
 
@@ -333,20 +360,29 @@ def test_an_output_dir_that_is_a_file_is_refused_before_loading(task_file, tmp_p
         assert message in capsys.readouterr().err  # checked before the (missing) model is even looked for
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model=./no/such/model"], "model './no/such/model' not found"),
-    (["data=missing.jsonl"], "data file 'missing.jsonl' not found"),
-    (["lrr=0.1"], "unknown key 'lrr'; did you mean 'lr'"),
-    (["max_length=4"], "no training example has a response token within max_length=4"),
-    (["fsdp=true"], "fsdp=true shards across processes and this is one: launch with `torchrun"),
-    (["stage=dpo", "packing=true"], "key 'packing' shapes supervised batches (stage=sft)"),
-    (["stage=dpo", "train_on_prompt=true"], "key 'train_on_prompt' shapes supervised batches"),
-    (["router_aux_loss_coef=-1"], "key 'router_aux_loss_coef' must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=./no/such/model"], "model './no/such/model' not found"),
+        (["data=missing.jsonl"], "data file 'missing.jsonl' not found"),
+        (["lrr=0.1"], "unknown key 'lrr'; did you mean 'lr'"),
+        (["max_length=4"], "no training example has a response token within max_length=4"),
+        (["fsdp=true"], "fsdp=true shards across processes and this is one: launch with `torchrun"),
+        (["stage=dpo", "packing=true"], "key 'packing' shapes supervised batches (stage=sft)"),
+        (["stage=dpo", "train_on_prompt=true"], "key 'train_on_prompt' shapes supervised batches"),
+        (["router_aux_loss_coef=-1"], "key 'router_aux_loss_coef' must be 0 or more"),
+    ],
+)
 def test_bad_input_exits_with_a_message_and_writes_nothing(task_file, tmp_path, capsys, overrides, message):
     out = tmp_path / "run"
-    argv = [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "max_steps=1", "eval_split=8",
-            *overrides]
+    argv = [
+        f"data={task_file}",
+        "model=paca-demo-random",
+        f"output_dir={out}",
+        "max_steps=1",
+        "eval_split=8",
+        *overrides,
+    ]
     assert main(argv) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
@@ -355,8 +391,14 @@ def test_bad_input_exits_with_a_message_and_writes_nothing(task_file, tmp_path, 
 def test_deepspeed_without_its_package_is_a_clear_error(task_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed: import raises ImportError
     out = tmp_path / "run"
-    argv = [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "max_steps=1", "eval_split=8",
-            "deepspeed=zero3"]
+    argv = [
+        f"data={task_file}",
+        "model=paca-demo-random",
+        f"output_dir={out}",
+        "max_steps=1",
+        "eval_split=8",
+        "deepspeed=zero3",
+    ]
     assert main(argv) == 1
     assert "deepspeed=zero3 needs the deepspeed package: pip install deepspeed" in capsys.readouterr().err
     assert not out.exists()
@@ -391,14 +433,18 @@ class RecordCheckpointing(TrainerCallback):
 def test_gradient_checkpointing_is_on_and_gives_the_same_update(task_file, tmp_path):
     plain, checkpointed = RecordCheckpointing(), RecordCheckpointing()
     run(config(task_file, tmp_path / "plain", "max_steps=2"), callbacks=[plain])
-    run(config(task_file, tmp_path / "checkpointed", "max_steps=2", "gradient_checkpointing=true"),
-        callbacks=[checkpointed])
+    run(
+        config(task_file, tmp_path / "checkpointed", "max_steps=2", "gradient_checkpointing=true"),
+        callbacks=[checkpointed],
+    )
     assert checkpointed.enabled and not plain.enabled
     assert_same_tensors(adapter(tmp_path / "checkpointed"), adapter(tmp_path / "plain"))
 
 
-@pytest.mark.parametrize("method,saved", [("lora", "adapter_model.safetensors"), ("dora", "adapter_model.safetensors"),
-                                          ("full", "model.safetensors")])
+@pytest.mark.parametrize(
+    "method,saved",
+    [("lora", "adapter_model.safetensors"), ("dora", "adapter_model.safetensors"), ("full", "model.safetensors")],
+)
 def test_other_methods_train_and_save(task_file, tmp_path, method, saved):
     summary = run(config(task_file, tmp_path / method, f"method={method}", "max_steps=2"))
     assert summary["method"] == method and os.path.isfile(tmp_path / method / saved)
@@ -413,12 +459,31 @@ def test_a_local_gpt2_without_chat_template_or_pad_token_trains(task_file, tmp_p
     tokenizer = demo.build_tokenizer()
     tokenizer.chat_template, tokenizer.pad_token = None, None
     base = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=64,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-                    ).save_pretrained(base)
+    GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    summary = run(load_config([f"data={task_file}", f"model={base}", f"output_dir={tmp_path / 'run'}",
-                               "batch_size=8", "eval_split=8", "max_steps=2", "save_steps=0"]))
+    summary = run(
+        load_config(
+            [
+                f"data={task_file}",
+                f"model={base}",
+                f"output_dir={tmp_path / 'run'}",
+                "batch_size=8",
+                "eval_split=8",
+                "max_steps=2",
+                "save_steps=0",
+            ]
+        )
+    )
     targets = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["target_modules"]
     assert {t.rsplit(".", 1)[1] for t in targets} == {"c_attn", "c_proj", "c_fc"}
     assert summary["steps"] == 2 and summary["last_loss"] is not None
@@ -429,8 +494,19 @@ def test_qpaca_trains_paca_on_a_4bit_base(task_file, tmp_path):
     base = tmp_path / "base"
     demo.random_model(0).save_pretrained(base)
     demo.build_tokenizer().save_pretrained(base)
-    summary = run(load_config([f"data={task_file}", f"model={base}", "method=qpaca", f"output_dir={tmp_path / 'q'}",
-                               "batch_size=8", "eval_split=8", "max_steps=2"]))
+    summary = run(
+        load_config(
+            [
+                f"data={task_file}",
+                f"model={base}",
+                "method=qpaca",
+                f"output_dir={tmp_path / 'q'}",
+                "batch_size=8",
+                "eval_split=8",
+                "max_steps=2",
+            ]
+        )
+    )
     assert summary["method"] == "qpaca"
     assert json.loads((tmp_path / "q" / "adapter_config.json").read_text())["peft_type"] == "PACA"
 
@@ -457,8 +533,20 @@ def test_eval_steps_dividing_the_run_evaluate_the_final_weights_once(task_file, 
     import json
 
     out = tmp_path / "out"
-    assert main([f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", "eval_split=8",
-                 "max_steps=4", "eval_steps=2"]) == 0
+    assert (
+        main(
+            [
+                f"data={task_file}",
+                "model=paca-demo-random",
+                f"output_dir={out}",
+                "batch_size=8",
+                "eval_split=8",
+                "max_steps=4",
+                "eval_steps=2",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
     summary = json.loads((out / "summary.json").read_text())
@@ -502,28 +590,59 @@ def test_an_alpaca_json_a_trl_prompt_completion_file_and_a_sharegpt_file_with_to
     tokenizer.chat_template = TOOL_TEMPLATE
     tokenizer.save_pretrained(base)
     alpaca = tmp_path / "alpaca_data.json"
-    alpaca.write_text(json.dumps([{"instruction": f"upper {w}", "input": "", "output": w.upper()}
-                                  for w in ("abc", "dog", "sun", "cat")], indent=2))
+    alpaca.write_text(
+        json.dumps(
+            [{"instruction": f"upper {w}", "input": "", "output": w.upper()} for w in ("abc", "dog", "sun", "cat")],
+            indent=2,
+        )
+    )
     trl = tmp_path / "prompt_completion.jsonl"
-    trl.write_text("".join(json.dumps({"prompt": f"upper {w}:", "completion": f" {w.upper()}"}) + "\n"
-                           for w in ("abc", "dog", "sun", "cat")))
+    trl.write_text(
+        "".join(
+            json.dumps({"prompt": f"upper {w}:", "completion": f" {w.upper()}"}) + "\n"
+            for w in ("abc", "dog", "sun", "cat")
+        )
+    )
     sharegpt = tmp_path / "sharegpt_tools.jsonl"
     call = json.dumps({"name": "weather", "arguments": {"city": "Oslo"}})
-    sharegpt.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"rain in {c}?"},
-                                                              {"from": "function_call", "value": call},
-                                                              {"from": "observation", "value": "wet"},
-                                                              {"from": "gpt", "value": "yes"}],
-                                            "tools": json.dumps(WEATHER)}) + "\n" for c in ("Oslo", "Rome")))
+    sharegpt.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "conversations": [
+                        {"from": "human", "value": f"rain in {c}?"},
+                        {"from": "function_call", "value": call},
+                        {"from": "observation", "value": "wet"},
+                        {"from": "gpt", "value": "yes"},
+                    ],
+                    "tools": json.dumps(WEATHER),
+                }
+            )
+            + "\n"
+            for c in ("Oslo", "Rome")
+        )
+    )
     for data in (alpaca, trl, sharegpt):
         out = tmp_path / data.stem
-        assert main([f"model={base}", f"data={data}", f"output_dir={out}", "max_steps=2", "batch_size=2",
-                     "eval_split=0", "logging_steps=1"]) == 0, capsys.readouterr().err
+        assert (
+            main(
+                [
+                    f"model={base}",
+                    f"data={data}",
+                    f"output_dir={out}",
+                    "max_steps=2",
+                    "batch_size=2",
+                    "eval_split=0",
+                    "logging_steps=1",
+                ]
+            )
+            == 0
+        ), capsys.readouterr().err
         assert (out / "adapter_model.safetensors").is_file()
         assert "data: " in capsys.readouterr().out
 
 
-def test_report_to_tensorboard_writes_event_files_offline_and_version_names_the_libraries(task_file, tmp_path,
-                                                                                         capsys):
+def test_report_to_tensorboard_writes_event_files_offline_and_version_names_the_libraries(task_file, tmp_path, capsys):
     from paca.cli import main as paca_main
 
     out = tmp_path / "tb"
@@ -531,20 +650,23 @@ def test_report_to_tensorboard_writes_event_files_offline_and_version_names_the_
     assert list((out / "runs").rglob("events.out.tfevents.*"))
     capsys.readouterr()
     assert paca_main(["--version"]) == 0
-    assert re.match(r"paca 0\.1\.0 \(torch 2\.13\.0.*, transformers 5\.\d+\.\d+, peft 0\.\d+\.\d+, trl ",
-                    capsys.readouterr().out)
+    assert re.match(
+        r"paca 0\.1\.0 \(torch 2\.13\.0.*, transformers 5\.\d+\.\d+, peft 0\.\d+\.\d+, trl ", capsys.readouterr().out
+    )
 
 
-def test_a_relative_model_path_is_recorded_absolute_so_export_works_from_elsewhere(task_file, tmp_path,
-                                                                                  monkeypatch):
+def test_a_relative_model_path_is_recorded_absolute_so_export_works_from_elsewhere(task_file, tmp_path, monkeypatch):
     from paca.export import export_lora
 
     base = tmp_path / "models" / "base"
     demo.random_model(0).save_pretrained(base)
     demo.build_tokenizer().save_pretrained(base)
     monkeypatch.chdir(tmp_path)
-    run(load_config([f"data={task_file}", "model=models/base", "output_dir=out", "max_steps=1", "eval_split=8",
-                     "save_steps=0"]))
+    run(
+        load_config(
+            [f"data={task_file}", "model=models/base", "output_dir=out", "max_steps=1", "eval_split=8", "save_steps=0"]
+        )
+    )
     recorded = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == str(base)
     monkeypatch.chdir(tmp_path / "models")  # elsewhere: the relative path would not resolve here
@@ -558,8 +680,10 @@ def test_a_dry_run_prints_the_first_example_with_its_learned_tokens_and_writes_n
     more = tmp_path / "b.json"
     more.write_text(json.dumps([{"instruction": "upper dog", "output": "DOG"}]))
     out = tmp_path / "never"
-    assert main([f"data={data},{more}", "model=paca-demo-random", f"output_dir={out}", "eval_split=0",
-                 "dry_run=true"]) == 0
+    assert (
+        main([f"data={data},{more}", "model=paca-demo-random", f"output_dir={out}", "eval_split=0", "dry_run=true"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "data: 2 train / 0 eval examples" in printed  # two files, concatenated
     assert "<s><|user|>upper abc<|assistant|>[[ABC</s>]]" in printed
@@ -574,11 +698,30 @@ def test_stage_dpo_trains_preference_pairs_through_trl_with_paca_s_checkpoints_a
     demo.build_tokenizer().save_pretrained(base)
     prefs = tmp_path / "prefs.jsonl"
     words = ["abc", "dog", "sun", "cat", "map", "pen", "cup", "hat"] * 3
-    prefs.write_text("".join(json.dumps({"instruction": f"upper {w}", "input": "", "chosen": w.upper(),
-                                         "rejected": w}) + "\n" for w in words))
+    prefs.write_text(
+        "".join(
+            json.dumps({"instruction": f"upper {w}", "input": "", "chosen": w.upper(), "rejected": w}) + "\n"
+            for w in words
+        )
+    )
     out = tmp_path / "dpo"
-    assert main([f"model={base}", f"data={prefs}", "stage=dpo", f"output_dir={out}", "max_steps=4", "batch_size=4",
-                 "eval_split=4", "logging_steps=1", "lr=0.005", "save_steps=2"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                f"model={base}",
+                f"data={prefs}",
+                "stage=dpo",
+                f"output_dir={out}",
+                "max_steps=4",
+                "batch_size=4",
+                "eval_split=4",
+                "logging_steps=1",
+                "lr=0.005",
+                "save_steps=2",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "data: 20 train / 4 eval preference pairs" in printed
     assert all(PROGRESS_LINE.match(line) or "tok/s" not in line for line in printed.splitlines())

@@ -21,8 +21,20 @@ from paca.train.trainer import exact_match_verdicts, sft_trainer_class
 
 
 def config(task_file, output_dir, *overrides):
-    return load_config([f"data={task_file}", "model=paca-demo-random", f"output_dir={output_dir}", "batch_size=8",
-                        "eval_split=8", "logging_steps=1", "save_steps=0", "lr=0.02", "max_steps=3", *overrides])
+    return load_config(
+        [
+            f"data={task_file}",
+            "model=paca-demo-random",
+            f"output_dir={output_dir}",
+            "batch_size=8",
+            "eval_split=8",
+            "logging_steps=1",
+            "save_steps=0",
+            "lr=0.02",
+            "max_steps=3",
+            *overrides,
+        ]
+    )
 
 
 def adapter(output_dir):
@@ -49,8 +61,18 @@ def test_exact_match_of_padding_free_rows_equals_the_padded_rows_on_the_same_wei
     eight = tmp_path / "eight.jsonl"
     eight.write_text("".join(open(task_file).readlines()[:8]))
     out = tmp_path / "run"
-    padded = run(config(task_file, out, f"data={eight}", f"eval_data={eight}", "max_steps=80", "lr=0.05",
-                        "logging_steps=40", "save_steps=80"))
+    padded = run(
+        config(
+            task_file,
+            out,
+            f"data={eight}",
+            f"eval_data={eight}",
+            "max_steps=80",
+            "lr=0.05",
+            "logging_steps=40",
+            "save_steps=80",
+        )
+    )
     free = run(load_config([f"output_dir={out}", "resume=true", "padding_free=true"]))
     assert free["steps"] == padded["steps"] == 80
     assert 0 < padded["eval_after"]["eval_exact_match"] < 1
@@ -78,14 +100,18 @@ def test_exact_match_verdicts_split_a_padding_free_row_at_each_example_start():
     rows = exact_match_verdicts(torch.tensor([[1, 1], [1, 0]]), torch.tensor([[1, 1], [0, 1]]))
     assert rows.tolist() == [[1, 1], [0, 1]]
     # A row that does not start at position 0 still starts an example.
-    assert exact_match_verdicts(torch.tensor([[1, 1, 1]]), torch.tensor([[1, 1, 1]]),
-                                torch.tensor([[5, 6, 0, 1]])).tolist() == [[1, 1], [1, 1]]
+    assert exact_match_verdicts(
+        torch.tensor([[1, 1, 1]]), torch.tensor([[1, 1, 1]]), torch.tensor([[5, 6, 0, 1]])
+    ).tolist() == [[1, 1], [1, 1]]
 
 
 def test_train_on_prompt_learns_every_training_token_and_still_evaluates_responses(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"upper {w}", "response": w.upper()}) + "\n"
-                            for w in ("abc", "dog", "cat", "sun")))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"upper {w}", "response": w.upper()}) + "\n" for w in ("abc", "dog", "cat", "sun")
+        )
+    )
     tokenizer = demo.build_tokenizer()
     loaded = load_data(str(data), "train", tokenizer, 64, 1, 0, train_on_prompt=True)
     assert all(row["labels"] == row["input_ids"] for row in loaded.train)
@@ -96,9 +122,11 @@ def test_a_chat_template_file_or_directory_replaces_the_model_s_own(tmp_path, ca
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "upper abc", "response": "ABC"}) + "\n")
     template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}{{ m.role | upper }} {{ m.content }}{% if m.role == 'assistant' %}"
-                        "{{ eos_token }}{% else %} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT "
-                        "{% endif %}")
+    template.write_text(
+        "{% for m in messages %}{{ m.role | upper }} {{ m.content }}{% if m.role == 'assistant' %}"
+        "{{ eos_token }}{% else %} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT "
+        "{% endif %}"
+    )
     base = ["model=paca-demo-random", f"data={data}", "eval_split=0", "dry_run=true"]
     assert main([*base, f"chat_template={template}"]) == 0
     assert "USER upper abc ASSISTANT [[ABC</s>]]" in capsys.readouterr().out
@@ -129,16 +157,32 @@ def test_a_4bit_base_keeps_float32_deltas_where_trl_would_cast_them_to_bf16(task
     data = task_file
     if stage == "dpo":
         data = tmp_path / "prefs.jsonl"
-        data.write_text("".join(json.dumps({"instruction": f"upper {w}", "input": "", "chosen": w.upper(),
-                                            "rejected": w}) + "\n" for w in ["abc", "dog", "sun", "cat"] * 3))
+        data.write_text(
+            "".join(
+                json.dumps({"instruction": f"upper {w}", "input": "", "chosen": w.upper(), "rejected": w}) + "\n"
+                for w in ["abc", "dog", "sun", "cat"] * 3
+            )
+        )
     seen = []
 
     class DeltaDtypes(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             seen.extend({p.dtype for n, p in model.named_parameters() if p.requires_grad})
 
-    run(config(task_file, tmp_path / "q", f"model={base}", "method=qpaca", "max_steps=1", f"stage={stage}",
-               f"data={data}", "eval_split=0", "batch_size=4"), callbacks=[DeltaDtypes()])
+    run(
+        config(
+            task_file,
+            tmp_path / "q",
+            f"model={base}",
+            "method=qpaca",
+            "max_steps=1",
+            f"stage={stage}",
+            f"data={data}",
+            "eval_split=0",
+            "batch_size=4",
+        ),
+        callbacks=[DeltaDtypes()],
+    )
     assert seen == [torch.float32]
 
 
@@ -147,14 +191,38 @@ def test_router_aux_loss_coef_weights_the_moe_load_balancing_loss(task_file, tmp
 
     tokenizer = demo.build_tokenizer()
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=128,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     model.save_pretrained(tmp_path / "moe")
     tokenizer.save_pretrained(tmp_path / "moe")
-    first = {coef: run(config(task_file, tmp_path / f"c{coef}", f"model={tmp_path / 'moe'}", "max_steps=1",
-                              "eval_split=0", f"router_aux_loss_coef={coef}"))["first_loss"] for coef in (0, 1)}
+    first = {
+        coef: run(
+            config(
+                task_file,
+                tmp_path / f"c{coef}",
+                f"model={tmp_path / 'moe'}",
+                "max_steps=1",
+                "eval_split=0",
+                f"router_aux_loss_coef={coef}",
+            )
+        )["first_loss"]
+        for coef in (0, 1)
+    }
     # Top-2 of 4 experts: the balancing loss is num_experts_per_tok = 2 when the routing is even, near that here.
     assert 1.5 < first[1] - first[0] < 3
 
@@ -185,6 +253,7 @@ def test_a_resume_may_turn_padding_free_on_but_not_change_packing(task_file, tmp
     assert "padding_free" in RESUME_CHANGEABLE and "packing" not in RESUME_CHANGEABLE
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
+
         class KilledAfterStep3(TrainerCallback):  # checkpoint-2 is the last one written
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step == 3:
@@ -195,8 +264,13 @@ def test_a_resume_may_turn_padding_free_on_but_not_change_packing(task_file, tmp
     assert "packing: False in the run, True given" in capsys.readouterr().err
     # A run saved before a key existed had that key's default: a resume still cannot change it.
     saved = out / "train_config.yaml"
-    saved.write_text("".join(line for line in saved.read_text().splitlines(keepends=True)
-                             if not line.startswith(("packing:", "train_on_prompt:"))))
+    saved.write_text(
+        "".join(
+            line
+            for line in saved.read_text().splitlines(keepends=True)
+            if not line.startswith(("packing:", "train_on_prompt:"))
+        )
+    )
     assert main([f"output_dir={out}", "resume=true", "train_on_prompt=true"]) == 1
     assert "train_on_prompt: False in the run, True given" in capsys.readouterr().err
     assert main([f"output_dir={out}", "resume=true", "padding_free=true"]) == 0

@@ -16,9 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_trl_example_trains_sft_then_dpo_and_writes_paca_adapters(tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "trl_sft_dpo.py"), "--steps", "6",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "trl_sft_dpo.py"), "--steps", "6", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     sft = re.search(r"sft: loss ([\d.]+) -> ([\d.]+)", done.stdout)
     dpo = re.search(r"dpo: loss ([\d.]+) -> ([\d.]+), reward accuracy ([\d.]+)", done.stdout)

@@ -52,11 +52,13 @@ def read_lock(path: str) -> dict[str, str]:
 
 def write(path: str, hold: str) -> None:
     pins = installed()
-    header = [f"# The locked set-up: every distribution `make test` and `make demo` install, exact ({len(pins)}).",
-              f"# Written by `make lock` on {datetime.date.today()} with Python {sys.version.split()[0]}: the newest",
-              "# releases, torch held at 2.13.0 (a local CPU wheel; any other pulls GBs of CUDA packages)"
-              + (f", and held back: {hold}." if hold.strip() else "."),
-              "# Check newer releases with `make test-latest`; see docs/DEPENDENCIES.md."]
+    header = [
+        f"# The locked set-up: every distribution `make test` and `make demo` install, exact ({len(pins)}).",
+        f"# Written by `make lock` on {datetime.date.today()} with Python {sys.version.split()[0]}: the newest",
+        "# releases, torch held at 2.13.0 (a local CPU wheel; any other pulls GBs of CUDA packages)"
+        + (f", and held back: {hold}." if hold.strip() else "."),
+        "# Check newer releases with `make test-latest`; see docs/DEPENDENCIES.md.",
+    ]
     with open(path, "w") as f:
         f.write("\n".join(header + [f"{name}=={pins[name]}" for name in sorted(pins)]) + "\n")
     print(f"{path}: {len(pins)} pins")
@@ -65,8 +67,11 @@ def write(path: str, hold: str) -> None:
 def diff(path: str) -> int:
     """Print each distribution whose installed version is not the locked one; the count of them."""
     locked, now = read_lock(path), installed()
-    rows = [(name, locked.get(name, "-"), now.get(name, "-")) for name in sorted(locked.keys() | now.keys())
-            if locked.get(name) != now.get(name)]
+    rows = [
+        (name, locked.get(name, "-"), now.get(name, "-"))
+        for name in sorted(locked.keys() | now.keys())
+        if locked.get(name) != now.get(name)
+    ]
     if not rows:
         print(f"installed = {path} ({len(locked)} pins)")
         return 0

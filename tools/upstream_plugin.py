@@ -16,7 +16,6 @@ import sys
 
 import pytest
 
-
 IMPL = os.environ.get("PACA_UPSTREAM_IMPL", "paca")
 # The modules PEFT's tests (and peft's own lazy lookups) take PacaConfig from.
 CONFIG_HOMES = ("peft", "peft.tuners", "peft.tuners.paca", "peft.tuners.paca.config")
@@ -27,7 +26,7 @@ if IMPL == "paca":
     import paca
 
     for _name in CONFIG_HOMES:
-        setattr(importlib.import_module(_name), "PacaConfig", paca.PacaConfig)
+        importlib.import_module(_name).PacaConfig = paca.PacaConfig
 elif IMPL != "peft":
     raise ValueError(f"PACA_UPSTREAM_IMPL must be 'paca' or 'peft', not {IMPL!r}")
 
@@ -72,8 +71,12 @@ def pytest_pycollect_makeitem(collector, name, obj):
     # Called for each name of a module once it is imported, before its test classes parametrize their methods over
     # TEST_CASES (the list object the marks hold): extending that list in place adds rows to every such test.
     module = getattr(collector, "obj", None)
-    if (IMPL != "paca" or not isinstance(collector, pytest.Module) or collector.path.name != "test_custom_models.py"
-            or getattr(module, "_paca_rows", False)):
+    if (
+        IMPL != "paca"
+        or not isinstance(collector, pytest.Module)
+        or collector.path.name != "test_custom_models.py"
+        or getattr(module, "_paca_rows", False)
+    ):
         return None
     import paca
 
@@ -108,10 +111,18 @@ def pytest_collection_modifyitems(items):
     # report can list them apart (in the JUnit XML as property peft_internal).
     internal = {}
     for module in {item.module for item in items if getattr(item, "module", None)}:
-        names = {name for name, obj in vars(module).items() if name != "PacaConfig"
-                 and getattr(obj, "__module__", "").startswith("peft.tuners.paca.")}
-        names |= {name for name, obj in vars(module).items() if inspect.isfunction(obj) and not name.startswith("test")
-                  and any(re.search(rf"\b{n}\b", _source(obj)) for n in names)}
+        names = {
+            name
+            for name, obj in vars(module).items()
+            if name != "PacaConfig" and getattr(obj, "__module__", "").startswith("peft.tuners.paca.")
+        }
+        names |= {
+            name
+            for name, obj in vars(module).items()
+            if inspect.isfunction(obj)
+            and not name.startswith("test")
+            and any(re.search(rf"\b{n}\b", _source(obj)) for n in names)
+        }
         internal[module] = names
     for item in items:
         src = _source(getattr(item, "function", None))
@@ -149,8 +160,12 @@ def _model_id(item, excinfo):
     url = re.search(rf"huggingface\.co/({REPO_ID}?)/resolve/", text)
     params = getattr(getattr(item, "callspec", None), "params", {})
     quoted = re.search(rf"'({REPO_ID})'", text)
-    for value in [url and url.group(1), params.get("model_id"), getattr(item.cls, "model_id", None),
-                  quoted and quoted.group(1)]:
+    for value in [
+        url and url.group(1),
+        params.get("model_id"),
+        getattr(item.cls, "model_id", None),
+        quoted and quoted.group(1),
+    ]:
         if isinstance(value, str) and re.fullmatch(REPO_ID, value):
             return value
     return None

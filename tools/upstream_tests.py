@@ -33,11 +33,18 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-
 TOOLS = Path(__file__).resolve().parent
-FILES = ["test_paca.py", "test_config.py", "test_custom_models.py", "test_initialization.py",
-         "test_decoder_models.py", "test_encoder_decoder_models.py", "test_feature_extraction_models.py",
-         "test_seq_classifier.py", "test_lora_conversion.py"]
+FILES = [
+    "test_paca.py",
+    "test_config.py",
+    "test_custom_models.py",
+    "test_initialization.py",
+    "test_decoder_models.py",
+    "test_encoder_decoder_models.py",
+    "test_feature_extraction_models.py",
+    "test_seq_classifier.py",
+    "test_lora_conversion.py",
+]
 # What these files import at module level beyond paca's own requirements (tests/testing_common.py: diffusers,
 # test_initialization.py: scipy); without them collection fails. Versions tried with peft 0.22.0.
 TEST_DEPS = {"diffusers": "diffusers==0.42.1", "scipy": "scipy==1.17.1"}
@@ -55,8 +62,20 @@ def fetch_tests(cache: Path, version: str) -> Path:
         return root
     sdist = cache / f"peft-{version}.tar.gz"
     if not sdist.exists():
-        sh(sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", f"peft=={version}",
-           "-d", cache, check=True)
+        sh(
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            f"peft=={version}",
+            "-d",
+            cache,
+            check=True,
+        )
     tmp = cache / f".unpack-{os.getpid()}"
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp, filter="data")
@@ -67,13 +86,35 @@ def fetch_tests(cache: Path, version: str) -> Path:
 
 def run(impl: str, root: Path, results: Path, extra: list) -> float:
     partial = results.with_suffix(".partial")
-    env = dict(os.environ, PACA_UPSTREAM_IMPL=impl, HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(TOOLS), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PACA_UPSTREAM_IMPL=impl,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(TOOLS), os.environ.get("PYTHONPATH")])),
+    )
     # -o addopts=: the sdist's pyproject adds --cov (pytest-cov); its markers and filterwarnings still apply.
     # --import-mode=importlib: the sdist drops tests/__init__.py, which the tests' relative imports need.
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "upstream_plugin", "-o", "addopts=",
-           "--import-mode=importlib", "-q", "-rfE", "--disable-warnings", "--junitxml", partial, "-k", "paca",
-           *[f"tests/{f}" for f in FILES], *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "upstream_plugin",
+        "-o",
+        "addopts=",
+        "--import-mode=importlib",
+        "-q",
+        "-rfE",
+        "--disable-warnings",
+        "--junitxml",
+        partial,
+        "-k",
+        "paca",
+        *[f"tests/{f}" for f in FILES],
+        *extra,
+    ]
     start = time.monotonic()
     rc = sh(*cmd, cwd=root, env=env).returncode
     if rc not in (0, 1):  # 0: all passed, 1: some failed; anything else means the run itself broke
@@ -152,12 +193,16 @@ def main():
     broken = sorted(t for t, o in extra.items() if o in ("failed", "errors"))
     if extra:
         counts = {k: sum(1 for o in extra.values() if o == k) for k in ("passed", "failed", "skipped", "errors")}
-        print(f"\nPEFT's generic tests on layers only paca tunes (Conv1D, Conv1d/2d/3d, grouped): "
-              + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        print(
+            "\nPEFT's generic tests on layers only paca tunes (Conv1D, Conv1d/2d/3d, grouped): "
+            + ", ".join(f"{v} {k}" for k, v in counts.items())
+        )
         print("\n".join(f"  {t}: {mine[t][1]}" for t in broken))
     passing = sorted(t for t, (o, _, internal) in mine.items() if internal and o == "passed")
     if passing:
-        print(f"\n{len(passing)} pass on paca but use PEFT's PaCA internals: there they test PEFT's code (or nothing):")
+        print(
+            f"\n{len(passing)} pass on paca but use PEFT's PaCA internals: there they test PEFT's code (or nothing):"
+        )
         print("\n".join(f"  {t}  [{mine[t][2]}]" for t in passing))
     return 1 if gap or broken else 0
 

@@ -15,5 +15,14 @@ from .tuner import PacaConfig, PacaLayer, PacaModel  # noqa: E402
 from .tuner.model import paca_layers, restore_base_weights  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["PacaConfig", "PacaLayer", "PacaModel", "add_weighted_adapter", "paca_layers", "restore_base_weights",
-           "select_by_gradient", "switch_adapter", "__version__"]
+__all__ = [
+    "PacaConfig",
+    "PacaLayer",
+    "PacaModel",
+    "add_weighted_adapter",
+    "paca_layers",
+    "restore_base_weights",
+    "select_by_gradient",
+    "switch_adapter",
+    "__version__",
+]

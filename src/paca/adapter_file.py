@@ -35,8 +35,9 @@ def _check_safetensors_header(path: str) -> None:
             raise AdapterFileError(f"{path}: truncated adapter file ({size} bytes, no safetensors header).")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
-            raise AdapterFileError(f"{path}: truncated or corrupted adapter file (header says {header_len} bytes, "
-                                   f"file has {size}).")
+            raise AdapterFileError(
+                f"{path}: truncated or corrupted adapter file (header says {header_len} bytes, file has {size})."
+            )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -44,11 +45,14 @@ def _check_safetensors_header(path: str) -> None:
     try:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (AttributeError, KeyError, IndexError, TypeError, ValueError):
-        raise AdapterFileError(f"{path}: corrupted adapter file (the header is not a table of tensors with "
-                               "data_offsets).") from None
+        raise AdapterFileError(
+            f"{path}: corrupted adapter file (the header is not a table of tensors with data_offsets)."
+        ) from None
     if 8 + header_len + end > size:
-        raise AdapterFileError(f"{path}: truncated adapter file: tensors need {8 + header_len + end} bytes, the "
-                               f"file has {size}. Save it again.")
+        raise AdapterFileError(
+            f"{path}: truncated adapter file: tensors need {8 + header_len + end} bytes, the "
+            f"file has {size}. Save it again."
+        )
 
 
 def _read_tensors(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -70,8 +74,10 @@ def _read_tensors(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise AdapterFileError(f"{pickled}: not a dict of tensors (a PEFT adapter_model.bin holds one).")
         return pickled, tensors
-    raise AdapterFileError(f"{path}: adapter weights not found (expected {WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME} in "
-                           f"{directory}).", missing=True)
+    raise AdapterFileError(
+        f"{path}: adapter weights not found (expected {WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME} in {directory}).",
+        missing=True,
+    )
 
 
 def load_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -94,13 +100,16 @@ def load_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
             raise AdapterFileError(f"{path}: '{key}' has no matching '{idx_key}'.")
         experts = bool(projection)
         if delta.dim() < (3 if experts else 2):
-            raise AdapterFileError(f"{path}: '{key}' must have at least {3 if experts else 2} dimensions, got "
-                                   f"{tuple(delta.shape)}.")
+            raise AdapterFileError(
+                f"{path}: '{key}' must have at least {3 if experts else 2} dimensions, got {tuple(delta.shape)}."
+            )
         try:
             if experts:
                 if idx.dim() != 2 or idx.shape[0] != delta.shape[0]:
-                    raise ValueError(f"{path}: '{idx_key}' must have one row per expert ({delta.shape[0]}), got "
-                                     f"shape {tuple(idx.shape)}.")
+                    raise ValueError(
+                        f"{path}: '{idx_key}' must have one row per expert ({delta.shape[0]}), got "
+                        f"shape {tuple(idx.shape)}."
+                    )
                 for e in range(idx.shape[0]):
                     check_indices(idx[e], d_in=None, r=delta.shape[2], where=f"{path}: '{idx_key}' expert {e}")
             else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Optional
 
 COMMANDS = {
     "train": ("paca.train.cli", "fine-tune a model from a YAML config (no arguments: the built-in demo)"),
@@ -29,7 +28,7 @@ def _version_or_none(name: str) -> str:
         return "not installed"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -37,8 +36,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[0] in ("-V", "--version"):
         from importlib.metadata import version
 
-        print(f"paca {version('paca')} (torch {version('torch')}, transformers {version('transformers')}, "
-              f"peft {version('peft')}, trl {_version_or_none('trl')})")
+        print(
+            f"paca {version('paca')} (torch {version('torch')}, transformers {version('transformers')}, "
+            f"peft {version('peft')}, trl {_version_or_none('trl')})"
+        )
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -28,8 +27,9 @@ from .adapter_file import WEIGHTS_NAME, load_adapter_tensors, read_adapter_confi
 from .modeling import load_model
 
 
-def lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float, in_features: int,
-                 kernel_size: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(
+    delta: torch.Tensor, idx: torch.Tensor, scale: float, in_features: int, kernel_size: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA ``(A, B)`` with ``B @ A`` equal to the dense PaCA delta.
 
     Args:
@@ -58,8 +58,9 @@ def lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float, in_featur
     return a.reshape(rank, in_features, *kernel_size), b.reshape(*b.shape, *(1,) * len(kernel_size))
 
 
-def expert_lora_factors(delta: torch.Tensor, idx: torch.Tensor, scale: float,
-                        in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_lora_factors(
+    delta: torch.Tensor, idx: torch.Tensor, scale: float, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA ``(A, B)`` of fused experts in PEFT's target_parameters layout, equal to the per-expert column deltas.
 
     PEFT's ``ParamWrapper`` reads ``A`` ``(E * r, d_in)`` as ``(E, r, d_in)`` (expert-major rows) and ``B``
@@ -84,7 +85,7 @@ def _param_wrapper_paths(name: str, module: torch.nn.Module, projections: list[s
     return {p: name + ".base_layer" * (len(ordered) - 1 - i) for i, p in enumerate(ordered)}
 
 
-def _targets_peft_refuses(lora_config, model) -> Optional[tuple[str, str]]:
+def _targets_peft_refuses(lora_config, model) -> tuple[str, str] | None:
     """(target, PEFT's reason) for the first exported target plain PEFT would refuse to load (Mamba's out_proj,
     whose fused kernel reads the weight directly), else None."""
     from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
@@ -101,14 +102,19 @@ def _targets_peft_refuses(lora_config, model) -> Optional[tuple[str, str]]:
 _LORA_BIAS = {"none": "none", "all": "all", "paca_only": "lora_only"}
 
 
-def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> str:
+def export_lora(adapter_dir: str, out_dir: str, base: str | None = None) -> str:
     """Write an exact PEFT LoRA adapter equivalent to the PaCA adapter in ``adapter_dir``."""
     config = read_adapter_config(adapter_dir)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "PACA":
-        raise ValueError(f"{adapter_dir}: adapter_config.json holds a {peft_type or 'untyped'} adapter, not PaCA; "
-                         + ("it is already a PEFT LoRA adapter, which serving engines load as it is."
-                            if peft_type == "LORA" else "--to lora converts PaCA adapters only."))
+        raise ValueError(
+            f"{adapter_dir}: adapter_config.json holds a {peft_type or 'untyped'} adapter, not PaCA; "
+            + (
+                "it is already a PEFT LoRA adapter, which serving engines load as it is."
+                if peft_type == "LORA"
+                else "--to lora converts PaCA adapters only."
+            )
+        )
     from .tuner.config import layer_r_and_alpha
     from .tuner.router import is_router
 
@@ -129,13 +135,22 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         module = modules.get(name)
         if module is None:
             raise ValueError(f"{adapter_dir}: module '{name}' of the adapter is not in base model '{base}'.")
-        r, alpha = layer_r_and_alpha(int(config["r"]), float(config["paca_alpha"]), config.get("rank_pattern"),
-                                     config.get("alpha_pattern"), name)
+        r, alpha = layer_r_and_alpha(
+            int(config["r"]),
+            float(config["paca_alpha"]),
+            config.get("rank_pattern"),
+            config.get("alpha_pattern"),
+            name,
+        )
         paths = _param_wrapper_paths(prefix, module, projections)
         for projection in projections:
             in_features = getattr(module, projection).shape[1 if module.is_transposed else 2]
-            a, b = expert_lora_factors(tensors[f"{prefix}.paca_delta.{projection}"],
-                                       tensors[f"{prefix}.paca_indices.{projection}"], alpha / r, in_features)
+            a, b = expert_lora_factors(
+                tensors[f"{prefix}.paca_delta.{projection}"],
+                tensors[f"{prefix}.paca_indices.{projection}"],
+                alpha / r,
+                in_features,
+            )
             lora_tensors[f"{paths[projection]}.lora_A.weight"] = a.contiguous()
             lora_tensors[f"{paths[projection]}.lora_B.weight"] = b.contiguous()
             target_parameters.append(f"{name}.{projection}")
@@ -155,17 +170,26 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
         if module is None:
             raise ValueError(f"{adapter_dir}: module '{name}' of the adapter is not in base model '{base}'.")
         idx = tensors[prefix + ".paca_indices"]
-        r, alpha = layer_r_and_alpha(int(config["r"]), float(config["paca_alpha"]), config.get("rank_pattern"),
-                                     config.get("alpha_pattern"), name)
+        r, alpha = layer_r_and_alpha(
+            int(config["r"]),
+            float(config["paca_alpha"]),
+            config.get("rank_pattern"),
+            config.get("alpha_pattern"),
+            name,
+        )
         scale = alpha / r  # the layer's scale (a layer narrower than r keeps it too)
         is_conv = isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
         if is_conv and module.groups != 1:
-            raise ValueError(f"{adapter_dir}: module '{name}' is a grouped convolution (groups={module.groups}), whose "
-                             "column delta has no exact LoRA form in PEFT; export --to merged instead.")
+            raise ValueError(
+                f"{adapter_dir}: module '{name}' is a grouped convolution (groups={module.groups}), whose "
+                "column delta has no exact LoRA form in PEFT; export --to merged instead."
+            )
         is_conv1d = type(module).__name__ == "Conv1D"
         if targets and fan_in_fan_out != is_conv1d:
-            raise ValueError(f"{adapter_dir}: the adapter tunes both transformers Conv1D and other layers; a LoRA "
-                             "config has one fan_in_fan_out for all of them. Export --to merged instead.")
+            raise ValueError(
+                f"{adapter_dir}: the adapter tunes both transformers Conv1D and other layers; a LoRA "
+                "config has one fan_in_fan_out for all of them. Export --to merged instead."
+            )
         fan_in_fan_out = is_conv1d
         in_features = module.weight.shape[0] if is_conv1d else module.weight.shape[1]
         a, b = lora_factors(delta, idx, scale, in_features, tuple(module.kernel_size) if is_conv else ())
@@ -183,23 +207,33 @@ def export_lora(adapter_dir: str, out_dir: str, base: Optional[str] = None) -> s
 
     ranks = sorted(set(rank_pattern.values()))
     lora_config = LoraConfig(
-        r=ranks[0], lora_alpha=ranks[0], target_modules=targets, target_parameters=target_parameters or None,
+        r=ranks[0],
+        lora_alpha=ranks[0],
+        target_modules=targets,
+        target_parameters=target_parameters or None,
         lora_dropout=0.0,
         bias=_LORA_BIAS[config.get("bias", "none")],
-        fan_in_fan_out=fan_in_fan_out, task_type=config.get("task_type"), base_model_name_or_path=base,
+        fan_in_fan_out=fan_in_fan_out,
+        task_type=config.get("task_type"),
+        base_model_name_or_path=base,
         modules_to_save=config.get("modules_to_save"),
         rank_pattern={k: v for k, v in rank_pattern.items() if v != ranks[0]},
-        alpha_pattern={k: v for k, v in alpha_pattern.items() if v != ranks[0]})
+        alpha_pattern={k: v for k, v in alpha_pattern.items() if v != ranks[0]},
+    )
     refused = _targets_peft_refuses(lora_config, model)
     if refused:
-        raise ValueError(f"{adapter_dir}: plain PEFT refuses LoRA on '{refused[0]}' of this "
-                         f"{model.config.model_type} model ({refused[1]}); export --to merged instead.")
+        raise ValueError(
+            f"{adapter_dir}: plain PEFT refuses LoRA on '{refused[0]}' of this "
+            f"{model.config.model_type} model ({refused[1]}); export --to merged instead."
+        )
     moved = _targets_peft_would_move(lora_config, model)
     if moved:
-        raise ValueError(f"{adapter_dir}: plain PEFT would load {len(moved)} of the exported LoRA targets (e.g. "
-                         f"'{moved[0]}') as fused expert parameters of this {model.config.model_type} model (its "
-                         "transformers v4 -> v5 MoE conversion takes any name ending in gate_proj / up_proj / "
-                         "down_proj for an expert), silently dropping their deltas; export --to merged instead.")
+        raise ValueError(
+            f"{adapter_dir}: plain PEFT would load {len(moved)} of the exported LoRA targets (e.g. "
+            f"'{moved[0]}') as fused expert parameters of this {model.config.model_type} model (its "
+            "transformers v4 -> v5 MoE conversion takes any name ending in gate_proj / up_proj / "
+            "down_proj for an expert), silently dropping their deltas; export --to merged instead."
+        )
     with _atomic_dir(out_dir) as tmp:
         lora_config.save_pretrained(tmp)
         save_file(lora_tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -217,11 +251,13 @@ def _targets_peft_would_move(lora_config, model) -> list[str]:
     return sorted(set(lora_config.target_modules) - set(probe.target_modules or ()))
 
 
-def export_merged(adapter_dir: str, out_dir: str, base: Optional[str] = None,
-                  dtype: Optional[torch.dtype] = None) -> str:
+def export_merged(
+    adapter_dir: str, out_dir: str, base: str | None = None, dtype: torch.dtype | None = None
+) -> str:
     """Write the base model with the tuned columns merged in, as a plain transformers model directory."""
-    import paca  # noqa: F401  (registers PaCA with PEFT)
     from peft import PeftModel
+
+    import paca  # noqa: F401  (registers PaCA with PEFT)
 
     config = read_adapter_config(adapter_dir)
     base = base or config.get("base_model_name_or_path")
@@ -267,7 +303,7 @@ class _atomic_dir:
         os.replace(self.tmp, self.path)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paca export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="directory of a saved PaCA adapter")
     parser.add_argument("--to", required=True, choices=["merged", "lora"], help="output format")

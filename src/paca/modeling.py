@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ _AUTO_CLASS_BY_TASK = {
 }
 
 
-def auto_class(task_type: Optional[str], config=None):
+def auto_class(task_type: str | None, config=None):
     """The transformers class for a PEFT task type; without one, the architecture the model was saved with.
 
     A vision-language model (Qwen2-VL, LLaVA) tuned with ``task_type="CAUSAL_LM"``, as TRL's recipes do, has no
@@ -39,8 +38,13 @@ def auto_class(task_type: Optional[str], config=None):
     return getattr(transformers, name or "AutoModel")
 
 
-def load_model(name_or_path: str, task_type: Optional[str] = "CAUSAL_LM", dtype: Optional[torch.dtype] = None,
-               empty: bool = False, **kwargs) -> nn.Module:
+def load_model(
+    name_or_path: str,
+    task_type: str | None = "CAUSAL_LM",
+    dtype: torch.dtype | None = None,
+    empty: bool = False,
+    **kwargs,
+) -> nn.Module:
     """Load a pretrained model from a local directory or the hub cache.
 
     Args:

@@ -16,8 +16,6 @@ once to the compute dtype as 16-bit PaCA does into its weight. ``D`` (``d_out x 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,8 +29,9 @@ SUPPORTED_QUANTIZATION = "bitsandbytes 4-bit (BitsAndBytesConfig(load_in_4bit=Tr
 
 def is_bnb_4bit(module: nn.Module) -> bool:
     """Whether ``module`` is a bitsandbytes 4-bit linear layer (Linear4bit, LinearNF4, LinearFP4)."""
-    return (type(module).__module__.startswith("bitsandbytes")
-            and any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__))
+    return type(module).__module__.startswith("bitsandbytes") and any(
+        cls.__name__ == "Linear4bit" for cls in type(module).__mro__
+    )
 
 
 def import_bitsandbytes(where: str):
@@ -40,12 +39,13 @@ def import_bitsandbytes(where: str):
     try:
         import bitsandbytes
     except ImportError:
-        raise ImportError(f"{where} is quantized to 4 bits with bitsandbytes, but bitsandbytes is not installed; "
-                          f"{INSTALL_HINT}.") from None
+        raise ImportError(
+            f"{where} is quantized to 4 bits with bitsandbytes, but bitsandbytes is not installed; {INSTALL_HINT}."
+        ) from None
     return bitsandbytes
 
 
-def _quantization_config(model: nn.Module) -> Optional[dict]:
+def _quantization_config(model: nn.Module) -> dict | None:
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if config is None:
         return None
@@ -69,8 +69,10 @@ def check_quantization(model: nn.Module) -> None:
         import_bitsandbytes(f"model {name}")
         return
     what = "bitsandbytes 8-bit (LLM.int8)" if method == "bitsandbytes" else f"quant_method='{method}'"
-    raise ValueError(f"PaCA cannot tune model {name} quantized with {what}; supported: {SUPPORTED_QUANTIZATION} or "
-                     "an unquantized model (16/32-bit).")
+    raise ValueError(
+        f"PaCA cannot tune model {name} quantized with {what}; supported: {SUPPORTED_QUANTIZATION} or "
+        "an unquantized model (16/32-bit)."
+    )
 
 
 def dequantize(weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -80,8 +82,9 @@ def dequantize(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
-def _forward_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                  scale: float) -> Tensor:
+def _forward_4bit(
+    x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor, idx: Tensor, scale: float
+) -> Tensor:
     dense = dequantize(weight, x.dtype)  # (d_out, d_in), transient: freed on return
     return F.linear(x, write_into_copy(dense, delta, idx, scale, 1), bias)  # (..., d_out)
 
@@ -90,8 +93,9 @@ class PartialLinear4bitFunction(torch.autograd.Function):
     """``y = x W^T + b`` with ``W = deq(Q)``, ``W[:, idx] += scale * delta``; keeps only ``x[..., idx]`` and ``Q``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                scale: float) -> Tensor:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor, idx: Tensor, scale: float
+    ) -> Tensor:
         y = _forward_4bit(x, weight, bias, delta, idx, scale)
         x_selected = x.index_select(-1, idx) if delta.requires_grad else None  # (..., r)
         ctx.save_for_backward(x_selected, weight, delta, idx)  # weight: the packed 4-bit parameter itself
@@ -117,8 +121,9 @@ class PartialLinear4bitFunction(torch.autograd.Function):
 _partial_linear_4bit_eager = eager_apply(PartialLinear4bitFunction)
 
 
-def partial_linear_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                        scale: float) -> Tensor:
+def partial_linear_4bit(
+    x: Tensor, weight: Tensor, bias: Tensor | None, delta: Tensor, idx: Tensor, scale: float
+) -> Tensor:
     """Linear layer over a packed 4-bit ``weight`` (bitsandbytes ``Params4bit``) with columns ``idx`` tuned.
 
     Args:

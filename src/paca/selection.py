@@ -16,14 +16,12 @@ import math
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def layer_seed(random_seed: Optional[int], key: str) -> Optional[int]:
+def layer_seed(random_seed: int | None, key: str) -> int | None:
     """PEFT's per-layer seed: ``(random_seed + crc32(key)) % 2**63`` for the module key (e.g.
     ``model.layers.0.self_attn.q_proj``); None (the global RNG) when ``random_seed`` is None."""
     if random_seed is None:
@@ -31,7 +29,7 @@ def layer_seed(random_seed: Optional[int], key: str) -> Optional[int]:
     return (random_seed + zlib.crc32(key.encode("utf-8"))) % (2**63)
 
 
-def random_columns(d_in: int, r: int, random_seed: Optional[int], key: str) -> Tensor:
+def random_columns(d_in: int, r: int, random_seed: int | None, key: str) -> Tensor:
     """``r`` distinct columns of ``range(d_in)`` drawn uniformly, sorted: ``randperm(d_in)[:r]`` from
     :func:`layer_seed`'s generator, so the same config picks the same columns as PEFT's own PaCA."""
     seed = layer_seed(random_seed, key)
@@ -49,13 +47,16 @@ def weight_norm_columns(weight: Tensor, r: int, in_dim: int) -> Tensor:
 def check_indices(idx: Tensor, d_in: int | None, r: int, where: str) -> None:
     """Raise ValueError unless ``idx`` holds ``r`` sorted, unique integers in ``[0, d_in)`` (``d_in`` None: unknown)."""
     if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1:
-        raise ValueError(f"{where}: paca_indices must be a 1-D integer tensor, got {idx.dtype} of shape "
-                         f"{tuple(idx.shape)}.")
+        raise ValueError(
+            f"{where}: paca_indices must be a 1-D integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}."
+        )
     if idx.numel() != r:
         raise ValueError(f"{where}: {idx.numel()} paca_indices for r={r}.")
     if r and (int(idx.min()) < 0 or (d_in is not None and int(idx.max()) >= d_in)):
-        raise ValueError(f"{where}: paca_indices out of range for an input dimension of {d_in} "
-                         f"(min {int(idx.min())}, max {int(idx.max())}).")
+        raise ValueError(
+            f"{where}: paca_indices out of range for an input dimension of {d_in} "
+            f"(min {int(idx.min())}, max {int(idx.max())})."
+        )
     if r > 1 and not bool((idx[1:] > idx[:-1]).all()):
         raise ValueError(f"{where}: paca_indices must be sorted and unique (found duplicates or disorder).")
 
@@ -70,15 +71,17 @@ ATTENTION_OUTPUT_NAMES = frozenset({"o_proj", "out_proj", "c_proj", "dense", "wo
 FFN_DOWN_NAMES = frozenset({"down_proj", "c_proj", "fc2", "w2", "dense_4h_to_h", "wo", "fc_out", "lin2"})
 
 
-def structured_columns(d_in: int, r: int, block: int, seed: Optional[int], layer_name: str) -> Tensor:
+def structured_columns(d_in: int, r: int, block: int, seed: int | None, layer_name: str) -> Tensor:
     """``r // block`` whole blocks of ``block`` consecutive columns, drawn at random (seeded like random_columns).
 
     With ``block = head_dim`` on an attention output projection, block ``h`` is head ``h``'s columns
     ``[h * head_dim, (h + 1) * head_dim)``; with ``block = 1`` every column is its own channel.
     """
     if block <= 0 or d_in % block or r % block:
-        raise ValueError(f"module '{layer_name}': structured selection needs r={r} and d_in={d_in} to be multiples "
-                         f"of the block size {block}.")
+        raise ValueError(
+            f"module '{layer_name}': structured selection needs r={r} and d_in={d_in} to be multiples "
+            f"of the block size {block}."
+        )
     blocks = random_columns(d_in // block, r // block, seed, layer_name)  # (r / block,) chosen heads
     return (blocks[:, None] * block + torch.arange(block)).reshape(-1)  # sorted: blocks sorted, offsets ascending
 
@@ -94,21 +97,27 @@ def attention_layout(model_config, where: str) -> tuple[int, int]:
         ValueError: if the config has no attention layout.
     """
     if model_config is None:
-        raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the model has no "
-                         "config (num_attention_heads, head_dim). Use selection='random' or 'weight_norm'.")
+        raise ValueError(
+            f"{where}: selection='structured' cannot find the attention layout: the model has no "
+            "config (num_attention_heads, head_dim). Use selection='random' or 'weight_norm'."
+        )
     config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int) or heads <= 0:
-        raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the model config "
-                         f"({type(config).__name__}) has no num_attention_heads. Use selection='random' or "
-                         "'weight_norm' for this model.")
+        raise ValueError(
+            f"{where}: selection='structured' cannot find the attention layout: the model config "
+            f"({type(config).__name__}) has no num_attention_heads. Use selection='random' or "
+            "'weight_norm' for this model."
+        )
     head_dim = getattr(config, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim <= 0:
         hidden = getattr(config, "hidden_size", None)
         if not isinstance(hidden, int) or hidden % heads:
-            raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the model config "
-                             f"({type(config).__name__}) has no head_dim and hidden_size={hidden} is not a multiple "
-                             f"of num_attention_heads={heads}.")
+            raise ValueError(
+                f"{where}: selection='structured' cannot find the attention layout: the model config "
+                f"({type(config).__name__}) has no head_dim and hidden_size={hidden} is not a multiple "
+                f"of num_attention_heads={heads}."
+            )
         head_dim = hidden // heads
     return heads, head_dim
 
@@ -133,8 +142,9 @@ def _input_width(module: nn.Module) -> int:
     return getattr(module, "in_channels", 0)
 
 
-def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name: str, target_name: str,
-                            parent: nn.Module, target: nn.Module) -> dict:
+def structured_layer_kwargs(
+    model_config, r: int, paca_alpha: float, layer_name: str, target_name: str, parent: nn.Module, target: nn.Module
+) -> dict:
     """``update_layer`` keyword arguments of one layer under ``selection='structured'``.
 
     - attention output projection (o_proj, GPT-2 attn.c_proj, ...): whole heads. ``r`` counts columns and is
@@ -157,28 +167,36 @@ def structured_layer_kwargs(model_config, r: int, paca_alpha: float, layer_name:
         return dict(selection_strategy="structured", column_block=1)
     if role == "hidden_input":
         # One warning per layer kind (same text for every block), not per layer.
-        warnings.warn(f"selection='structured': '{target_name}' layers read the hidden state, which has no head or "
-                      "channel structure; their columns are chosen at random. Structured selection applies to "
-                      "attention output (o_proj) and FFN down (down_proj) projections.", stacklevel=2)
+        warnings.warn(
+            f"selection='structured': '{target_name}' layers read the hidden state, which has no head or "
+            "channel structure; their columns are chosen at random. Structured selection applies to "
+            "attention output (o_proj) and FFN down (down_proj) projections.",
+            stacklevel=2,
+        )
         return dict(selection_strategy="random")
     heads, head_dim = attention_layout(model_config, where)
     d_in = _input_width(target)
     if d_in != heads * head_dim:
-        raise ValueError(f"{where}: selection='structured' cannot find the attention layout: the layer reads {d_in} "
-                         f"columns but the config gives num_attention_heads * head_dim = {heads} * {head_dim} = "
-                         f"{heads * head_dim}. Use selection='random' for this model.")
+        raise ValueError(
+            f"{where}: selection='structured' cannot find the attention layout: the layer reads {d_in} "
+            f"columns but the config gives num_attention_heads * head_dim = {heads} * {head_dim} = "
+            f"{heads * head_dim}. Use selection='random' for this model."
+        )
     n_heads = min(heads, max(1, math.floor(r / head_dim + 0.5)))
     r_layer = n_heads * head_dim
     if r_layer != r:
-        warnings.warn(f"selection='structured': '{target_name}' layers tune whole heads of {head_dim} columns; r={r} "
-                      f"is rounded to {n_heads} head(s) = {r_layer} columns.", stacklevel=2)
-    return dict(r=r_layer, paca_alpha=paca_alpha * r_layer / r, selection_strategy="structured",
-                column_block=head_dim)
+        warnings.warn(
+            f"selection='structured': '{target_name}' layers tune whole heads of {head_dim} columns; r={r} "
+            f"is rounded to {n_heads} head(s) = {r_layer} columns.",
+            stacklevel=2,
+        )
+    return dict(r=r_layer, paca_alpha=paca_alpha * r_layer / r, selection_strategy="structured", column_block=head_dim)
 
 
 # ----------------------------------------------------------------------------------------------------
 # gradient: accumulated squared gradient of the loss w.r.t. each input column, over a calibration pass
 # ----------------------------------------------------------------------------------------------------
+
 
 def _weight_grad(layer, x: Tensor, grad: Tensor) -> Tensor:
     """``dL/dW`` of one layer call in float32: ``(d_out, d_in)``, or the weight's shape for a convolution."""
@@ -186,8 +204,9 @@ def _weight_grad(layer, x: Tensor, grad: Tensor) -> Tensor:
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         from .ops.conv import conv_weight_grad
 
-        return conv_weight_grad(x.float(), base.weight.shape, grad.float(), base.stride, layer.padding, base.dilation,
-                                base.groups)
+        return conv_weight_grad(
+            x.float(), base.weight.shape, grad.float(), base.stride, layer.padding, base.dilation, base.groups
+        )
     x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d_in)
     g2 = grad.reshape(-1, grad.shape[-1]).float()  # (N, d_out)
     return g2.t() @ x2
@@ -203,8 +222,13 @@ def _response_tokens(batch: Mapping) -> Tensor:
     return (batch["labels"][..., 1:] != -100).sum()
 
 
-def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], steps: int = 100,
-                       adapter_name: Optional[str] = None, accumulate: int = 1) -> dict[str, Tensor]:
+def select_by_gradient(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    steps: int = 100,
+    adapter_name: str | None = None,
+    accumulate: int = 1,
+) -> dict[str, Tensor]:
     """Set each PaCA layer's columns to the ``r`` with the largest accumulated squared gradient.
 
         score_j = sum_{steps} sum_i (dL/dW_ij)^2,    idx = sorted(argtop_r score)
@@ -252,11 +276,17 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
 
     # MoE experts and routers (tokens routed, outputs not one tensor) keep their seeded random columns.
     kept = [m.layer_name for m in model.modules() if isinstance(m, (Experts, Router)) and adapter_name in m.paca_delta]
-    layers = [m for m in model.modules() if isinstance(m, PacaLayer) and not isinstance(m, Router)
-              and adapter_name in m.paca_delta]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, PacaLayer) and not isinstance(m, Router) and adapter_name in m.paca_delta
+    ]
     if kept:
-        warnings.warn(f"select_by_gradient: {len(kept)} MoE experts / router module(s) (e.g. '{kept[0]}') keep their "
-                      "seeded random columns; gradient selection covers linear and convolution layers.", stacklevel=2)
+        warnings.warn(
+            f"select_by_gradient: {len(kept)} MoE experts / router module(s) (e.g. '{kept[0]}') keep their "
+            "seeded random columns; gradient selection covers linear and convolution layers.",
+            stacklevel=2,
+        )
     if not layers:
         raise ValueError(f"select_by_gradient: the model has no PaCA layer with adapter '{adapter_name}'.")
     scores = {layer: torch.zeros(layer.in_features, dtype=torch.float32) for layer in layers}
@@ -280,8 +310,10 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
 
     def micro_batch(index: int, batch) -> dict:
         if not isinstance(batch, Mapping) or batch.get("labels") is None:
-            raise ValueError(f"select_by_gradient: calibration batch {index} has no 'labels'; pass dicts "
-                             "with input_ids and labels so the model returns a loss.")
+            raise ValueError(
+                f"select_by_gradient: calibration batch {index} has no 'labels'; pass dicts "
+                "with input_ids and labels so the model returns a loss."
+            )
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     hooks = [layer.register_forward_hook(record) for layer in layers]
@@ -291,17 +323,20 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
             d.requires_grad_(True)  # gradients must reach every layer output, even of a frozen adapter
         with torch.enable_grad():
             while used < steps:
-                group = [micro_batch(used * accumulate + i, b)
-                         for i, b in enumerate(itertools.islice(stream, accumulate))]
+                group = [
+                    micro_batch(used * accumulate + i, b) for i, b in enumerate(itertools.islice(stream, accumulate))
+                ]
                 if not group:
                     break
                 extra = {"num_items_in_batch": sum(_response_tokens(b) for b in group)} if accumulate > 1 else {}
                 for i, batch in enumerate(group):
                     loss = getattr(model(**batch, **extra), "loss", None)
                     if loss is None:
-                        raise ValueError(f"select_by_gradient: the model returned no loss for calibration batch "
-                                         f"{used * accumulate + i}; is it a model with a loss head (e.g. "
-                                         "*ForCausalLM)?")
+                        raise ValueError(
+                            f"select_by_gradient: the model returned no loss for calibration batch "
+                            f"{used * accumulate + i}; is it a model with a loss head (e.g. "
+                            "*ForCausalLM)?"
+                        )
                     loss.backward(inputs=deltas)  # only the deltas accumulate: no other parameter's .grad changes
                 for layer, grad_w in step_grads.items():
                     scores[layer].add_(_column_scores(grad_w).cpu())
@@ -319,8 +354,10 @@ def select_by_gradient(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]
     for layer in layers:
         score = scores[layer]
         if not bool((score > 0).any()):
-            raise ValueError(f"select_by_gradient: no gradient reached module '{layer.layer_name}' in {used} "
-                             "calibration steps; is the layer used by the model's forward?")
+            raise ValueError(
+                f"select_by_gradient: no gradient reached module '{layer.layer_name}' in {used} "
+                "calibration steps; is the layer used by the model's forward?"
+            )
         idx = score.topk(layer.r[adapter_name]).indices.sort().values
         layer.set_indices(adapter_name, idx)
         chosen[layer.layer_name] = idx

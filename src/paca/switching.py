@@ -63,8 +63,9 @@ def switch_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.merge(adapter_names=[adapter_name])
 
 
-def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float],
-                         adapter_name: str) -> None:
+def add_weighted_adapter(
+    model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
+) -> None:
     """Add adapter ``adapter_name`` equal to ``sum_a weights[a] * adapters[a]``, exactly.
 
     In each layer the new adapter tunes the union of the adapters' columns; columns several adapters
@@ -81,28 +82,37 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     adapters = list(adapters)
     weights = [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
-        raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; pass one "
-                         "weight per adapter.")
+        raise ValueError(
+            f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; pass one weight per adapter."
+        )
     missing = [a for a in adapters if a not in configs]
     if missing or len(set(adapters)) != len(adapters):
-        raise ValueError(f"add_weighted_adapter: adapters {adapters} must be distinct and loaded; loaded: "
-                         f"{sorted(configs)}.")
+        raise ValueError(
+            f"add_weighted_adapter: adapters {adapters} must be distinct and loaded; loaded: {sorted(configs)}."
+        )
     if adapter_name in configs:
         raise ValueError(f"add_weighted_adapter: an adapter named '{adapter_name}' already exists.")
-    experts = next((m.layer_name for m in model.modules() if isinstance(m, Experts)
-                    and any(a in m.paca_delta for a in adapters)), None)
+    experts = next(
+        (m.layer_name for m in model.modules() if isinstance(m, Experts) and any(a in m.paca_delta for a in adapters)),
+        None,
+    )
     if experts is not None:
-        raise ValueError(f"add_weighted_adapter: the adapters tune fused experts ('{experts}'), whose per-expert "
-                         "column unions differ in size; weighted combinations cover linear and convolution layers "
-                         "only.")
+        raise ValueError(
+            f"add_weighted_adapter: the adapters tune fused experts ('{experts}'), whose per-expert "
+            "column unions differ in size; weighted combinations cover linear and convolution layers "
+            "only."
+        )
     layers = [m for m in model.modules() if isinstance(m, PacaLayer) and any(a in m.paca_delta for a in adapters)]
-    unions = [torch.unique(torch.cat([m.paca_indices[a].cpu() for a in adapters if a in m.paca_delta]))
-              for m in layers]  # sorted
+    unions = [
+        torch.unique(torch.cat([m.paca_indices[a].cpu() for a in adapters if a in m.paca_delta])) for m in layers
+    ]  # sorted
     r = max(u.numel() for u in unions)
     for layer, union in zip(layers, unions):
         if r > layer.in_features:
-            raise ValueError(f"add_weighted_adapter: module '{layer.layer_name}' has {layer.in_features} input columns, "
-                             f"fewer than the combined adapter's r={r}.")
+            raise ValueError(
+                f"add_weighted_adapter: module '{layer.layer_name}' has {layer.in_features} input columns, "
+                f"fewer than the combined adapter's r={r}."
+            )
     for layer, union in zip(layers, unions):
         free = torch.ones(layer.in_features, dtype=torch.bool)
         free[union] = False
@@ -121,5 +131,12 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             layer.paca_delta[adapter_name].copy_(combined)
     first = configs[adapters[0]]
     configs[adapter_name] = dataclasses.replace(
-        first, r=r, paca_alpha=float(r), selection="random", target_modules={m.layer_name for m in layers},
-        exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+        first,
+        r=r,
+        paca_alpha=float(r),
+        selection="random",
+        target_modules={m.layer_name for m in layers},
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )

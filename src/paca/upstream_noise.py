@@ -14,13 +14,18 @@ class _MissingKernelsPackage(logging.Filter):
     5.25 installs) the hub repository is not on its trust allowlist, or the hub is offline and the kernel not cached.
     It then uses its own CPU kernel, which is what paca's tests run. The warning is dropped only for those causes."""
 
-    CAUSES = ("No module named 'kernels'", "could not verify publisher trust status",
-              "is not available in the local cache and Hugging Face Hub is in offline mode")
+    CAUSES = (
+        "No module named 'kernels'",
+        "could not verify publisher trust status",
+        "is not available in the local cache and Hugging Face Hub is in offline mode",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-                    and any(cause in message for cause in self.CAUSES))
+        return not (
+            message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+            and any(cause in message for cause in self.CAUSES)
+        )
 
 
 def install_filters() -> None:

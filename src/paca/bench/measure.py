@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +35,8 @@ class StepRecord:
     forward_s: float
     backward_s: float
     optimizer_s: float
-    transient_peak_bytes: Optional[int] = None
-    peak_allocated_bytes: Optional[int] = None
+    transient_peak_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
 
     @property
     def step_s(self) -> float:
@@ -84,8 +83,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def train_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, during=None,
-               after_backward: Optional[Callable[[], None]] = None, compiled: bool = True) -> StepRecord:
+def train_step(
+    trainee: Trainee,
+    input_ids: Tensor,
+    dtype: torch.dtype,
+    during=None,
+    after_backward: Callable[[], None] | None = None,
+    compiled: bool = True,
+) -> StepRecord:
     """Forward (loss on the batch itself as labels), backward, AdamW step and zeroing of the gradients.
 
     ``during`` is a context entered around forward and backward; ``after_backward`` runs between backward
@@ -121,7 +126,8 @@ def train_step(trainee: Trainee, input_ids: Tensor, dtype: torch.dtype, during=N
 # Bytes
 # ----------------------------------------------------------------------------------------------------
 
-def _storage_key(t: Tensor) -> Optional[tuple]:
+
+def _storage_key(t: Tensor) -> tuple | None:
     try:
         storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested, fake)
@@ -150,11 +156,12 @@ def model_state_tensors(model: nn.Module) -> list[Tensor]:
     return tensors
 
 
-def optimizer_state_bytes(optimizer: Optional[torch.optim.Optimizer]) -> int:
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     if optimizer is None:
         return 0
-    return distinct_storage_bytes(v for state in optimizer.state.values() for v in state.values()
-                                  if isinstance(v, Tensor))
+    return distinct_storage_bytes(
+        v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)
+    )
 
 
 class SavedTensorBytes:
@@ -196,7 +203,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> Optional[int]:
+def peak_rss_bytes() -> int | None:
     """The process's peak RSS since the last reset (Linux VmHWM), or None."""
     try:
         with open("/proc/self/status") as f:
@@ -213,8 +220,20 @@ def peak_rss_bytes() -> Optional[int]:
 # ----------------------------------------------------------------------------------------------------
 
 # Not counted: ops that only allocate or relabel memory and launch no kernel on a GPU.
-_NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
-                        "lift_fresh", "_unsafe_view", "_reshape_alias"})
+_NO_KERNEL = frozenset(
+    {
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "detach",
+        "alias",
+        "lift_fresh",
+        "_unsafe_view",
+        "_reshape_alias",
+    }
+)
 
 
 class DispatchedOperators(TorchDispatchMode):
@@ -243,12 +262,23 @@ class DispatchedOperators(TorchDispatchMode):
 # FLOPs
 # ----------------------------------------------------------------------------------------------------
 
+
 def _partial_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(x_shape[:-1]) * math.prod(weight_shape)
 
 
-def _partial_linear_backward_flops(grad_shape, x_selected_shape, weight_shape, delta_shape, idx_shape, scale,
-                                   transposed, needs_input_grad, out_shape=None, **kwargs) -> int:
+def _partial_linear_backward_flops(
+    grad_shape,
+    x_selected_shape,
+    weight_shape,
+    delta_shape,
+    idx_shape,
+    scale,
+    transposed,
+    needs_input_grad,
+    out_shape=None,
+    **kwargs,
+) -> int:
     tokens = math.prod(grad_shape[:-1])
     flops = 2 * tokens * math.prod(weight_shape) if needs_input_grad else 0  # g W
     if x_selected_shape is not None:
@@ -262,8 +292,9 @@ def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_s
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_flash_attention_backward_flops(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                                        **kwargs) -> int:
+def _cpu_flash_attention_backward_flops(
+    grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     from torch.utils.flop_counter import sdpa_backward_flop_count
 
     return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
@@ -284,12 +315,16 @@ def flop_formulas() -> dict:
     per layer, used under torch.compile) would otherwise count as zero.
     """
     aten = torch.ops.aten
-    formulas = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
-                aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops}
+    formulas = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
+    }
     if hasattr(aten, "_grouped_mm"):
         formulas[aten._grouped_mm] = _grouped_mm_flops
-    for name, formula in (("partial_linear", _partial_linear_flops),
-                          ("partial_linear_backward", _partial_linear_backward_flops)):
+    for name, formula in (
+        ("partial_linear", _partial_linear_flops),
+        ("partial_linear_backward", _partial_linear_backward_flops),
+    ):
         if hasattr(torch.ops.paca, name):
             formulas[getattr(torch.ops.paca, name)] = formula
     return formulas
@@ -298,6 +333,7 @@ def flop_formulas() -> dict:
 # ----------------------------------------------------------------------------------------------------
 # The accounting step
 # ----------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Accounting:
@@ -309,11 +345,11 @@ class Accounting:
     grad_bytes: int
     optimizer_state_bytes: int
     trainable_params: int
-    dispatched_ops: Optional[int]  # aten compute operators of forward + backward; None when not counted
-    process_peak_rss_bytes: Optional[int]
-    transient_peak_bytes: Optional[int]  # CUDA: allocator peak during the step minus what was allocated before
-    peak_allocated_bytes: Optional[int]  # CUDA: allocator peak during the step (everything resident)
-    device_kernels: Optional[int] = None  # CUDA: kernels, copies and fills of forward + backward (torch.profiler)
+    dispatched_ops: int | None  # aten compute operators of forward + backward; None when not counted
+    process_peak_rss_bytes: int | None
+    transient_peak_bytes: int | None  # CUDA: allocator peak during the step minus what was allocated before
+    peak_allocated_bytes: int | None  # CUDA: allocator peak during the step (everything resident)
+    device_kernels: int | None = None  # CUDA: kernels, copies and fills of forward + backward (torch.profiler)
 
     @property
     def accounted_bytes(self) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +34,8 @@ class Trainee:
 
     method: str
     model: nn.Module
-    optimizer: Optional[torch.optim.Optimizer]
-    compiled: Optional[nn.Module] = None  # torch.compile(model) when fig2 times compiled steps (--compile)
+    optimizer: torch.optim.Optimizer | None
+    compiled: nn.Module | None = None  # torch.compile(model) when fig2 times compiled steps (--compile)
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -61,8 +60,9 @@ def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise BenchError(f"unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
-                         f"{', '.join(METHODS)}.")
+        raise BenchError(
+            f"unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose from {', '.join(METHODS)}."
+        )
     if len(set(names)) != len(names):
         raise BenchError(f"method listed twice in '{text}'.")
     return names
@@ -88,11 +88,18 @@ def quantized_copy(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child is head:
                 continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4",
-                                      device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=False, module=layer)
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=False,
+                quant_type="nf4",
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=False, module=layer
+            )
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, layer.to(device))  # .to quantizes
@@ -100,7 +107,7 @@ def quantized_copy(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     return quantized
 
 
-def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = None, seed: int = 0):
+def peft_config(method: str, r: int, alpha: float, model: nn.Module | None = None, seed: int = 0):
     """The PEFT config of an adapter method (lora, dora, paca, peft-paca and their 4-bit forms) for ``model``.
 
     Every method tunes every linear layer but the output head and, in an MoE model, the fused experts and the
@@ -111,22 +118,30 @@ def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = 
     if method in ("paca", "qpaca"):
         from .. import PacaConfig
 
-        return PacaConfig(r=r, paca_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM",
-                          random_seed=seed)
+        return PacaConfig(r=r, paca_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM", random_seed=seed)
     if method in PEFT_PACA:
         from ..tuner.config import PeftPacaConfig
 
         if PeftPacaConfig is None:
             import peft
 
-            raise BenchError(f"{method} is PEFT's own PaCA, which peft {peft.__version__} does not have (peft >= 0.22 "
-                             "does); run the other methods without it.")
-        return PeftPacaConfig(r=r, paca_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM",
-                              random_seed=seed)
+            raise BenchError(
+                f"{method} is PEFT's own PaCA, which peft {peft.__version__} does not have (peft >= 0.22 "
+                "does); run the other methods without it."
+            )
+        return PeftPacaConfig(
+            r=r, paca_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM", random_seed=seed
+        )
     from peft import LoraConfig
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
-                        use_dora=method == "dora")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        use_dora=method == "dora",
+    )
     from ..tuner.experts import expert_projections
     from ..tuner.router import is_router
 
@@ -141,8 +156,15 @@ def peft_config(method: str, r: int, alpha: float, model: Optional[nn.Module] = 
     return config
 
 
-def make_trainee(method: str, base: nn.Module, r: int, alpha: float, seed: int,
-                 quantized_base: Optional[nn.Module] = None, for_compile: bool = False) -> Trainee:
+def make_trainee(
+    method: str,
+    base: nn.Module,
+    r: int,
+    alpha: float,
+    seed: int,
+    quantized_base: nn.Module | None = None,
+    for_compile: bool = False,
+) -> Trainee:
     """Build ``method`` on ``base`` (left unchanged; frozen-weight methods share its tensors).
 
     ``quantized_base`` (from :func:`quantized_copy`) is used by qlora/qpaca; made here when not given.
@@ -180,8 +202,10 @@ def make_trainee(method: str, base: nn.Module, r: int, alpha: float, seed: int,
 
 
 def qpaca_unsupported(reason) -> str:
-    return ("qpaca needs PaCA on bitsandbytes 4-bit layers, which this paca install does not support yet "
-            f"({reason}); run the other methods without it.")
+    return (
+        "qpaca needs PaCA on bitsandbytes 4-bit layers, which this paca install does not support yet "
+        f"({reason}); run the other methods without it."
+    )
 
 
 def check_quantized_paca(model: nn.Module) -> None:
@@ -198,8 +222,9 @@ def check_quantized_paca(model: nn.Module) -> None:
     base = layer.get_base_layer()
     dtype = getattr(base, "compute_dtype", None) or torch.float32
     device = next(layer.parameters()).device
-    probe = torch.randn(2, base.in_features, dtype=dtype, device=device,
-                        generator=torch.Generator(device).manual_seed(0))
+    probe = torch.randn(
+        2, base.in_features, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(0)
+    )
     try:
         with torch.no_grad():
             expected, got = base(probe), layer(probe)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -19,30 +18,96 @@ from .errors import BenchError
 
 # LlamaConfig fields per preset; every preset is untied (separate embedding and output head) like Llama.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
-                num_key_value_heads=12, vocab_size=8000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    "cpu": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=8000,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "llama2-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+    ),
     # Mixture-of-experts shapes (fused experts: transformers 5's MixtralExperts / Qwen3MoeExperts).
-    "moe-tiny": dict(architecture="mixtral", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512, num_local_experts=4,
-                     num_experts_per_tok=2),
-    "moe-cpu": dict(architecture="mixtral", hidden_size=512, intermediate_size=768, num_hidden_layers=4,
-                    num_attention_heads=8, num_key_value_heads=8, vocab_size=8000, num_local_experts=8,
-                    num_experts_per_tok=2),
-    "mixtral-8x7b": dict(architecture="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
-                         num_experts_per_tok=2, rope_theta=1e6),
-    "qwen3-30b-a3b": dict(architecture="qwen3_moe", hidden_size=2048, intermediate_size=6144,
-                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-                          num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
-                          num_experts_per_tok=8, rope_theta=1e6),
+    "moe-tiny": dict(
+        architecture="mixtral",
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "moe-cpu": dict(
+        architecture="mixtral",
+        hidden_size=512,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8000,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "mixtral-8x7b": dict(
+        architecture="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        rope_theta=1e6,
+    ),
+    "qwen3-30b-a3b": dict(
+        architecture="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        num_experts=128,
+        num_experts_per_tok=8,
+        rope_theta=1e6,
+    ),
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,7 +118,7 @@ class ModelSpec:
     """What to build: a preset name or a model directory / hub id, optionally cut to ``layers`` blocks."""
 
     name: str
-    layers: Optional[int] = None
+    layers: int | None = None
 
     @property
     def is_preset(self) -> bool:
@@ -62,14 +127,27 @@ class ModelSpec:
     def describe(self) -> dict:
         """The shape as recorded in the results (config fields that set time and memory)."""
         config = self.config()
-        fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "vocab_size")
+        fields = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
         shape = {f: getattr(config, f, None) for f in fields}
         if experts_per_layer(config):
-            shape.update(experts=experts_per_layer(config), experts_per_token=config.num_experts_per_tok,
-                         moe_intermediate_size=getattr(config, "moe_intermediate_size", config.intermediate_size))
-        return {"name": self.name, "source": "preset, random weights" if self.is_preset else "pretrained",
-                "parameters": parameter_count(config), **shape}
+            shape.update(
+                experts=experts_per_layer(config),
+                experts_per_token=config.num_experts_per_tok,
+                moe_intermediate_size=getattr(config, "moe_intermediate_size", config.intermediate_size),
+            )
+        return {
+            "name": self.name,
+            "source": "preset, random weights" if self.is_preset else "pretrained",
+            "parameters": parameter_count(config),
+            **shape,
+        }
 
     def config(self):
         """The transformers config of this shape (raises BenchError if it cannot be made)."""
@@ -82,13 +160,17 @@ class ModelSpec:
             fields = {**PRESETS[self.name], **overrides}
             architecture = fields.pop("architecture", "llama")
             check_llama_shape(self.name, fields)
-            config_class = {"llama": transformers.LlamaConfig, "mixtral": transformers.MixtralConfig,
-                            "qwen3_moe": transformers.Qwen3MoeConfig}[architecture]
-            return config_class(max_position_embeddings=131072, tie_word_embeddings=False, use_cache=False,
-                                **fields)
+            config_class = {
+                "llama": transformers.LlamaConfig,
+                "mixtral": transformers.MixtralConfig,
+                "qwen3_moe": transformers.Qwen3MoeConfig,
+            }[architecture]
+            return config_class(max_position_embeddings=131072, tie_word_embeddings=False, use_cache=False, **fields)
         if not os.path.isdir(self.name) and ("/" not in self.name or self.name.startswith((".", "/"))):
-            raise BenchError(f"unknown preset '{self.name}' and no model directory of that name; presets: "
-                             f"{', '.join(PRESETS)}; or give a local model directory or a hub id (org/name).")
+            raise BenchError(
+                f"unknown preset '{self.name}' and no model directory of that name; presets: "
+                f"{', '.join(PRESETS)}; or give a local model directory or a hub id (org/name)."
+            )
         from transformers import AutoConfig
 
         try:
@@ -113,7 +195,7 @@ def experts_per_layer(config) -> int:
     return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 
-def parameter_count(config) -> Optional[int]:
+def parameter_count(config) -> int | None:
     """Parameters of a Llama-like decoder, dense or with every MLP an MoE of experts and a router, from its config
     (None when the config lacks the fields)."""
     try:
@@ -148,9 +230,11 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, seed:
     weight_bytes = None if count is None else count * torch.finfo(dtype).bits // 8
     available = device_memory_bytes(device)
     if weight_bytes is not None and weight_bytes > available:
-        raise BenchError(f"model '{spec.name}' ({config.num_hidden_layers} layers) needs {weight_bytes / 2**30:.1f} "
-                         f"GiB for its weights alone in {dtype}, more than the {available / 2**30:.1f} GiB of "
-                         f"{device}; shrink it with --layers N.")
+        raise BenchError(
+            f"model '{spec.name}' ({config.num_hidden_layers} layers) needs {weight_bytes / 2**30:.1f} "
+            f"GiB for its weights alone in {dtype}, more than the {available / 2**30:.1f} GiB of "
+            f"{device}; shrink it with --layers N."
+        )
     torch.manual_seed(seed)
     try:
         if spec.is_preset:
@@ -163,7 +247,9 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, seed:
 
             model = load_model(spec.name, dtype=dtype, config=config).to(device)
     except torch.OutOfMemoryError:
-        raise BenchError(f"out of memory building model '{spec.name}' on {device}; shrink it with --layers N.") from None
+        raise BenchError(
+            f"out of memory building model '{spec.name}' on {device}; shrink it with --layers N."
+        ) from None
     except (OSError, RuntimeError, ValueError) as err:
         raise BenchError(f"cannot build model '{spec.name}': {err}") from None
     model.config.use_cache = False

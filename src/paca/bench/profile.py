@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Optional
 
 import torch
 
@@ -39,7 +38,7 @@ def profile_steps(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype)
     return table
 
 
-def device_kernels_per_step(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype) -> Optional[int]:
+def device_kernels_per_step(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype) -> int | None:
     """What a CUDA step's forward + backward launches on the device, as torch.profiler's CUDA activity records it
     (kernels, copies and fills); the same span as the dispatched-operator count. None, with a warning, when the
     profiler cannot trace the device (no CUPTI, say): the count is a column of fig2, not a reason to drop a method

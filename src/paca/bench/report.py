@@ -27,8 +27,10 @@ def headline(doc: dict) -> str:
     if d["type"] == "cpu":
         load = d.get("load_average_1m") or []
         where += f" ({d['threads']} of {d['cores']} cores, load {' -> '.join(map(str, load))})"
-    return (f"{m['name']}{layers} ({_num(m.get('parameters'), '.1f', 1e6)}M params, {m['dtype']}) on {where} | "
-            f"r={s['r']} alpha={s['alpha']:g}, all linear layers but the head | torch {d['torch']}")
+    return (
+        f"{m['name']}{layers} ({_num(m.get('parameters'), '.1f', 1e6)}M params, {m['dtype']}) on {where} | "
+        f"r={s['r']} alpha={s['alpha']:g}, all linear layers but the head | torch {d['torch']}"
+    )
 
 
 def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -37,17 +39,45 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     timed = [r for r in results if "step_time_s" in r]
     if timed:
-        header = ["method", "step s", "fwd s", "bwd s", "opt s", "step xLoRA", "step xfloor", "f+b xfloor", "tok/s",
-                  "TFLOP/s",
-                  "peak mem GiB", "mem xLoRA", "activations MiB", "act xLoRA", "ops/step", "trainable"]
-        rows = [[r["method"], _num(r["step_time_s"], ".4f"), _num(r["forward_s"], ".4f"), _num(r["backward_s"], ".4f"),
-                 _num(r["optimizer_s"], ".4f"), _ratio(r, "step_time_s"), _ratio(r, "step_time_s", "floor"),
-                 _ratio(r, "forward_backward_s", "floor"),
-                 _num(r["tokens_per_s"], ".0f"), _num(r["tflops_per_s"], ".3f"),
-                 _num(r["peak_memory_bytes"], ".3f", GIB), _ratio(r, "peak_memory_bytes"),
-                 _num(r["activation_bytes"], ".1f", MIB), _ratio(r, "activation_bytes"),
-                 _num(r.get("dispatched_ops_per_step"), ".0f"), f"{r['trainable_params']:,}"]
-                for r in timed]
+        header = [
+            "method",
+            "step s",
+            "fwd s",
+            "bwd s",
+            "opt s",
+            "step xLoRA",
+            "step xfloor",
+            "f+b xfloor",
+            "tok/s",
+            "TFLOP/s",
+            "peak mem GiB",
+            "mem xLoRA",
+            "activations MiB",
+            "act xLoRA",
+            "ops/step",
+            "trainable",
+        ]
+        rows = [
+            [
+                r["method"],
+                _num(r["step_time_s"], ".4f"),
+                _num(r["forward_s"], ".4f"),
+                _num(r["backward_s"], ".4f"),
+                _num(r["optimizer_s"], ".4f"),
+                _ratio(r, "step_time_s"),
+                _ratio(r, "step_time_s", "floor"),
+                _ratio(r, "forward_backward_s", "floor"),
+                _num(r["tokens_per_s"], ".0f"),
+                _num(r["tflops_per_s"], ".3f"),
+                _num(r["peak_memory_bytes"], ".3f", GIB),
+                _ratio(r, "peak_memory_bytes"),
+                _num(r["activation_bytes"], ".1f", MIB),
+                _ratio(r, "activation_bytes"),
+                _num(r.get("dispatched_ops_per_step"), ".0f"),
+                f"{r['trainable_params']:,}",
+            ]
+            for r in timed
+        ]
         if any(r["method"] == "peft-paca" for r in timed):  # PEFT's own PaCA beside paca's
             column = header.index("step xfloor") + 1
             header.insert(column, "step xPEFT-PaCA")
@@ -58,17 +88,30 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             header.insert(column, "kernels f+b")
             for r, row in zip(timed, rows):
                 row.insert(column, _num(r.get("device_kernels_per_step"), ".0f"))
-        spread = [f"{r['method']}/{ref} {q1:.2f}-{q3:.2f}" for r in timed
-                  for ref, (q1, q3) in r.get("step_time_ratio_quartiles", {}).items() if ref != r["method"]]
+        spread = [
+            f"{r['method']}/{ref} {q1:.2f}-{q3:.2f}"
+            for r in timed
+            for ref, (q1, q3) in r.get("step_time_ratio_quartiles", {}).items()
+            if ref != r["method"]
+        ]
         compiled = s.get("compile_backend")
         broken = [f"{r['method']} {r['compile_graph_breaks']}" for r in timed if r.get("compile_graph_breaks")]
-        title = (f"Step time (Fig. 2): batch {s['batch']} x {s['seq']} tokens, median of {s['repeats']} interleaved "
-                 + (f"rounds of torch.compile'd models ({compiled}; ops/step and memory of an eager step)"
-                    if compiled else "rounds")
-                 + (f"; graph breaks: {', '.join(broken)} (a method that breaks the graph recompiles functions "
-                    "the others share and slows them: time it apart)" if broken else "")
-                 + "; ratios are medians of per-round pairs"
-                 + (f" (their quartiles: {', '.join(spread)})" if spread else ""))
+        title = (
+            f"Step time (Fig. 2): batch {s['batch']} x {s['seq']} tokens, median of {s['repeats']} interleaved "
+            + (
+                f"rounds of torch.compile'd models ({compiled}; ops/step and memory of an eager step)"
+                if compiled
+                else "rounds"
+            )
+            + (
+                f"; graph breaks: {', '.join(broken)} (a method that breaks the graph recompiles functions "
+                "the others share and slows them: time it apart)"
+                if broken
+                else ""
+            )
+            + "; ratios are medians of per-round pairs"
+            + (f" (their quartiles: {', '.join(spread)})" if spread else "")
+        )
         out.append((title, header, rows))
     searched = [r for r in results if "max_seq_probes" in r]
     if searched:
@@ -78,30 +121,60 @@ def tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             at_max = [p for p in r["max_seq_probes"] if p["size"] == r["max_seq_len"]]
             best = r["max_seq_len"]
             label = "none fits" if best is None else f"{'>=' if r['max_seq_len_reached_limit'] else ''}{best}"
-            rows.append([r["method"], label, _ratio(r, "max_seq_len"),
-                         _num(at_max[0].get("memory_bytes") if at_max else None, ".2f", GIB),
-                         str(len(r["max_seq_probes"]))])
+            rows.append(
+                [
+                    r["method"],
+                    label,
+                    _ratio(r, "max_seq_len"),
+                    _num(at_max[0].get("memory_bytes") if at_max else None, ".2f", GIB),
+                    str(len(r["max_seq_probes"])),
+                ]
+            )
         out.append((f"Max sequence length (Table 4): batch 1, {_cap(s)}", header, rows))
     curves = [r for r in results if "throughput" in r]
     if curves:
         header = ["method", "best sentences/s", "at batch", "xLoRA", "max batch", "sentences/s by batch"]
         rows = []
         for r in curves:
-            trail = " ".join(f"{p['size']}:{p['sentences_per_s']:.2f}" if p["fits"] else f"{p['size']}:OOM"
-                             for p in r["throughput"])
-            largest = "none fits" if r["max_batch"] is None else f"{'>=' if r['max_batch_reached_limit'] else ''}{r['max_batch']}"
-            rows.append([r["method"], _num(r["best_sentences_per_s"], ".2f"), _num(r["best_batch"], "d"),
-                         _ratio(r, "best_sentences_per_s"), largest, trail])
-        out.append((f"Throughput (Fig. 3): seq {s['fig3_seq']}, batch doubled until out of memory then bisected, "
-                    f"{_cap(s)}",
-                    header, rows))
+            trail = " ".join(
+                f"{p['size']}:{p['sentences_per_s']:.2f}" if p["fits"] else f"{p['size']}:OOM" for p in r["throughput"]
+            )
+            largest = (
+                "none fits"
+                if r["max_batch"] is None
+                else f"{'>=' if r['max_batch_reached_limit'] else ''}{r['max_batch']}"
+            )
+            rows.append(
+                [
+                    r["method"],
+                    _num(r["best_sentences_per_s"], ".2f"),
+                    _num(r["best_batch"], "d"),
+                    _ratio(r, "best_sentences_per_s"),
+                    largest,
+                    trail,
+                ]
+            )
+        out.append(
+            (
+                f"Throughput (Fig. 3): seq {s['fig3_seq']}, batch doubled until out of memory then bisected, "
+                f"{_cap(s)}",
+                header,
+                rows,
+            )
+        )
     if doc.get("profile"):
         from .profile import comparison_rows
 
         header, rows = comparison_rows(doc["profile"]["self_time_by_method"])
         device = "device" if s["device"].startswith("cuda") else "CPU"
-        out.append((f"Profile: self {device} time per step by operator (torch.profiler, mean of "
-                    f"{doc['profile']['steps']} steps, batch {s['batch']} x {s['seq']})", header, rows))
+        out.append(
+            (
+                f"Profile: self {device} time per step by operator (torch.profiler, mean of "
+                f"{doc['profile']['steps']} steps, batch {s['batch']} x {s['seq']})",
+                header,
+                rows,
+            )
+        )
     return out
 
 
@@ -197,11 +270,18 @@ def write_plots(doc: dict, folder: str) -> list[str]:
         sizes = set()
         for r in curves:
             fits = [p for p in r["throughput"] if p["fits"]]
-            line, = ax.plot([p["size"] for p in fits], [p["sentences_per_s"] for p in fits], marker="o", label=r["method"])
+            (line,) = ax.plot(
+                [p["size"] for p in fits], [p["sentences_per_s"] for p in fits], marker="o", label=r["method"]
+            )
             failed = [p for p in r["throughput"] if not p["fits"]]
             if failed:
-                ax.plot([failed[0]["size"]], [fits[-1]["sentences_per_s"]], marker="x", color=line.get_color(),
-                        linestyle="none")
+                ax.plot(
+                    [failed[0]["size"]],
+                    [fits[-1]["sentences_per_s"]],
+                    marker="x",
+                    color=line.get_color(),
+                    linestyle="none",
+                )
             sizes |= {p["size"] for p in r["throughput"]}
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(sizes), [str(n) for n in sorted(sizes)])

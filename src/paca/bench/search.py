@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 
@@ -18,8 +17,8 @@ class Probe:
 
     size: int
     fits: bool
-    memory_bytes: Optional[int] = None
-    sentences_per_s: Optional[float] = None
+    memory_bytes: int | None = None
+    sentences_per_s: float | None = None
     note: str = ""
 
     def as_dict(self) -> dict:
@@ -48,13 +47,18 @@ def probe_safely(measure: Callable[[int], Probe], size: int) -> Probe:
 class MaxFit:
     """Result of :func:`largest_fitting`: the largest size that fit (None: not even the smallest tried)."""
 
-    largest: Optional[int]
+    largest: int | None
     probes: list[Probe]
     reached_limit: bool  # every size up to the limit fit: the true maximum may be larger
 
 
-def largest_fitting(measure: Callable[[int], Probe], start: int, limit: int, granularity: int,
-                    on_probe: Callable[[Probe], None] = lambda p: None) -> MaxFit:
+def largest_fitting(
+    measure: Callable[[int], Probe],
+    start: int,
+    limit: int,
+    granularity: int,
+    on_probe: Callable[[Probe], None] = lambda p: None,
+) -> MaxFit:
     """Largest multiple of ``granularity`` in ``[granularity, limit]`` for which ``measure`` fits.
 
     Doubles from ``start`` until a size does not fit (or ``limit`` is reached), then bisects between the

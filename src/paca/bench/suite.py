@@ -22,15 +22,14 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import torch
 
 from .errors import BenchError
 from .measure import Accounting, accounting_step, train_step
 from .methods import QUANTIZED, Trainee, make_trainee, quantized_copy
-from .profile import PROFILED_STEPS, device_kernels_per_step, profile_steps
 from .presets import ModelSpec, build_model, device_memory_bytes
+from .profile import PROFILED_STEPS, device_kernels_per_step, profile_steps
 from .search import Probe, free_memory, largest_fitting
 
 PARTS = ("fig2", "table4", "fig3", "profile")
@@ -54,17 +53,22 @@ class Settings:
     warmup: int = 1
     seed: int = 0
     parts: tuple[str, ...] = ("fig2",)
-    memory_cap_bytes: Optional[int] = None
+    memory_cap_bytes: int | None = None
     max_seq: int = 65536
     seq_granularity: int = 128
     fig3_seq: int = 512
     max_batch: int = 64
-    compile_backend: Optional[str] = None  # fig2 times torch.compile'd models (this backend) when given
+    compile_backend: str | None = None  # fig2 times torch.compile'd models (this backend) when given
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(model=self.model.name, layers=self.model.layers, device=str(self.device),
-                 dtype=str(self.dtype).removeprefix("torch."), parts=list(self.parts))
+        d.update(
+            model=self.model.name,
+            layers=self.model.layers,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            parts=list(self.parts),
+        )
         return d
 
 
@@ -99,8 +103,10 @@ def validate(settings: Settings) -> None:
     if s.warmup < 0:
         raise BenchError(f"--warmup must be at least 0, got {s.warmup}.")
     if s.compile_backend is not None and s.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise BenchError(f"--compile {s.compile_backend}: not a torch.compile backend here; choose from "
-                         f"{', '.join(torch._dynamo.list_backends())}.")
+        raise BenchError(
+            f"--compile {s.compile_backend}: not a torch.compile backend here; choose from "
+            f"{', '.join(torch._dynamo.list_backends())}."
+        )
     unknown = [p for p in s.parts if p not in PARTS]
     if unknown:
         raise BenchError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}.")
@@ -113,12 +119,16 @@ def validate(settings: Settings) -> None:
         if s.memory_cap_bytes <= 0:
             raise BenchError("--memory-cap-gib must be positive.")
         if s.memory_cap_bytes > total:
-            raise BenchError(f"--memory-cap-gib {s.memory_cap_bytes / 2**30:g} is more than the "
-                             f"{total / 2**30:.1f} GiB of {describe_device(s.device)['name']}; give a smaller cap.")
+            raise BenchError(
+                f"--memory-cap-gib {s.memory_cap_bytes / 2**30:g} is more than the "
+                f"{total / 2**30:.1f} GiB of {describe_device(s.device)['name']}; give a smaller cap."
+            )
     searches = [p for p in s.parts if p in ("table4", "fig3")]
     if searches and s.device.type == "cpu" and s.memory_cap_bytes is None:
-        raise BenchError(f"{' and '.join(searches)} on CPU need --memory-cap-gib: the searches stop where the "
-                         "accounted bytes exceed it (a real out-of-memory on CPU kills the process).")
+        raise BenchError(
+            f"{' and '.join(searches)} on CPU need --memory-cap-gib: the searches stop where the "
+            "accounted bytes exceed it (a real out-of-memory on CPU kills the process)."
+        )
     if s.max_seq < s.seq_granularity * 4:
         raise BenchError(f"--max-seq {s.max_seq} must be at least 4 x the search granularity {s.seq_granularity}.")
     config = s.model.config()  # an unknown preset or unreadable model fails here, before anything is built
@@ -136,15 +146,22 @@ def check_positions(config, s: Settings) -> None:
     asked += [("--max-seq", s.max_seq)] if "table4" in s.parts else []
     over = [f"{flag} {value}" for flag, value in asked if value > positions]
     if over:
-        raise BenchError(f"model '{s.model.name}' has learned position embeddings for {positions} tokens "
-                         f"(max_position_embeddings); {', '.join(over)} asks for more: use at most {positions}.")
+        raise BenchError(
+            f"model '{s.model.name}' has learned position embeddings for {positions} tokens "
+            f"(max_position_embeddings); {', '.join(over)} asks for more: use at most {positions}."
+        )
 
 
 def describe_device(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": props.name, "memory_bytes": props.total_memory,
-                "capability": f"{props.major}.{props.minor}", "torch": torch.__version__}
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "memory_bytes": props.total_memory,
+            "capability": f"{props.major}.{props.minor}",
+            "torch": torch.__version__,
+        }
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -152,9 +169,15 @@ def describe_device(device: torch.device) -> dict:
     except OSError:
         pass
     # Load average: other processes on the cores make CPU timings noisy; the reader should know.
-    return {"type": "cpu", "name": name, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-            "memory_bytes": device_memory_bytes(device), "load_average_1m": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__}
+    return {
+        "type": "cpu",
+        "name": name,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "memory_bytes": device_memory_bytes(device),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+    }
 
 
 def graph_breaks() -> int:
@@ -199,7 +222,7 @@ class Run:
         s = self.settings
         return random_tokens(self.vocab, batch, seq, s.seed, s.device)
 
-    def peak_memory(self, accounting: Accounting, transient: Optional[int]) -> int:
+    def peak_memory(self, accounting: Accounting, transient: int | None) -> int:
         """The memory one method needs, though others are resident beside it (fig2).
 
         CUDA: its parameters and optimizer state plus the allocator's peak during a step on top of what the
@@ -234,11 +257,12 @@ class Run:
                 accounts[m] = account
                 if s.device.type == "cuda":  # a step of its own: the profiler's overhead stays off the timed ones
                     account.device_kernels = self._guarded(
-                        trainees, m, lambda t: device_kernels_per_step(t, input_ids, s.dtype))
+                        trainees, m, lambda t: device_kernels_per_step(t, input_ids, s.dtype)
+                    )
         records = {m: [] for m in trainees}
         started = time.perf_counter()
         for k in range(s.repeats):
-            order = list(trainees)[k % max(len(trainees), 1):] + list(trainees)[:k % max(len(trainees), 1)]
+            order = list(trainees)[k % max(len(trainees), 1) :] + list(trainees)[: k % max(len(trainees), 1)]
             for m in order:
                 if m in trainees:
                     record = self._guarded(trainees, m, lambda t: train_step(t, input_ids, s.dtype))
@@ -261,9 +285,13 @@ class Run:
                 quantized = self._attempt(m, "quantizing the base model", lambda: quantized_copy(base, s.dtype))
                 if quantized is None:
                     continue
-            trainee = self._attempt(m, "building it beside the other methods (fig2 keeps them all resident)",
-                                    lambda: make_trainee(m, base, s.r, s.alpha, s.seed, quantized,
-                                                         for_compile=s.compile_backend is not None))
+            trainee = self._attempt(
+                m,
+                "building it beside the other methods (fig2 keeps them all resident)",
+                lambda: make_trainee(
+                    m, base, s.r, s.alpha, s.seed, quantized, for_compile=s.compile_backend is not None
+                ),
+            )
             if trainee is not None:
                 trainees[m] = trainee
         return trainees
@@ -273,8 +301,9 @@ class Run:
         if method not in trainees:
             return None
         s = self.settings
-        result = self._attempt(method, f"at batch {s.batch} x {s.seq} tokens during fig2",
-                               lambda: step(trainees[method]))
+        result = self._attempt(
+            method, f"at batch {s.batch} x {s.seq} tokens during fig2", lambda: step(trainees[method])
+        )
         if result is None:
             clear_grads(trainees.pop(method))
             free_memory()
@@ -292,7 +321,9 @@ class Run:
             self.fail(method, f"out of memory {what}")
         except Exception as err:  # noqa: BLE001  (reported with its place, the run goes on)
             frame = traceback.extract_tb(err.__traceback__)[-1]
-            self.fail(method, f"{type(err).__name__} {what}: {err} ({os.path.basename(frame.filename)}:{frame.lineno})")
+            self.fail(
+                method, f"{type(err).__name__} {what}: {err} ({os.path.basename(frame.filename)}:{frame.lineno})"
+            )
         free_memory()
         return None
 
@@ -342,9 +373,11 @@ class Run:
             if reference not in records:
                 continue
             for m in records:
-                ratios = {phase: median(self._paired(records, m, reference, phase))
-                          for phase in ("step_s", "forward_s", "backward_s", "forward_backward_s")
-                          if self._paired(records, m, reference, phase)}
+                ratios = {
+                    phase: median(self._paired(records, m, reference, phase))
+                    for phase in ("step_s", "forward_s", "backward_s", "forward_backward_s")
+                    if self._paired(records, m, reference, phase)
+                }
                 ratios = {("step_time_s" if k == "step_s" else k): v for k, v in ratios.items()}
                 paired = self._paired(records, m, reference, "step_s")
                 if len(paired) >= 2:  # how much the per-round ratios scatter: the noise behind the median
@@ -373,7 +406,7 @@ class Run:
         free_memory()
 
     # -- table4 and fig3 ----------------------------------------------------------------------------
-    def _alone(self, method: str, part: str) -> Optional[Trainee]:
+    def _alone(self, method: str, part: str) -> Trainee | None:
         """``method`` built on a fresh base, with nothing else resident; None (recorded) if it cannot be."""
         s = self.settings
 
@@ -420,13 +453,21 @@ class Run:
                 memory = f", {p.memory_bytes / 2**30:.2f} GiB" if p.memory_bytes else ""
                 self.progress.update(f"table4 {m} | seq {p.size}: {'fits' if p.fits else p.note}{memory}")
 
-            fit = self._attempt(m, "during table4", lambda: largest_fitting(
-                measure, start=s.seq_granularity * 4, limit=s.max_seq, granularity=s.seq_granularity, on_probe=show))
+            fit = self._attempt(
+                m,
+                "during table4",
+                lambda: largest_fitting(
+                    measure, start=s.seq_granularity * 4, limit=s.max_seq, granularity=s.seq_granularity, on_probe=show
+                ),
+            )
             del trainee
             if fit is None:
                 continue
-            self.results[m].update(max_seq_len=fit.largest, max_seq_len_reached_limit=fit.reached_limit,
-                                   max_seq_probes=[p.as_dict() for p in fit.probes])
+            self.results[m].update(
+                max_seq_len=fit.largest,
+                max_seq_len_reached_limit=fit.reached_limit,
+                max_seq_probes=[p.as_dict() for p in fit.probes],
+            )
             free_memory()
         self.progress.done()
         self._ratio_to_lora("max_seq_len")
@@ -453,18 +494,24 @@ class Run:
                 rate = f"{p.sentences_per_s:.2f} sentences/s" if p.sentences_per_s else p.note
                 self.progress.update(f"fig3 {m} | batch {p.size} x {s.fig3_seq}: {rate}")
 
-            search = self._attempt(m, "during fig3", lambda: largest_fitting(
-                measure, start=1, limit=s.max_batch, granularity=1, on_probe=show))
+            search = self._attempt(
+                m,
+                "during fig3",
+                lambda: largest_fitting(measure, start=1, limit=s.max_batch, granularity=1, on_probe=show),
+            )
             del trainee
             if search is None:
                 continue
             curve = sorted(search.probes, key=lambda p: p.size)
             fitting = [p for p in curve if p.fits]
             best = max(fitting, key=lambda p: p.sentences_per_s) if fitting else None
-            self.results[m].update(throughput=[p.as_dict() for p in curve], max_batch=search.largest,
-                                   max_batch_reached_limit=search.reached_limit,
-                                   best_sentences_per_s=best.sentences_per_s if best else None,
-                                   best_batch=best.size if best else None)
+            self.results[m].update(
+                throughput=[p.as_dict() for p in curve],
+                max_batch=search.largest,
+                max_batch_reached_limit=search.reached_limit,
+                best_sentences_per_s=best.sentences_per_s if best else None,
+                best_batch=best.size if best else None,
+            )
             free_memory()
         self.progress.done()
         self._ratio_to_lora("best_sentences_per_s")
@@ -478,7 +525,7 @@ class Run:
                 result.setdefault("ratio_to_lora", {})[key] = result[key] / reference
 
 
-def run(settings: Settings, progress: Optional[Progress] = None) -> dict:
+def run(settings: Settings, progress: Progress | None = None) -> dict:
     """Measure every requested part; the document ``--json`` writes."""
     validate(settings)
     device_at_start = describe_device(settings.device)

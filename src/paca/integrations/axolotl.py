@@ -17,7 +17,7 @@ lora`` for serving engines). This module imports axolotl: it is loaded by axolot
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from pydantic import BaseModel
@@ -28,13 +28,13 @@ ADAPTER = "paca"
 class PacaArgs(BaseModel):
     """The YAML keys the plugin adds to axolotl's config schema."""
 
-    paca_r: Optional[int] = None
-    paca_alpha: Optional[float] = None
-    paca_target_modules: Optional[Union[list[str], str]] = None
-    paca_exclude_modules: Optional[Union[list[str], str]] = None
+    paca_r: int | None = None
+    paca_alpha: float | None = None
+    paca_target_modules: list[str] | str | None = None
+    paca_exclude_modules: list[str] | str | None = None
     # gradient selection scores batches before training (paca.select_by_gradient), which axolotl has no step for.
-    paca_selection: Optional[Literal["random", "weight_norm", "structured"]] = None
-    paca_seed: Optional[int] = None
+    paca_selection: Literal["random", "weight_norm", "structured"] | None = None
+    paca_seed: int | None = None
 
 
 def paca_config(cfg):
@@ -42,9 +42,12 @@ def paca_config(cfg):
     import paca
 
     target = cfg.get("paca_target_modules") or cfg.get("lora_target_modules") or "all-linear"
-    kwargs = {"r": cfg.get("paca_r") or cfg.get("lora_r") or 8,
-              "paca_alpha": cfg.get("paca_alpha") or cfg.get("lora_alpha") or 16,
-              "target_modules": target, "task_type": "CAUSAL_LM"}
+    kwargs = {
+        "r": cfg.get("paca_r") or cfg.get("lora_r") or 8,
+        "paca_alpha": cfg.get("paca_alpha") or cfg.get("lora_alpha") or 16,
+        "target_modules": target,
+        "task_type": "CAUSAL_LM",
+    }
     for key, name in (("exclude_modules", "paca_exclude_modules"), ("selection", "paca_selection")):
         if cfg.get(name) is not None:
             kwargs[key] = cfg.get(name)

@@ -28,5 +28,13 @@ from .conv import partial_conv
 from .experts import experts_forward, partial_experts_linear
 from .linear import partial_linear
 
-__all__ = ["ResidentColumns", "experts_forward", "partial_conv", "partial_experts_linear", "partial_linear",
-           "put_columns", "take_columns", "write_into_copy"]
+__all__ = [
+    "ResidentColumns",
+    "experts_forward",
+    "partial_conv",
+    "partial_experts_linear",
+    "partial_linear",
+    "put_columns",
+    "take_columns",
+    "write_into_copy",
+]

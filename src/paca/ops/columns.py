@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-_REGISTRY: "weakref.WeakValueDictionary[int, ResidentColumns]" = weakref.WeakValueDictionary()
+_REGISTRY: weakref.WeakValueDictionary[int, ResidentColumns] = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 
 
@@ -67,20 +66,20 @@ class ResidentColumns:
     scatter along ``in_dim`` then, with the index broadcast over ``d_out`` without being materialised).
     """
 
-    def __init__(self, in_dim: int, transient: bool = False, transposed: Optional[bool] = None):
+    def __init__(self, in_dim: int, transient: bool = False, transposed: bool | None = None):
         self.in_dim = in_dim
         self.transient = transient
         self.transposed = in_dim == 0 if transposed is None else transposed
         self.key = next(_KEYS)  # how a torch.compile'd custom op finds this object again at run time
         _REGISTRY[self.key] = self
-        self._pretrained: Optional[Tensor] = None  # P, the weight's dtype and layout with r along in_dim
-        self._sum: Optional[Tensor] = None  # P + s * D, reused by every write
-        self._idx: Optional[Tensor] = None  # private copy of the indices P was read at (restore needs them)
-        self._idx_source: Optional[Tensor] = None  # the index tensor the layer passes, and its version then
+        self._pretrained: Tensor | None = None  # P, the weight's dtype and layout with r along in_dim
+        self._sum: Tensor | None = None  # P + s * D, reused by every write
+        self._idx: Tensor | None = None  # private copy of the indices P was read at (restore needs them)
+        self._idx_source: Tensor | None = None  # the index tensor the layer passes, and its version then
         self._idx_version = -1
-        self._weight: Optional[Tensor] = None  # the tensor P + s * D was last written into
-        self._written: Optional[tuple] = None  # what that write was; None when the storage holds W0 there
-        self._zero: Optional[Tensor] = None  # see broadcast_zero
+        self._weight: Tensor | None = None  # the tensor P + s * D was last written into
+        self._written: tuple | None = None  # what that write was; None when the storage holds W0 there
+        self._zero: Tensor | None = None  # see broadcast_zero
 
     def __deepcopy__(self, memo):
         # A copied layer gets its own record (and key): it writes into its own, copied, weight.
@@ -90,7 +89,7 @@ class ResidentColumns:
         return ResidentColumns, (self.in_dim, self.transient, self.transposed)
 
     @staticmethod
-    def find(key: int) -> Optional["ResidentColumns"]:
+    def find(key: int) -> ResidentColumns | None:
         return _REGISTRY.get(key) if key >= 0 else None
 
     # -- the write ---------------------------------------------------------------------------------------
@@ -128,19 +127,25 @@ class ResidentColumns:
             return False
         ptr, version, written_delta, written_scale, written_idx = self._written
         # Storage addresses where the objects differ: autograd may hand backward an alias of the saved delta.
-        return (weight.data_ptr() == ptr and weight._version == version and scale == written_scale
-                and (delta is written_delta or _same(delta, written_delta))
-                and (idx is written_idx or _same(idx, written_idx)))
+        return (
+            weight.data_ptr() == ptr
+            and weight._version == version
+            and scale == written_scale
+            and (delta is written_delta or _same(delta, written_delta))
+            and (idx is written_idx or _same(idx, written_idx))
+        )
 
-    def written(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float, dtype: torch.dtype,
-                reuse: bool = False) -> Tensor:
+    def written(
+        self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float, dtype: torch.dtype, reuse: bool = False
+    ) -> Tensor:
         """``weight``'s storage with the tuned columns written, in ``dtype`` (cast after the write if it differs).
 
         ``reuse``: skip the write when :meth:`holds` says the storage still holds it (backward). A transient record
         must be given :meth:`restore` once the returned tensor has been used.
         """
-        storage = weight.data if reuse and self.holds(weight, delta, idx, scale) else self.write(weight, delta, idx,
-                                                                                                 scale)
+        storage = (
+            weight.data if reuse and self.holds(weight, delta, idx, scale) else self.write(weight, delta, idx, scale)
+        )
         return storage if storage.dtype == dtype else storage.to(dtype)
 
     def release(self, read_by_backward: bool) -> None:
@@ -159,8 +164,12 @@ class ResidentColumns:
     # -- the pretrained copy -----------------------------------------------------------------------------
     def _holds_pretrained_for(self, storage: Tensor, idx: Tensor) -> bool:
         # Devices and dtypes change only through .to() and friends, which drop P (the layer's _apply).
-        return (self._pretrained is not None and (idx is self._idx_source or _same(idx, self._idx_source))
-                and idx._version == self._idx_version and self._pretrained.dtype == storage.dtype)
+        return (
+            self._pretrained is not None
+            and (idx is self._idx_source or _same(idx, self._idx_source))
+            and idx._version == self._idx_version
+            and self._pretrained.dtype == storage.dtype
+        )
 
     def _read_pretrained(self, storage: Tensor, idx: Tensor) -> None:
         # The storage holds W0 at idx now: nothing is written (restored above) or this is the first write.
@@ -181,8 +190,12 @@ class ResidentColumns:
         weight, self._weight = self._weight, None
         storage = weight.data
         p = self._pretrained
-        if (storage.untyped_storage().nbytes() == 0 or storage.dim() != p.dim() or storage.dtype != p.dtype
-                or storage.device != p.device):
+        if (
+            storage.untyped_storage().nbytes() == 0
+            or storage.dim() != p.dim()
+            or storage.dtype != p.dtype
+            or storage.device != p.device
+        ):
             return  # freed (FSDP2 reshard, ZeRO-3 placeholder) or converted: it holds no write of ours
         put_columns(storage, self.in_dim, self._idx, p)
 

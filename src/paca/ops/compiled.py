@@ -20,7 +20,7 @@ compiled LoRA's to 1.15x-1.21x, the traced Function to 1.10x-1.11x (docs/BENCHMA
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

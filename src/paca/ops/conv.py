@@ -11,8 +11,6 @@ mode and torch.library ops (one opaque node per layer, :mod:`paca.ops.compiled`)
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,21 +37,45 @@ def input_channels(idx: Tensor, channels_per_group: int, groups: int) -> Tensor:
     return (offsets[:, None] + idx[None, :]).flatten()  # (groups * r,), group-major as the convolution reads them
 
 
-def _columns_for(columns: Optional[ResidentColumns]) -> ResidentColumns:
+def _columns_for(columns: ResidentColumns | None) -> ResidentColumns:
     return columns if columns is not None else ResidentColumns(1, transient=True)
 
 
-def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                  stride, padding, dilation, groups: int, columns: ResidentColumns, read_by_backward: bool) -> Tensor:
+def _conv_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    columns: ResidentColumns,
+    read_by_backward: bool,
+) -> Tensor:
     w = columns.written(weight, delta, idx, scale, x.dtype)
     y = _CONV[weight.dim() - 2](x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
     columns.release(read_by_backward)
     return y
 
 
-def _conv_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor, idx: Tensor,
-                   scale: float, stride, padding, dilation, groups: int, input_shape, needs_input_grad: bool,
-                   columns: ResidentColumns) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _conv_backward(
+    grad: Tensor,
+    x_selected: Tensor | None,
+    weight: Tensor,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    input_shape,
+    needs_input_grad: bool,
+    columns: ResidentColumns,
+) -> tuple[Tensor | None, Tensor | None]:
     """``(dL/dx, scale * conv_weight_grad(x[:, channels of idx], g))``; None for a gradient not asked for."""
     grad_input = grad_delta = None
     if needs_input_grad:
@@ -79,8 +101,9 @@ class PartialConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns):
-        y = _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns,
-                          ctx.needs_input_grad[0])
+        y = _conv_forward(
+            x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns, ctx.needs_input_grad[0]
+        )
         x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
         ctx.save_for_backward(x_selected, weight, delta, idx)
         ctx.parameters = (weight, delta, idx)  # the tensors themselves, as paca.ops.linear keeps them
@@ -92,8 +115,18 @@ class PartialConvFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x_selected = ctx.saved_tensors[0]  # unpacks all four: autograd's in-place check
         weight, delta, idx = ctx.parameters
-        grad_input, grad_delta = _conv_backward(grad, x_selected, weight, delta, idx, ctx.scale, *ctx.conv,
-                                                ctx.input_shape, ctx.needs_input_grad[0], ctx.columns)
+        grad_input, grad_delta = _conv_backward(
+            grad,
+            x_selected,
+            weight,
+            delta,
+            idx,
+            ctx.scale,
+            *ctx.conv,
+            ctx.input_shape,
+            ctx.needs_input_grad[0],
+            ctx.columns,
+        )
         grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_input, None, grad_bias, grad_delta, None, None, None, None, None, None, None
 
@@ -101,8 +134,19 @@ class PartialConvFunction(torch.autograd.Function):
 _partial_conv_eager = eager_apply(PartialConvFunction)
 
 
-def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                 stride, padding, dilation, groups: int = 1, columns: Optional[ResidentColumns] = None) -> Tensor:
+def partial_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    stride,
+    padding,
+    dilation,
+    groups: int = 1,
+    columns: ResidentColumns | None = None,
+) -> Tensor:
     """Convolution (1-3 d by ``weight``'s rank, zero padding) with input columns ``idx`` of ``weight`` shifted by
     ``scale * delta``.
 
@@ -110,25 +154,61 @@ def partial_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tenso
     layer's :class:`ResidentColumns` (None: the operator restores ``weight`` before it returns).
     """
     if x.dim() == weight.dim() - 1:  # unbatched: the operators index channels on dim 1
-        return partial_conv(x.unsqueeze(0), weight, bias, delta, idx, scale, stride, padding, dilation, groups,
-                            columns).squeeze(0)
+        return partial_conv(
+            x.unsqueeze(0), weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns
+        ).squeeze(0)
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
         read_by_backward = torch.is_grad_enabled() and x.requires_grad
-        return CompiledPartialConv.apply(x, weight, bias, delta, idx, scale, list(stride), list(padding),
-                                         list(dilation), groups, key, read_by_backward)
+        return CompiledPartialConv.apply(
+            x,
+            weight,
+            bias,
+            delta,
+            idx,
+            scale,
+            list(stride),
+            list(padding),
+            list(dilation),
+            groups,
+            key,
+            read_by_backward,
+        )
     columns = _columns_for(columns)
     if not torch.is_grad_enabled():  # inference: nothing to save, no backward to read the columns
         return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns, False)
     return _partial_conv_eager(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns)
 
 
-def _partial_conv_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                         stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                         columns_key: int, read_by_backward: bool) -> Tensor:
+def _partial_conv_kernel(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    columns_key: int,
+    read_by_backward: bool,
+) -> Tensor:
     """:func:`partial_conv` as one opaque node for torch.compile."""
-    return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups,
-                         _columns_for(ResidentColumns.find(columns_key)), read_by_backward)
+    return _conv_forward(
+        x,
+        weight,
+        bias,
+        delta,
+        idx,
+        scale,
+        stride,
+        padding,
+        dilation,
+        groups,
+        _columns_for(ResidentColumns.find(columns_key)),
+        read_by_backward,
+    )
 
 
 partial_conv_op = library_op("partial_conv", _partial_conv_kernel)
@@ -139,24 +219,62 @@ def _(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, col
     return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
-def _partial_conv_backward_kernel(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
-                                  idx: Tensor, scale: float, stride: list[int], padding: list[int],
-                                  dilation: list[int], groups: int, input_shape: list[int], needs_input_grad: bool,
-                                  columns_key: int) -> tuple[Tensor, Tensor]:
+def _partial_conv_backward_kernel(
+    grad: Tensor,
+    x_selected: Tensor | None,
+    weight: Tensor,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    input_shape: list[int],
+    needs_input_grad: bool,
+    columns_key: int,
+) -> tuple[Tensor, Tensor]:
     """Gradients of ``partial_conv_op``; an empty tensor stands for a gradient not asked for."""
-    grad_input, grad_delta = _conv_backward(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation,
-                                            groups, input_shape, needs_input_grad,
-                                            _columns_for(ResidentColumns.find(columns_key)))
-    return (grad.new_empty(0) if grad_input is None else grad_input,
-            delta.new_empty(0) if grad_delta is None else grad_delta.contiguous())
+    grad_input, grad_delta = _conv_backward(
+        grad,
+        x_selected,
+        weight,
+        delta,
+        idx,
+        scale,
+        stride,
+        padding,
+        dilation,
+        groups,
+        input_shape,
+        needs_input_grad,
+        _columns_for(ResidentColumns.find(columns_key)),
+    )
+    return (
+        grad.new_empty(0) if grad_input is None else grad_input,
+        delta.new_empty(0) if grad_delta is None else grad_delta.contiguous(),
+    )
 
 
 partial_conv_backward_op = library_op("partial_conv_backward", _partial_conv_backward_kernel)
 
 
 @torch.library.register_fake(partial_conv_backward_op)
-def _(grad, x_selected, weight, delta, idx, scale, stride, padding, dilation, groups, input_shape, needs_input_grad,
-      columns_key):
+def _(
+    grad,
+    x_selected,
+    weight,
+    delta,
+    idx,
+    scale,
+    stride,
+    padding,
+    dilation,
+    groups,
+    input_shape,
+    needs_input_grad,
+    columns_key,
+):
     grad_input = grad.new_empty(input_shape) if needs_input_grad else grad.new_empty(0)
     grad_delta = delta.new_empty(delta.shape) if x_selected is not None else delta.new_empty(0)
     return grad_input, grad_delta
@@ -167,23 +285,49 @@ class CompiledPartialConv(torch.autograd.Function):
     between them (see :mod:`paca.ops.compiled`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key,
-                read_by_backward):
+    def forward(
+        ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key, read_by_backward
+    ):
         x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
         ctx.save_for_backward(x_selected, weight, delta, idx)
         ctx.conv = (scale, stride, padding, dilation, groups, list(x.shape), columns_key)
         ctx.has_bias = bias is not None
-        return partial_conv_op(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key,
-                               read_by_backward)
+        return partial_conv_op(
+            x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key, read_by_backward
+        )
 
     @staticmethod
     def backward(ctx, grad):
         x_selected, weight, delta, idx = ctx.saved_tensors
         scale, stride, padding, dilation, groups, input_shape, columns_key = ctx.conv
         needs_input_grad = ctx.needs_input_grad[0]
-        grad_input, grad_delta = partial_conv_backward_op(grad, x_selected, weight, delta, idx, scale, stride,
-                                                          padding, dilation, groups, input_shape, needs_input_grad,
-                                                          columns_key)
+        grad_input, grad_delta = partial_conv_backward_op(
+            grad,
+            x_selected,
+            weight,
+            delta,
+            idx,
+            scale,
+            stride,
+            padding,
+            dilation,
+            groups,
+            input_shape,
+            needs_input_grad,
+            columns_key,
+        )
         grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (grad_input if needs_input_grad else None, None, grad_bias,
-                grad_delta if x_selected is not None else None, None, None, None, None, None, None, None, None)
+        return (
+            grad_input if needs_input_grad else None,
+            None,
+            grad_bias,
+            grad_delta if x_selected is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

@@ -10,7 +10,7 @@ from one, the C++ entry point otherwise.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -22,8 +22,6 @@ biases, routing weights, the deterministic combine), computing each projection w
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,10 +30,10 @@ from .columns import ResidentColumns
 from .compiled import library_op
 from .eager import eager_apply
 
-
 # ----------------------------------------------------------------------------------------------------
 # grouped products
 # ----------------------------------------------------------------------------------------------------
+
 
 def _aligned(t: Tensor) -> bool:
     """What torch's grouped GEMM asks of an operand: one unit stride among the last two dimensions, the other
@@ -88,20 +86,40 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 # the operator
 # ----------------------------------------------------------------------------------------------------
 
-def _columns_for(columns: Optional[ResidentColumns], transposed: bool) -> ResidentColumns:
-    return columns if columns is not None else ResidentColumns(1 if transposed else 2, transient=True,
-                                                              transposed=transposed)
+
+def _columns_for(columns: ResidentColumns | None, transposed: bool) -> ResidentColumns:
+    return (
+        columns
+        if columns is not None
+        else ResidentColumns(1 if transposed else 2, transient=True, transposed=transposed)
+    )
 
 
-def _effective(weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor], scale: float, dtype: torch.dtype,
-               columns: ResidentColumns, reuse: bool = False) -> Tensor:
+def _effective(
+    weight: Tensor,
+    delta: Tensor | None,
+    idx: Tensor | None,
+    scale: float,
+    dtype: torch.dtype,
+    columns: ResidentColumns,
+    reuse: bool = False,
+) -> Tensor:
     if delta is None:
         return _cast(weight.detach(), dtype)
     return columns.written(weight, delta, idx, scale, dtype, reuse=reuse)
 
 
-def _experts_forward(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor], offsets: Tensor,
-                     scale: float, transposed: bool, columns: ResidentColumns, read_by_backward: bool) -> Tensor:
+def _experts_forward(
+    x: Tensor,
+    weight: Tensor,
+    delta: Tensor | None,
+    idx: Tensor | None,
+    offsets: Tensor,
+    scale: float,
+    transposed: bool,
+    columns: ResidentColumns,
+    read_by_backward: bool,
+) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):  # x is in the compute dtype already
         w = _effective(weight, delta, idx, scale, x.dtype, columns)
         y = grouped_matmul(x, w if transposed else w.transpose(1, 2), offsets)  # X_e W_e^T
@@ -110,9 +128,18 @@ def _experts_forward(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Op
     return y
 
 
-def _experts_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Optional[Tensor],
-                      idx: Optional[Tensor], offsets: Tensor, scale: float, transposed: bool, needs_input_grad: bool,
-                      columns: ResidentColumns) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _experts_backward(
+    grad: Tensor,
+    x_selected: Tensor | None,
+    weight: Tensor,
+    delta: Tensor | None,
+    idx: Tensor | None,
+    offsets: Tensor,
+    scale: float,
+    transposed: bool,
+    needs_input_grad: bool,
+    columns: ResidentColumns,
+) -> tuple[Tensor | None, Tensor | None]:
     """``(G W, s G^T X[:, idx])`` per expert block; None for a gradient not asked for."""
     grad = grad.contiguous()
     grad_x = grad_delta = None
@@ -127,7 +154,7 @@ def _experts_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor
     return grad_x, grad_delta
 
 
-def _selected_input(x: Tensor, delta: Optional[Tensor], idx: Optional[Tensor], expert_of_row: Tensor):
+def _selected_input(x: Tensor, delta: Tensor | None, idx: Tensor | None, expert_of_row: Tensor):
     # The only activation kept: each row's r selected input channels, those of its expert.
     if delta is None or not delta.requires_grad:
         return None
@@ -149,17 +176,35 @@ class PartialExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x_selected, _, _, _, offsets = ctx.saved_tensors
         weight, delta, idx = ctx.parameters
-        grad_x, grad_delta = _experts_backward(grad, x_selected, weight, delta, idx, offsets, ctx.scale,
-                                               ctx.transposed, ctx.needs_input_grad[0], ctx.columns)
+        grad_x, grad_delta = _experts_backward(
+            grad,
+            x_selected,
+            weight,
+            delta,
+            idx,
+            offsets,
+            ctx.scale,
+            ctx.transposed,
+            ctx.needs_input_grad[0],
+            ctx.columns,
+        )
         return grad_x, None, grad_delta, None, None, None, None, None, None
 
 
 _partial_experts_eager = eager_apply(PartialExpertsFunction)
 
 
-def partial_experts_linear(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor],
-                           expert_of_row: Tensor, offsets: Tensor, scale: float, transposed: bool,
-                           columns: Optional[ResidentColumns] = None) -> Tensor:
+def partial_experts_linear(
+    x: Tensor,
+    weight: Tensor,
+    delta: Tensor | None,
+    idx: Tensor | None,
+    expert_of_row: Tensor,
+    offsets: Tensor,
+    scale: float,
+    transposed: bool,
+    columns: ResidentColumns | None = None,
+) -> Tensor:
     """One projection of all experts: row block ``e`` of ``x`` times expert ``e``'s weight with its columns tuned.
 
     Args:
@@ -179,8 +224,9 @@ def partial_experts_linear(x: Tensor, weight: Tensor, delta: Optional[Tensor], i
     if torch.compiler.is_compiling():
         key = -1 if columns is None else columns.key
         read_by_backward = torch.is_grad_enabled() and x.requires_grad
-        return CompiledPartialExperts.apply(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, key,
-                                            read_by_backward)
+        return CompiledPartialExperts.apply(
+            x, weight, delta, idx, expert_of_row, offsets, scale, transposed, key, read_by_backward
+        )
     columns = _columns_for(columns, transposed)
     if not torch.is_grad_enabled():
         return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns, False)
@@ -189,16 +235,27 @@ def partial_experts_linear(x: Tensor, weight: Tensor, delta: Optional[Tensor], i
 
 # torch.compile: as in paca.ops.linear, the library ops find the layer's ResidentColumns by key at run time.
 
+
 def _columns_by_key(key: int, transposed: bool) -> ResidentColumns:
     return _columns_for(ResidentColumns.find(key), transposed)
 
 
-def _partial_experts_kernel(x: Tensor, weight: Tensor, delta: Optional[Tensor], idx: Optional[Tensor],
-                            expert_of_row: Tensor, offsets: Tensor, scale: float, transposed: bool,
-                            columns_key: int, read_by_backward: bool) -> Tensor:
+def _partial_experts_kernel(
+    x: Tensor,
+    weight: Tensor,
+    delta: Tensor | None,
+    idx: Tensor | None,
+    expert_of_row: Tensor,
+    offsets: Tensor,
+    scale: float,
+    transposed: bool,
+    columns_key: int,
+    read_by_backward: bool,
+) -> Tensor:
     """:func:`partial_experts_linear` as one opaque node for torch.compile."""
-    return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, _columns_by_key(columns_key, transposed),
-                            read_by_backward)
+    return _experts_forward(
+        x, weight, delta, idx, offsets, scale, transposed, _columns_by_key(columns_key, transposed), read_by_backward
+    )
 
 
 partial_experts_op = library_op("partial_experts", _partial_experts_kernel)
@@ -209,15 +266,32 @@ def _(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_
     return x.new_empty(x.shape[0], weight.shape[2] if transposed else weight.shape[1])
 
 
-def _partial_experts_backward_kernel(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor,
-                                     delta: Optional[Tensor], idx: Optional[Tensor], offsets: Tensor, scale: float,
-                                     transposed: bool, needs_input_grad: bool,
-                                     columns_key: int) -> tuple[Tensor, Tensor]:
+def _partial_experts_backward_kernel(
+    grad: Tensor,
+    x_selected: Tensor | None,
+    weight: Tensor,
+    delta: Tensor | None,
+    idx: Tensor | None,
+    offsets: Tensor,
+    scale: float,
+    transposed: bool,
+    needs_input_grad: bool,
+    columns_key: int,
+) -> tuple[Tensor, Tensor]:
     """Gradients of ``partial_experts_op``; an empty tensor stands for a gradient not asked for."""
-    grad_x, grad_delta = _experts_backward(grad, x_selected, weight, delta, idx, offsets, scale, transposed,
-                                           needs_input_grad, _columns_by_key(columns_key, transposed))
-    return (grad.new_empty(0) if grad_x is None else grad_x,
-            grad.new_empty(0) if grad_delta is None else grad_delta)
+    grad_x, grad_delta = _experts_backward(
+        grad,
+        x_selected,
+        weight,
+        delta,
+        idx,
+        offsets,
+        scale,
+        transposed,
+        needs_input_grad,
+        _columns_by_key(columns_key, transposed),
+    )
+    return (grad.new_empty(0) if grad_x is None else grad_x, grad.new_empty(0) if grad_delta is None else grad_delta)
 
 
 partial_experts_backward_op = library_op("partial_experts_backward", _partial_experts_backward_kernel)
@@ -239,25 +313,43 @@ class CompiledPartialExperts(torch.autograd.Function):
     def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key, read_by_backward):
         ctx.save_for_backward(_selected_input(x, delta, idx, expert_of_row), weight, delta, idx, offsets)
         ctx.scale, ctx.transposed, ctx.columns_key = scale, transposed, columns_key
-        return partial_experts_op(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key,
-                                  read_by_backward)
+        return partial_experts_op(
+            x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key, read_by_backward
+        )
 
     @staticmethod
     def backward(ctx, grad):
         x_selected, weight, delta, idx, offsets = ctx.saved_tensors
         needs_input_grad = ctx.needs_input_grad[0]
-        grad_x, grad_delta = partial_experts_backward_op(grad, x_selected, weight, delta, idx, offsets, ctx.scale,
-                                                         ctx.transposed, needs_input_grad, ctx.columns_key)
-        return (grad_x if needs_input_grad else None, None, grad_delta if x_selected is not None else None,
-                None, None, None, None, None, None, None)
+        grad_x, grad_delta = partial_experts_backward_op(
+            grad, x_selected, weight, delta, idx, offsets, ctx.scale, ctx.transposed, needs_input_grad, ctx.columns_key
+        )
+        return (
+            grad_x if needs_input_grad else None,
+            None,
+            grad_delta if x_selected is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
 # the experts module's forward
 # ----------------------------------------------------------------------------------------------------
 
-def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                    tuned: dict[str, tuple[Tensor, Tensor, float, ResidentColumns]]) -> Tensor:
+
+def experts_forward(
+    experts: nn.Module,
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    tuned: dict[str, tuple[Tensor, Tensor, float, ResidentColumns]],
+) -> Tensor:
     """The forward of a transformers experts module (``@use_experts_implementation``) with tuned projections.
 
     Args:
@@ -275,8 +367,9 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
         raise NotImplementedError("PaCA experts do not support transformers' expert parallelism yet.")
     num_tokens, top_k = top_k_index.shape
     device_type = hidden_states.device.type
-    compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                     else hidden_states.dtype)
+    compute_dtype = (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_states.dtype
+    )
     expert_ids = top_k_index.reshape(-1)
     expert_of_row, order = torch.sort(expert_ids, stable=True)  # the pairs sorted by expert
     counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=expert_ids.device)
@@ -287,8 +380,9 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
 
     def project(x: Tensor, name: str) -> Tensor:
         delta, idx, scale, columns = tuned.get(name, (None, None, 1.0, None))
-        y = partial_experts_linear(x, getattr(experts, name), delta, idx, expert_of_row, offsets, scale,
-                                   experts.is_transposed, columns)
+        y = partial_experts_linear(
+            x, getattr(experts, name), delta, idx, expert_of_row, offsets, scale, experts.is_transposed, columns
+        )
         if experts.has_bias:
             y = y + getattr(experts, f"{name}_bias")[expert_of_row].to(y.dtype)
         return y

@@ -10,8 +10,6 @@ one copy of it (see :mod:`paca.ops.columns` for when backward skips the write).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,13 +19,22 @@ from .compiled import library_op
 from .eager import eager_apply
 
 
-def _columns_for(columns: Optional[ResidentColumns], transposed: bool) -> ResidentColumns:
+def _columns_for(columns: ResidentColumns | None, transposed: bool) -> ResidentColumns:
     # Without a layer's resident columns (a bare functional call) the operator writes and restores by itself.
     return columns if columns is not None else ResidentColumns(0 if transposed else 1, transient=True)
 
 
-def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float,
-                    transposed: bool, columns: ResidentColumns, read_by_backward: bool) -> Tensor:
+def _linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    transposed: bool,
+    columns: ResidentColumns,
+    read_by_backward: bool,
+) -> Tensor:
     w = columns.written(weight, delta, idx, scale, x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
@@ -36,9 +43,17 @@ def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Te
     return y
 
 
-def _linear_backward(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor, idx: Tensor,
-                     scale: float, transposed: bool, needs_input_grad: bool, columns: ResidentColumns
-                     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _linear_backward(
+    grad: Tensor,
+    x_selected: Tensor | None,
+    weight: Tensor,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    transposed: bool,
+    needs_input_grad: bool,
+    columns: ResidentColumns,
+) -> tuple[Tensor | None, Tensor | None]:
     """``(g W, scale * g^T x[..., idx])``; None for a gradient not asked for (``x_selected`` None: no delta grad)."""
     grad_input = grad_delta = None
     if needs_input_grad:
@@ -104,8 +119,9 @@ class PartialLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x_selected = ctx.saved_tensors[0]  # unpacks all four: autograd's in-place check
         weight, delta, idx = ctx.parameters
-        grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, ctx.scale, ctx.transposed,
-                                                  ctx.needs_input_grad[0], ctx.columns)
+        grad_input, grad_delta = _linear_backward(
+            grad, x_selected, weight, delta, idx, ctx.scale, ctx.transposed, ctx.needs_input_grad[0], ctx.columns
+        )
         grad_bias = _bias_grad(grad) if ctx.needs_input_grad[2] else None
         return grad_input, None, grad_bias, grad_delta, None, None, None, None
 
@@ -113,8 +129,16 @@ class PartialLinearFunction(torch.autograd.Function):
 _partial_linear_eager = eager_apply(PartialLinearFunction)
 
 
-def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                   scale: float, transposed: bool = False, columns: Optional[ResidentColumns] = None) -> Tensor:
+def partial_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    transposed: bool = False,
+    columns: ResidentColumns | None = None,
+) -> Tensor:
     """``y = x W^T + b`` with ``W`` the frozen ``weight`` whose input columns ``idx`` hold ``+ scale * delta``.
 
     Args:
@@ -141,15 +165,26 @@ def partial_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Ten
 # torch.compile: the library ops take the ResidentColumns by key (an int the graph keeps as a constant) and find it
 # at run time, so compiled and eager calls share one record of what the weight holds.
 
+
 def _columns_by_key(key: int, transposed: bool) -> ResidentColumns:
     return _columns_for(ResidentColumns.find(key), transposed)
 
 
-def _partial_linear_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor,
-                           scale: float, transposed: bool, columns_key: int, read_by_backward: bool) -> Tensor:
+def _partial_linear_kernel(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    transposed: bool,
+    columns_key: int,
+    read_by_backward: bool,
+) -> Tensor:
     """:func:`partial_linear` as one opaque node for torch.compile."""
-    return _linear_forward(x, weight, bias, delta, idx, scale, transposed, _columns_by_key(columns_key, transposed),
-                           read_by_backward)
+    return _linear_forward(
+        x, weight, bias, delta, idx, scale, transposed, _columns_by_key(columns_key, transposed), read_by_backward
+    )
 
 
 partial_linear_op = library_op("partial_linear", _partial_linear_kernel)
@@ -161,14 +196,33 @@ def _(x, weight, bias, delta, idx, scale, transposed, columns_key, read_by_backw
     return x.new_empty(*x.shape[:-1], d_out)
 
 
-def _partial_linear_backward_kernel(grad: Tensor, x_selected: Optional[Tensor], weight: Tensor, delta: Tensor,
-                                    idx: Tensor, scale: float, transposed: bool, needs_input_grad: bool,
-                                    columns_key: int) -> tuple[Tensor, Tensor]:
+def _partial_linear_backward_kernel(
+    grad: Tensor,
+    x_selected: Tensor | None,
+    weight: Tensor,
+    delta: Tensor,
+    idx: Tensor,
+    scale: float,
+    transposed: bool,
+    needs_input_grad: bool,
+    columns_key: int,
+) -> tuple[Tensor, Tensor]:
     """Gradients of ``partial_linear_op``; an empty tensor stands for a gradient not asked for."""
-    grad_input, grad_delta = _linear_backward(grad, x_selected, weight, delta, idx, scale, transposed,
-                                              needs_input_grad, _columns_by_key(columns_key, transposed))
-    return (grad.new_empty(0) if grad_input is None else grad_input,
-            delta.new_empty(0) if grad_delta is None else grad_delta)
+    grad_input, grad_delta = _linear_backward(
+        grad,
+        x_selected,
+        weight,
+        delta,
+        idx,
+        scale,
+        transposed,
+        needs_input_grad,
+        _columns_by_key(columns_key, transposed),
+    )
+    return (
+        grad.new_empty(0) if grad_input is None else grad_input,
+        delta.new_empty(0) if grad_delta is None else grad_delta,
+    )
 
 
 partial_linear_backward_op = library_op("partial_linear_backward", _partial_linear_backward_kernel)
@@ -197,8 +251,18 @@ class CompiledPartialLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x_selected, weight, delta, idx = ctx.saved_tensors
         needs_input_grad = ctx.needs_input_grad[0]
-        grad_input, grad_delta = partial_linear_backward_op(grad, x_selected, weight, delta, idx, ctx.scale,
-                                                            ctx.transposed, needs_input_grad, ctx.columns_key)
+        grad_input, grad_delta = partial_linear_backward_op(
+            grad, x_selected, weight, delta, idx, ctx.scale, ctx.transposed, needs_input_grad, ctx.columns_key
+        )
         grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (grad_input if needs_input_grad else None, None, grad_bias,
-                grad_delta if x_selected is not None else None, None, None, None, None, None)
+        return (
+            grad_input if needs_input_grad else None,
+            None,
+            grad_bias,
+            grad_delta if x_selected is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

@@ -86,28 +86,42 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool, model_pat
     if resume:
         checkpoint = newest_checkpoint(output_dir)
         if checkpoint is None:
-            raise FileNotFoundError(f"resume=true but output_dir '{output_dir}' holds no complete checkpoint "
-                                    f"({held or 'it is empty or missing'}); run without resume to start afresh.")
+            raise FileNotFoundError(
+                f"resume=true but output_dir '{output_dir}' holds no complete checkpoint "
+                f"({held or 'it is empty or missing'}); run without resume to start afresh."
+            )
         return checkpoint
     if not held:
         return None
     if not overwrite:
-        raise FileExistsError(f"output_dir '{output_dir}' already holds a run ({held}); set resume=true to continue "
-                              "it, overwrite=true to replace it, or choose another output_dir.")
-    if model_path and os.path.isdir(model_path) and (_inside(model_path, output_dir) or _inside(output_dir, model_path)):
-        raise FileExistsError(f"overwrite=true would delete files of the base model '{model_path}' (output_dir "
-                              f"'{output_dir}' holds it or lies inside it); choose another output_dir.")
+        raise FileExistsError(
+            f"output_dir '{output_dir}' already holds a run ({held}); set resume=true to continue "
+            "it, overwrite=true to replace it, or choose another output_dir."
+        )
+    if (
+        model_path
+        and os.path.isdir(model_path)
+        and (_inside(model_path, output_dir) or _inside(output_dir, model_path))
+    ):
+        raise FileExistsError(
+            f"overwrite=true would delete files of the base model '{model_path}' (output_dir "
+            f"'{output_dir}' holds it or lies inside it); choose another output_dir."
+        )
     if not os.path.isfile(os.path.join(output_dir, CONFIG_FILE)):
-        raise FileExistsError(f"output_dir '{output_dir}' holds files paca train did not write ({held}; no "
-                              f"{CONFIG_FILE}); overwrite=true only replaces paca train's own runs. Choose another "
-                              "output_dir.")
+        raise FileExistsError(
+            f"output_dir '{output_dir}' holds files paca train did not write ({held}; no "
+            f"{CONFIG_FILE}); overwrite=true only replaces paca train's own runs. Choose another "
+            "output_dir."
+        )
     return None
 
 
 def _previous_run_paths(output_dir: str, files: tuple[str, ...]) -> list[str]:
     """The previous run's checkpoints, model files and logs in ``output_dir`` (other files are not paca's)."""
     paths = [path for step, path in checkpoints(output_dir)]
-    sharded = re.compile(r"^(model|adapter_model)-\d+-of-\d+\.safetensors$|^(model|adapter_model)\.safetensors\.index\.json$")
+    sharded = re.compile(
+        r"^(model|adapter_model)-\d+-of-\d+\.safetensors$|^(model|adapter_model)\.safetensors\.index\.json$"
+    )
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
         if (name in RUN_FILES + files or sharded.match(name)) and os.path.isfile(path):

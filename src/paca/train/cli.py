@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from .config import dash_options_as_overrides, load_config, usage
 from .trainer import TrainingStopped, run
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
@@ -17,8 +16,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(argv)
         if not argv:
-            print("paca train: no config given: running the built-in demo (`paca train --help` for the keys).",
-                  flush=True)
+            print(
+                "paca train: no config given: running the built-in demo (`paca train --help` for the keys).",
+                flush=True,
+            )
         run(cfg)
     except TrainingStopped as err:
         print(f"paca train: stopped: {err}", file=sys.stderr)
@@ -35,7 +36,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             items = argv
         kept = [a for a in items if not a.lstrip("-").startswith(("resume=", "output_dir="))]
         again = " ".join(kept + ([f"output_dir={output_dir}"] if output_dir else []) + ["resume=true"])
-        print(f"paca train: interrupted; the last complete checkpoint is kept. Resume with: paca train {again}",
-              file=sys.stderr)
+        print(
+            f"paca train: interrupted; the last complete checkpoint is kept. Resume with: paca train {again}",
+            file=sys.stderr,
+        )
         return 130
     return 0

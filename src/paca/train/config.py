@@ -12,7 +12,7 @@ import difflib
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Any
 
 import yaml
 
@@ -34,7 +34,7 @@ DEMO_DATA = ("paca-demo", "paca-demo-pretrain")  # the built-in tasks (paca.trai
 DEMO_SETTINGS = {"max_length": 64, "eval_split": 256, "batch_size": 32, "grad_accum": 1, "epochs": 1.0}
 
 
-def key(default: Any, group: str, help: str, choices: Optional[tuple] = None):
+def key(default: Any, group: str, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"group": group, "help": help, "choices": choices})
 
 
@@ -43,64 +43,126 @@ class TrainConfig:
     """Every option of `paca train`. Build with :func:`load_config`; each field is one YAML key."""
 
     # -- model
-    model: str = key(DEMO, "model", "Hub id or local directory of the base model; 'paca-demo' is the built-in "
-                     "base (built on first use, cached), 'paca-demo-random' the same model randomly initialised.")
+    model: str = key(
+        DEMO,
+        "model",
+        "Hub id or local directory of the base model; 'paca-demo' is the built-in "
+        "base (built on first use, cached), 'paca-demo-random' the same model randomly initialised.",
+    )
     # -- method
-    stage: str = key("sft", "method", "What is learned: sft (supervised: the responses of the data) or dpo "
-                     "(preference pairs: chosen over rejected, through TRL's DPOTrainer; the reference is the base "
-                     "model, i.e. the adapter disabled).", ("sft", "dpo"))
-    dpo_beta: float = key(0.1, "method", "DPO's beta: how far the tuned model may move from the reference "
-                          "(stage=dpo).")
-    method: str = key("paca", "method", "How to fine-tune: paca, qpaca (PaCA on a 4-bit NF4 base), lora, dora, "
-                      "full.", METHODS)
+    stage: str = key(
+        "sft",
+        "method",
+        "What is learned: sft (supervised: the responses of the data) or dpo "
+        "(preference pairs: chosen over rejected, through TRL's DPOTrainer; the reference is the base "
+        "model, i.e. the adapter disabled).",
+        ("sft", "dpo"),
+    )
+    dpo_beta: float = key(
+        0.1, "method", "DPO's beta: how far the tuned model may move from the reference (stage=dpo)."
+    )
+    method: str = key(
+        "paca", "method", "How to fine-tune: paca, qpaca (PaCA on a 4-bit NF4 base), lora, dora, full.", METHODS
+    )
     r: int = key(8, "method", "Tuned input columns per layer (PaCA), or rank (LoRA/DoRA).")
-    paca_alpha: float = key(16.0, "method", "Scale numerator: updates are applied as (paca_alpha / r) * delta; "
-                            "also lora_alpha for method=lora/dora.")
-    target_modules: Union[str, list] = key("all-linear", "method", "Layers to tune: 'all-linear', a list of "
-                                           "module names (YAML list or comma-separated), or a regex.")
-    selection: str = key("random", "method", "Which columns PaCA tunes: random (seeded), weight_norm (largest "
-                         "column norms), gradient (largest squared weight gradients summed over the first "
-                         "selection_steps global batches, before training), structured (whole heads / channels, "
-                         "S2FT-style).",
-                         SELECTIONS)
-    selection_steps: int = key(100, "method", "Global batches (optimizer steps' worth of training data) scored by "
-                               "selection=gradient (the paper: 100).")
+    paca_alpha: float = key(
+        16.0,
+        "method",
+        "Scale numerator: updates are applied as (paca_alpha / r) * delta; also lora_alpha for method=lora/dora.",
+    )
+    target_modules: str | list = key(
+        "all-linear",
+        "method",
+        "Layers to tune: 'all-linear', a list of module names (YAML list or comma-separated), or a regex.",
+    )
+    selection: str = key(
+        "random",
+        "method",
+        "Which columns PaCA tunes: random (seeded), weight_norm (largest "
+        "column norms), gradient (largest squared weight gradients summed over the first "
+        "selection_steps global batches, before training), structured (whole heads / channels, "
+        "S2FT-style).",
+        SELECTIONS,
+    )
+    selection_steps: int = key(
+        100,
+        "method",
+        "Global batches (optimizer steps' worth of training data) scored by selection=gradient (the paper: 100).",
+    )
     # -- data
-    data: str = key(DEMO, "data", "A JSONL or JSON array file (chat 'messages' with tools, ShareGPT "
-                    "'conversations', Alpaca, prompt/response, TRL prompt/completion or text), a directory written "
-                    "by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task); several, "
-                    "comma-separated (or a YAML list), are concatenated.")
+    data: str = key(
+        DEMO,
+        "data",
+        "A JSONL or JSON array file (chat 'messages' with tools, ShareGPT "
+        "'conversations', Alpaca, prompt/response, TRL prompt/completion or text), a directory written "
+        "by datasets.save_to_disk, a hub dataset name, or 'paca-demo' (the built-in task); several, "
+        "comma-separated (or a YAML list), are concatenated.",
+    )
     data_split: str = key("train", "data", "Split to read from a hub or saved dataset.")
     max_length: int = key(2048, "data", "Tokens per example; longer examples are truncated (and counted).")
-    eval_data: str = key("", "data", "Evaluation examples: a file or dataset read like data, or a split of data "
-                         "(e.g. validation); unset: data's 'validation' split if it is a saved DatasetDict with one, "
-                         "else eval_split of data held out.")
-    eval_split: float = key(0.05, "data", "Held-out examples for evaluation: a fraction in (0, 1) or a count; "
-                            "0 disables evaluation.")
-    train_on_prompt: bool = key(False, "data", "Learn every token, prompts and user turns too (LLaMA-Factory's "
-                                "train_on_prompt, axolotl's train_on_inputs); false: only the assistant's turns and "
-                                "completions (TRL's assistant_only_loss / completion_only_loss).")
-    chat_template: str = key("", "data", "Chat template to render the conversations with: a Jinja file, or a model "
-                             "or tokenizer directory whose template to take; unset: the model's own. Saved with the "
-                             "tokenizer.")
-    packing: bool = key(False, "data", "Pack several examples into each max_length row (TRL's best-fit packing; "
-                        "each example still attends only to itself): fewer, fuller rows.")
-    padding_free: bool = key(False, "data", "Concatenate each batch's examples into one row with no padding "
-                             "(TRL's padding-free batches; each example attends only to itself).")
+    eval_data: str = key(
+        "",
+        "data",
+        "Evaluation examples: a file or dataset read like data, or a split of data "
+        "(e.g. validation); unset: data's 'validation' split if it is a saved DatasetDict with one, "
+        "else eval_split of data held out.",
+    )
+    eval_split: float = key(
+        0.05, "data", "Held-out examples for evaluation: a fraction in (0, 1) or a count; 0 disables evaluation."
+    )
+    train_on_prompt: bool = key(
+        False,
+        "data",
+        "Learn every token, prompts and user turns too (LLaMA-Factory's "
+        "train_on_prompt, axolotl's train_on_inputs); false: only the assistant's turns and "
+        "completions (TRL's assistant_only_loss / completion_only_loss).",
+    )
+    chat_template: str = key(
+        "",
+        "data",
+        "Chat template to render the conversations with: a Jinja file, or a model "
+        "or tokenizer directory whose template to take; unset: the model's own. Saved with the "
+        "tokenizer.",
+    )
+    packing: bool = key(
+        False,
+        "data",
+        "Pack several examples into each max_length row (TRL's best-fit packing; "
+        "each example still attends only to itself): fewer, fuller rows.",
+    )
+    padding_free: bool = key(
+        False,
+        "data",
+        "Concatenate each batch's examples into one row with no padding "
+        "(TRL's padding-free batches; each example attends only to itself).",
+    )
     # -- training
-    batch_size: int = key(8, "training", "Examples per device per micro-step; the global batch is "
-                          "batch_size x grad_accum x processes.")
+    batch_size: int = key(
+        8, "training", "Examples per device per micro-step; the global batch is batch_size x grad_accum x processes."
+    )
     grad_accum: int = key(1, "training", "Micro-steps accumulated per optimizer step.")
-    lr: Optional[float] = key(None, "training", "Peak learning rate; unset: the method's default "
-                              + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items())
-                              + " (on the demo task: " + ", ".join(f"{m} {v:g}" for m, v in DEMO_LR.items()) + ").")
-    lr_scheduler: str = key("linear", "training", "Learning-rate schedule after warmup.",
-                            ("linear", "cosine", "constant"))
+    lr: float | None = key(
+        None,
+        "training",
+        "Peak learning rate; unset: the method's default "
+        + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items())
+        + " (on the demo task: "
+        + ", ".join(f"{m} {v:g}" for m, v in DEMO_LR.items())
+        + ").",
+    )
+    lr_scheduler: str = key(
+        "linear", "training", "Learning-rate schedule after warmup.", ("linear", "cosine", "constant")
+    )
     warmup_ratio: float = key(0.05, "training", "Fraction of the steps spent warming the learning rate up.")
-    warmup_steps: int = key(0, "training", "Optimizer steps spent warming the learning rate up (> 0: instead of "
-                            "warmup_ratio).")
-    optim: str = key("adamw_torch_fused", "training", "Optimizer, by transformers' name (its default: "
-                     "adamw_torch_fused), adamw_torch, adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd, adafactor...")
+    warmup_steps: int = key(
+        0, "training", "Optimizer steps spent warming the learning rate up (> 0: instead of warmup_ratio)."
+    )
+    optim: str = key(
+        "adamw_torch_fused",
+        "training",
+        "Optimizer, by transformers' name (its default: "
+        "adamw_torch_fused), adamw_torch, adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd, adafactor...",
+    )
     weight_decay: float = key(0.0, "training", "AdamW weight decay.")
     max_grad_norm: float = key(1.0, "training", "Gradient clipping norm (0: no clipping).")
     epochs: float = key(1.0, "training", "Passes over the training data (ignored when max_steps > 0).")
@@ -108,28 +170,51 @@ class TrainConfig:
     bf16: bool = key(False, "training", "bfloat16 mixed precision.")
     fp16: bool = key(False, "training", "float16 mixed precision (with loss scaling), for GPUs without bfloat16.")
     gradient_checkpointing: bool = key(False, "training", "Recompute activations in backward to save memory.")
-    router_aux_loss_coef: Optional[float] = key(None, "training", "Weight of a mixture-of-experts model's "
-                                                "load-balancing loss (added by TRL's SFTTrainer); unset: the model "
-                                                "config's own, 0: none.")
+    router_aux_loss_coef: float | None = key(
+        None,
+        "training",
+        "Weight of a mixture-of-experts model's "
+        "load-balancing loss (added by TRL's SFTTrainer); unset: the model "
+        "config's own, 0: none.",
+    )
     seed: int = key(0, "training", "Seed of data order, initialisation and PaCA column choice.")
     logging_steps: int = key(10, "training", "Optimizer steps between progress lines (and metrics.jsonl rows).")
     eval_steps: int = key(0, "training", "Optimizer steps between evaluations; 0: only before and after.")
-    fsdp: bool = key(False, "training", "Shard weights, gradients and optimizer state with FSDP2 "
-                     "(under torchrun / accelerate launch).")
-    deepspeed: str = key("", "training", "DeepSpeed ZeRO: 'zero2', 'zero3' or a path to a DeepSpeed JSON "
-                         "config (needs the deepspeed package).")
+    fsdp: bool = key(
+        False,
+        "training",
+        "Shard weights, gradients and optimizer state with FSDP2 (under torchrun / accelerate launch).",
+    )
+    deepspeed: str = key(
+        "",
+        "training",
+        "DeepSpeed ZeRO: 'zero2', 'zero3' or a path to a DeepSpeed JSON config (needs the deepspeed package).",
+    )
     # -- output
-    output_dir: str = key("", "output", "Where the run writes; empty: runs/<model>-<method>-<date>-<time>, a "
-                          "new directory.")
+    output_dir: str = key(
+        "", "output", "Where the run writes; empty: runs/<model>-<method>-<date>-<time>, a new directory."
+    )
     save_steps: int = key(50, "output", "Optimizer steps between checkpoints (0: none; resume needs them).")
     save_total_limit: int = key(2, "output", "Checkpoints kept (the oldest are deleted; 0: keep all).")
-    report_to: str = key("none", "output", "Where the Trainer also logs: none, tensorboard (output_dir/runs), "
-                         "wandb, ... (comma-separated; metrics.jsonl and loss.png are always written).")
+    report_to: str = key(
+        "none",
+        "output",
+        "Where the Trainer also logs: none, tensorboard (output_dir/runs), "
+        "wandb, ... (comma-separated; metrics.jsonl and loss.png are always written).",
+    )
     resume: bool = key(False, "output", "Continue from the newest complete checkpoint in output_dir.")
-    dry_run: bool = key(False, "output", "Read and tokenise the data, print the first training example with its "
-                        "learned tokens in [[...]], and stop: no model is loaded, nothing is written.")
-    overwrite: bool = key(False, "output", "Allow an output_dir that holds another run: its checkpoints, adapter "
-                          "and metrics are deleted once the new run's model and data have loaded.")
+    dry_run: bool = key(
+        False,
+        "output",
+        "Read and tokenise the data, print the first training example with its "
+        "learned tokens in [[...]], and stop: no model is loaded, nothing is written.",
+    )
+    overwrite: bool = key(
+        False,
+        "output",
+        "Allow an output_dir that holds another run: its checkpoints, adapter "
+        "and metrics are deleted once the new run's model and data have loaded.",
+    )
 
     @property
     def learning_rate(self) -> float:
@@ -145,8 +230,12 @@ class TrainConfig:
             lines.append(f"# {group}")
             for f in fields(self):
                 if f.metadata["group"] == group:
-                    lines.append(yaml.safe_dump({f.name: values[f.name]}, default_flow_style=True,
-                                                width=10_000).strip().removeprefix("{").removesuffix("}"))
+                    lines.append(
+                        yaml.safe_dump({f.name: values[f.name]}, default_flow_style=True, width=10_000)
+                        .strip()
+                        .removeprefix("{")
+                        .removesuffix("}")
+                    )
             lines.append("")
         return "\n".join(lines)
 
@@ -156,20 +245,35 @@ KEYS = {f.name: f for f in fields(TrainConfig)}
 # What a resume may change: how long the run goes on, what it logs and saves, and trades of memory for time. Every
 # other key fixes the model, the data or the optimisation path (lr and its schedule live in the checkpoint) and
 # comes from the run being resumed.
-RESUME_CHANGEABLE = ("epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "gradient_checkpointing", "padding_free", "bf16", "fp16", "resume", "overwrite",
-                     "output_dir")
+RESUME_CHANGEABLE = (
+    "epochs",
+    "max_steps",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "gradient_checkpointing",
+    "padding_free",
+    "bf16",
+    "fp16",
+    "resume",
+    "overwrite",
+    "output_dir",
+)
 PATH_KEYS = ("model", "data", "eval_data", "output_dir", "deepspeed", "chat_template")
 OPTIONAL_NUMBERS = ("lr", "router_aux_loss_coef")  # unset (None) means "the default of the method / the model"
 
 
 def usage() -> str:
     """`paca train --help`: every key with its default and help, by group."""
-    lines = ["usage: paca train [CONFIG.yaml] [key=value ...]",
-             "",
-             "Without a config file or keys: the built-in demo (a tiny model learns a new string task with PaCA).",
-             "Keys set on the command line override the file. Launch with torchrun or accelerate launch for "
-             "several processes."]
+    lines = [
+        "usage: paca train [CONFIG.yaml] [key=value ...]",
+        "",
+        "Without a config file or keys: the built-in demo (a tiny model learns a new string task with PaCA).",
+        "Keys set on the command line override the file. Launch with torchrun or accelerate launch for "
+        "several processes.",
+    ]
     for group in GROUPS:
         lines += ["", f"{group}:"]
         for f in fields(TrainConfig):
@@ -180,19 +284,39 @@ def usage() -> str:
 
 
 # Names other tools (transformers, LLaMA-Factory, axolotl) use for our keys, so a hint can point across.
-OTHER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
-               "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
-               "micro_batch_size": "batch_size", "lora_alpha": "paca_alpha", "lora_r": "r", "lora_rank": "r",
-               "cutoff_len": "max_length", "sequence_len": "max_length", "max_seq_length": "max_length",
-               "dataset": "data", "datasets": "data", "model_name_or_path": "model", "base_model": "model",
-               "finetuning_type": "method", "lora_target": "target_modules", "val_size": "eval_split",
-               "val_set_size": "eval_split", "resume_from_checkpoint": "resume", "lr_scheduler_type": "lr_scheduler",
-               "overwrite_output_dir": "overwrite", "output": "output_dir"}
+OTHER_NAMES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "lora_alpha": "paca_alpha",
+    "lora_r": "r",
+    "lora_rank": "r",
+    "cutoff_len": "max_length",
+    "sequence_len": "max_length",
+    "max_seq_length": "max_length",
+    "dataset": "data",
+    "datasets": "data",
+    "model_name_or_path": "model",
+    "base_model": "model",
+    "finetuning_type": "method",
+    "lora_target": "target_modules",
+    "val_size": "eval_split",
+    "val_set_size": "eval_split",
+    "resume_from_checkpoint": "resume",
+    "lr_scheduler_type": "lr_scheduler",
+    "overwrite_output_dir": "overwrite",
+    "output": "output_dir",
+}
 
 
 # Keys of other tools with no counterpart here: what to do instead (a nearest-name guess would mislead).
-NO_COUNTERPART = {"lora_dropout": "PaCA has no dropout: its delta is not a branch that could be dropped; remove it.",
-                  "load_in_8bit": "8-bit bases are not supported; method=qpaca trains on a 4-bit NF4 base."}
+NO_COUNTERPART = {
+    "lora_dropout": "PaCA has no dropout: its delta is not a branch that could be dropped; remove it.",
+    "load_in_8bit": "8-bit bases are not supported; method=qpaca trains on a 4-bit NF4 base.",
+}
 
 
 def _nearest_key_hint(name: str) -> str:
@@ -366,15 +490,20 @@ def resumed_config(cfg: TrainConfig, saved_path: str) -> TrainConfig:
     given = getattr(cfg, "given", frozenset())
     # A key the saved run does not list (it predates the key) had its default there.
     was = {name: saved.get(name, KEYS[name].default) for name in given if name in KEYS}
-    differing = [name for name in sorted(was) if name not in RESUME_CHANGEABLE
-                 and not _same_value(name, getattr(cfg, name), was[name])]
+    differing = [
+        name
+        for name in sorted(was)
+        if name not in RESUME_CHANGEABLE and not _same_value(name, getattr(cfg, name), was[name])
+    ]
     if differing:
         changes = "; ".join(f"{name}: {was[name]!r} in the run, {getattr(cfg, name)!r} given" for name in differing)
-        raise ValueError(f"resume=true continues the run in {os.path.dirname(saved_path)} as it was configured "
-                         f"({os.path.basename(saved_path)}); {changes}. A resume can change only "
-                         f"{', '.join(k for k in RESUME_CHANGEABLE if k not in ('resume', 'overwrite', 'output_dir'))}"
-                         "; start a new run (another output_dir, or "
-                         "overwrite=true) to change the rest.")
+        raise ValueError(
+            f"resume=true continues the run in {os.path.dirname(saved_path)} as it was configured "
+            f"({os.path.basename(saved_path)}); {changes}. A resume can change only "
+            f"{', '.join(k for k in RESUME_CHANGEABLE if k not in ('resume', 'overwrite', 'output_dir'))}"
+            "; start a new run (another output_dir, or "
+            "overwrite=true) to change the rest."
+        )
     resumed = TrainConfig(**{**saved, **{name: getattr(cfg, name) for name in given}})
     check(resumed)
     resumed.given = given
@@ -401,15 +530,21 @@ def check(cfg: TrainConfig) -> None:
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"key 'warmup_ratio' is a fraction of the steps in [0, 1), got {cfg.warmup_ratio}.")
     if cfg.stage == "dpo" and cfg.selection == "gradient":
-        raise ValueError("selection=gradient scores supervised batches; with stage=dpo use selection=random, "
-                         "weight_norm or structured.")
+        raise ValueError(
+            "selection=gradient scores supervised batches; with stage=dpo use selection=random, "
+            "weight_norm or structured."
+        )
     if cfg.stage == "dpo" and cfg.data in DEMO_DATA and not cfg.resume:  # a resume takes data from the run
-        raise ValueError("stage=dpo needs preference pairs: set data to a file or dataset of prompt / chosen / "
-                         "rejected records (the demo task has none).")
+        raise ValueError(
+            "stage=dpo needs preference pairs: set data to a file or dataset of prompt / chosen / "
+            "rejected records (the demo task has none)."
+        )
     if cfg.stage == "dpo" and (cfg.packing or cfg.padding_free or cfg.train_on_prompt):
         key_name = "packing" if cfg.packing else "padding_free" if cfg.padding_free else "train_on_prompt"
-        raise ValueError(f"key '{key_name}' shapes supervised batches (stage=sft); TRL's DPOTrainer batches the "
-                         "preference pairs itself.")
+        raise ValueError(
+            f"key '{key_name}' shapes supervised batches (stage=sft); TRL's DPOTrainer batches the "
+            "preference pairs itself."
+        )
     if cfg.router_aux_loss_coef is not None and cfg.router_aux_loss_coef < 0:
         raise ValueError(f"key 'router_aux_loss_coef' must be 0 or more, got {cfg.router_aux_loss_coef}.")
     if cfg.bf16 and cfg.fp16:
@@ -419,8 +554,10 @@ def check(cfg: TrainConfig) -> None:
     optimizers = [o.value for o in OptimizerNames]
     if cfg.optim not in optimizers:
         close = difflib.get_close_matches(cfg.optim, optimizers, n=1)
-        raise ValueError(f"key 'optim': unknown optimizer '{cfg.optim}'"
-                         + (f"; did you mean '{close[0]}'?" if close else f"; transformers offers {', '.join(optimizers)}."))
+        raise ValueError(
+            f"key 'optim': unknown optimizer '{cfg.optim}'"
+            + (f"; did you mean '{close[0]}'?" if close else f"; transformers offers {', '.join(optimizers)}.")
+        )
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     reporters = ("none", "all", *sorted(INTEGRATION_TO_CALLBACK))
@@ -438,7 +575,9 @@ def check(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=true and overwrite=true contradict each other: continue the run or replace it.")
     if cfg.selection != "random" and cfg.method not in ("paca", "qpaca"):
-        raise ValueError(f"key 'selection' chooses PaCA's columns; method={cfg.method} has none (set method=paca or "
-                         "drop selection).")
+        raise ValueError(
+            f"key 'selection' chooses PaCA's columns; method={cfg.method} has none (set method=paca or "
+            "drop selection)."
+        )
     if cfg.fsdp and cfg.deepspeed:
         raise ValueError("fsdp=true and deepspeed are alternatives; set one of them.")

@@ -22,16 +22,25 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Optional
 
 from . import demo
 
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
-FORMATS = ("'messages' (chat), 'conversations' (ShareGPT), 'instruction'/'output' (Alpaca), 'prompt'/'response', "
-           "'prompt'/'completion' (TRL) or 'text'")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+FORMATS = (
+    "'messages' (chat), 'conversations' (ShareGPT), 'instruction'/'output' (Alpaca), 'prompt'/'response', "
+    "'prompt'/'completion' (TRL) or 'text'"
+)
 
 
 @dataclass
@@ -40,8 +49,8 @@ class Example:
 
     messages: list[dict]
     where: str
-    tools: Optional[list] = None  # function schemas the chat template renders
-    plain: Optional[tuple[str, str]] = None  # (prompt, completion) text, no chat template: completion learned
+    tools: list | None = None  # function schemas the chat template renders
+    plain: tuple[str, str] | None = None  # (prompt, completion) text, no chat template: completion learned
     learned_from: int = 0  # assistant turns before this message are context (TRL's prompt), not learned
 
 
@@ -62,14 +71,16 @@ class TokenizedData:
         if self.truncated:
             line += f"; {self.truncated:,} truncated to max_length={max_length}"
         if self.dropped:
-            line += (f"; {len(self.dropped):,} dropped (no response token left after truncation, e.g. "
-                     f"{self.dropped[0]})")
+            line += (
+                f"; {len(self.dropped):,} dropped (no response token left after truncation, e.g. {self.dropped[0]})"
+            )
         return line
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------
+
 
 def load_examples(source: str, split: str = "train") -> list[Example]:
     """Examples from a JSONL file, a JSON array file, a ``save_to_disk`` directory, a hub dataset, or a built-in
@@ -109,13 +120,15 @@ def splits_of(source: str) -> list[str]:
     return list(loaded) if isinstance(loaded, datasets.DatasetDict) else []
 
 
-def _nearest_local_file(source: str) -> Optional[str]:
+def _nearest_local_file(source: str) -> str | None:
     """A local data file ``source`` most likely meant (``train`` for ``train.jsonl``), so a typo is refused at
     once instead of after the hub's retries; None when nothing local is close."""
     folder = os.path.dirname(source) or "."
     if not os.path.isdir(folder):
         return None
-    names = [n for n in os.listdir(folder) if n.endswith((".jsonl", ".json")) or os.path.isdir(os.path.join(folder, n))]
+    names = [
+        n for n in os.listdir(folder) if n.endswith((".jsonl", ".json")) or os.path.isdir(os.path.join(folder, n))
+    ]
     base = os.path.basename(source)
     same_stem = [n for n in names if os.path.splitext(n)[0] == base]
     close = same_stem or difflib.get_close_matches(base, names, n=1, cutoff=0.8)
@@ -139,8 +152,10 @@ def _read_json_file(path: str, parse=None) -> list:
         with open(path, encoding="utf-8-sig") as f:
             records = json.load(f)
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); save "
-                         "the file as UTF-8.") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); save "
+            "the file as UTF-8."
+        ) from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: malformed JSON array ({err.msg} at column {err.colno}).") from None
     return [parse(record, f"{path}[{i}]") for i, record in enumerate(records)]
@@ -153,16 +168,20 @@ def _read_jsonl(path: str, parse) -> list:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
-                                 f"{err.start + 1}); save the file as UTF-8.") from None
+                raise ValueError(
+                    f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                    f"{err.start + 1}); save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be "
-                                 "one JSON object (or give the file as one JSON array).") from None
+                raise ValueError(
+                    f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be "
+                    "one JSON object (or give the file as one JSON array)."
+                ) from None
             examples.append(parse(record, where))
     return examples
 
@@ -176,8 +195,9 @@ def _load_from_disk(path: str, split: str):
         raise FileNotFoundError(f"data directory '{path}' is not a dataset written by save_to_disk: {err}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(f"data '{path}' has no split '{split}'; its splits: {', '.join(loaded)} "
-                             "(set data_split).")
+            raise ValueError(
+                f"data '{path}' has no split '{split}'; its splits: {', '.join(loaded)} (set data_split)."
+            )
         loaded = loaded[split]
     return loaded
 
@@ -190,8 +210,10 @@ def _load_from_hub(name: str, split: str):
     except ValueError as err:
         raise ValueError(f"data '{name}': {err}") from None
     except Exception as err:  # datasets raises many types for "cannot reach or find it"
-        raise FileNotFoundError(f"data '{name}' is neither a local file or directory nor a dataset the hub can "
-                                f"provide ({type(err).__name__}: {err}).") from None
+        raise FileNotFoundError(
+            f"data '{name}' is neither a local file or directory nor a dataset the hub can "
+            f"provide ({type(err).__name__}: {err})."
+        ) from None
 
 
 def _read_dataset(dataset, source: str) -> list[Example]:
@@ -201,6 +223,7 @@ def _read_dataset(dataset, source: str) -> list[Example]:
 # ----------------------------------------------------------------------------------------------------
 # Records
 # ----------------------------------------------------------------------------------------------------
+
 
 def _example(record, where: str) -> Example:
     """An Example from a record of any format in the module docstring; ValueError naming ``where`` otherwise."""
@@ -218,8 +241,12 @@ def _example(record, where: str) -> Example:
         prompt, response = record["prompt"], record["response"]
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError(f"{where}: 'prompt' and 'response' must be strings.")
-        return Example(_with_system(record, [{"role": "user", "content": prompt},
-                                             {"role": "assistant", "content": response}], where), where)
+        return Example(
+            _with_system(
+                record, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], where
+            ),
+            where,
+        )
     if "text" in record:
         if not isinstance(record["text"], str) or not record["text"]:
             raise ValueError(f"{where}: 'text' must be a non-empty string.")
@@ -244,8 +271,10 @@ def _content(value, where: str) -> str:
         kinds = {p.get("type") for p in value}
         if kinds <= {"text"} and all(isinstance(p.get("text"), str) for p in value):
             return "".join(p["text"] for p in value)
-        raise ValueError(f"{where}: content parts of type {', '.join(sorted(map(str, kinds - {'text'})))} are not "
-                         "supported (text-only training); give text parts.")
+        raise ValueError(
+            f"{where}: content parts of type {', '.join(sorted(map(str, kinds - {'text'})))} are not "
+            "supported (text-only training); give text parts."
+        )
     raise ValueError(f"{where}: content must be a string or a list of text parts, got {value!r}.")
 
 
@@ -258,7 +287,7 @@ def _messages(messages, where: str) -> list[dict]:
     for i, m in enumerate(messages):
         at = f"{where}: messages[{i}]"
         if not (isinstance(m, dict) and m.get("role") in ROLES):
-            raise ValueError(f"{at} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a string}}, got {m!r}.")
+            raise ValueError(f'{at} must be {{"role": one of {", ".join(ROLES)}, "content": a string}}, got {m!r}.')
         calls = m.get("tool_calls")
         if m.get("content") is None and not calls:
             raise ValueError(f"{at} has no content (and no tool_calls).")
@@ -276,7 +305,7 @@ def _messages(messages, where: str) -> list[dict]:
     return checked
 
 
-def _tools(tools, where: str) -> Optional[list]:
+def _tools(tools, where: str) -> list | None:
     """Function schemas: a list, or a JSON string of one (LLaMA-Factory's ShareGPT 'tools')."""
     if tools is None or tools == "" or tools == []:
         return None
@@ -300,36 +329,43 @@ def _tool_call(value: str, where: str) -> list[dict]:
     calls = calls if isinstance(calls, list) else [calls]
     if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
         raise ValueError(f"{where}: a function_call turn must hold JSON {{name, arguments}}.")
-    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
-            for c in calls]
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
 
 
 def _sharegpt(record: dict, where: str) -> Example:
     turns = record["conversations"]
-    if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
-                                              and isinstance(t.get("value"), str) for t in turns):
-        raise ValueError(f"{where}: 'conversations' must be a list of {{\"from\": one of "
-                         f"{', '.join(SHAREGPT_ROLES)}, \"value\": a string}}.")
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES and isinstance(t.get("value"), str) for t in turns
+    ):
+        raise ValueError(
+            f"{where}: 'conversations' must be a list of {{\"from\": one of "
+            f'{", ".join(SHAREGPT_ROLES)}, "value": a string}}.'
+        )
     messages = []
     for i, turn in enumerate(turns):
         role = SHAREGPT_ROLES[turn["from"]]
         if turn["from"] == "function_call":
-            messages.append({"role": role, "content": "",
-                             "tool_calls": _tool_call(turn["value"], f"{where}: conversations[{i}]")})
+            messages.append(
+                {"role": role, "content": "", "tool_calls": _tool_call(turn["value"], f"{where}: conversations[{i}]")}
+            )
         else:
             messages.append({"role": role, "content": turn["value"]})
-    return Example(_messages(_with_system(record, messages, where), where), where,
-                   _tools(record.get("tools"), where))
+    return Example(_messages(_with_system(record, messages, where), where), where, _tools(record.get("tools"), where))
 
 
 def _alpaca(record: dict, where: str) -> Example:
     """Alpaca: instruction, optional input, output, optional system and history ([[instruction, output], ...])."""
-    if not (isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str)
-            and isinstance(record.get("input") or "", str)):
+    if not (
+        isinstance(record.get("instruction"), str)
+        and isinstance(record.get("output"), str)
+        and isinstance(record.get("input") or "", str)
+    ):
         raise ValueError(f"{where}: 'instruction', 'input' and 'output' must be strings.")
     history = record.get("history") or []
-    if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str)
-                                                                                      for x in h) for h in history)):
+    if not (
+        isinstance(history, list)
+        and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history)
+    ):
         raise ValueError(f"{where}: 'history' must be a list of [instruction, output] string pairs.")
     messages = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
@@ -346,14 +382,16 @@ def _prompt_completion(record: dict, where: str) -> Example:
     if isinstance(prompt, list) and isinstance(completion, list) and completion:
         if not all(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
             raise ValueError(f"{where}: the 'completion' messages must be the assistant's.")
-        return Example(_messages(prompt + completion, where), where, _tools(record.get("tools"), where),
-                       learned_from=len(prompt))
+        return Example(
+            _messages(prompt + completion, where), where, _tools(record.get("tools"), where), learned_from=len(prompt)
+        )
     raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings or both be lists of messages.")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenising
 # ----------------------------------------------------------------------------------------------------
+
 
 def tokenize_examples(examples: list[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
     """``(input_ids, labels)`` per example: labels hold the learned token ids (the assistant's, or a plain
@@ -365,8 +403,11 @@ def tokenize_examples(examples: list[Example], tokenizer) -> list[tuple[list[int
         results[i] = pair
     if chats:
         chat_examples = [examples[i] for i in chats]
-        pairs = (_tokenize_chats(chat_examples, tokenizer) if tokenizer.chat_template
-                 else _tokenize_untemplated(chat_examples, tokenizer))
+        pairs = (
+            _tokenize_chats(chat_examples, tokenizer)
+            if tokenizer.chat_template
+            else _tokenize_untemplated(chat_examples, tokenizer)
+        )
         for i, pair in zip(chats, pairs):
             results[i] = pair
     return results
@@ -378,12 +419,15 @@ def _tokenize_chats(examples: list[Example], tokenizer) -> list[tuple[list[int],
     texts, layout = [], []
 
     for example in examples:
+
         def render(messages, example=example, **kwargs):
             try:
                 return tokenizer.apply_chat_template(messages, tools=example.tools, tokenize=False, **kwargs)
             except Exception as err:  # jinja2's TemplateError and whatever the template's own code raises
-                raise ValueError(f"{example.where}: the tokenizer's chat template cannot render this conversation "
-                                 f"({type(err).__name__}: {err}).") from None
+                raise ValueError(
+                    f"{example.where}: the tokenizer's chat template cannot render this conversation "
+                    f"({type(err).__name__}: {err})."
+                ) from None
 
         messages = example.messages
         turns = []  # per learned assistant turn: (index of its prefix text, index of its end text or None: the end)
@@ -396,7 +440,7 @@ def _tokenize_chats(examples: list[Example], tokenizer) -> list[tuple[list[int],
             prefix = len(texts) - 1
             end = None
             if turn < len(messages) - 1:
-                texts.append(render(messages[:turn + 1]))
+                texts.append(render(messages[: turn + 1]))
                 end = len(texts) - 1
             turns.append((prefix, end))
         layout.append((full, turns))
@@ -410,8 +454,10 @@ def _tokenize_chats(examples: list[Example], tokenizer) -> list[tuple[list[int],
             start = _common_prefix_length(ids, encoded[prefix])
             stop = len(ids) if end is None else len(encoded[end])
             if start < len(encoded[prefix]) - 1 or start >= stop or stop > len(ids):
-                raise ValueError(f"{example.where}: the tokenizer's chat template does not render this conversation "
-                                 "as its prefixes, so the response tokens cannot be located.")
+                raise ValueError(
+                    f"{example.where}: the tokenizer's chat template does not render this conversation "
+                    "as its prefixes, so the response tokens cannot be located."
+                )
             labels[start:stop] = ids[start:stop]
         results.append((ids, labels))
     return results
@@ -454,8 +500,10 @@ def _join(prompts: list[str], completions: list[str], tokenizer) -> list[tuple[l
         return []
     bos, eos = _special(tokenizer)
     results = []
-    for prompt, answer in zip(tokenizer(prompts, add_special_tokens=False)["input_ids"],
-                              tokenizer(completions, add_special_tokens=False)["input_ids"]):
+    for prompt, answer in zip(
+        tokenizer(prompts, add_special_tokens=False)["input_ids"],
+        tokenizer(completions, add_special_tokens=False)["input_ids"],
+    ):
         prompt, answer = bos + prompt, answer + eos
         results.append((prompt + answer, [IGNORE] * len(prompt) + answer))
     return results
@@ -465,16 +513,19 @@ def split_examples(examples: list[Example], eval_split: float, seed: int) -> tup
     """``(train, eval)``: a seeded random ``eval_split`` (fraction or count) of the examples is held out."""
     count = round(eval_split * len(examples)) if 0 < eval_split < 1 else int(eval_split)
     if count >= len(examples):
-        raise ValueError(f"eval_split={eval_split:g} would hold out {count} of the {len(examples)} examples, "
-                         "leaving none to train on; lower eval_split.")
+        raise ValueError(
+            f"eval_split={eval_split:g} would hold out {count} of the {len(examples)} examples, "
+            "leaving none to train on; lower eval_split."
+        )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     held = set(order[:count])
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
-def tokenize(train: list[Example], held_out: list[Example], tokenizer, max_length: int,
-             train_on_prompt: bool = False) -> TokenizedData:
+def tokenize(
+    train: list[Example], held_out: list[Example], tokenizer, max_length: int, train_on_prompt: bool = False
+) -> TokenizedData:
     """Tokenise both splits, truncating to ``max_length`` and dropping examples left without a response token;
     with ``train_on_prompt`` every token of the training split is learned (evaluation still scores the responses:
     what the run is for)."""
@@ -491,13 +542,20 @@ def tokenize(train: list[Example], held_out: list[Example], tokenizer, max_lengt
                 continue
             out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
     if not result.train:
-        raise ValueError(f"no training example has a response token within max_length={max_length}; raise "
-                         "max_length.")
+        raise ValueError(f"no training example has a response token within max_length={max_length}; raise max_length.")
     return result
 
 
-def load_data(source: str, split: str, tokenizer, max_length: int, eval_split: float, seed: int,
-              eval_source: str = "", train_on_prompt: bool = False) -> TokenizedData:
+def load_data(
+    source: str,
+    split: str,
+    tokenizer,
+    max_length: int,
+    eval_split: float,
+    seed: int,
+    eval_source: str = "",
+    train_on_prompt: bool = False,
+) -> TokenizedData:
     """Read, split and tokenise ``source``: what `paca train` feeds the Trainer.
 
     The evaluation examples are ``eval_source`` (a file or dataset read like ``source``, or a split of ``source``),
@@ -527,19 +585,22 @@ def read_splits(source: str, split: str, eval_split: float, seed: int, eval_sour
     if single and (eval_source in splits_of(single) or _hub_split(single, eval_source)):
         return train, read(single, eval_source), eval_source
     if not _looks_like_a_path(eval_source) and "/" not in eval_source and not single:
-        raise ValueError(f"eval_data '{eval_source}' names a split, which needs a single data source (data holds "
-                         f"{len(sources)}); give an eval file or dataset instead.")
+        raise ValueError(
+            f"eval_data '{eval_source}' names a split, which needs a single data source (data holds "
+            f"{len(sources)}); give an eval file or dataset instead."
+        )
     if single and os.path.isdir(single):
         splits = splits_of(single)
-        raise ValueError(f"eval_data '{eval_source}' is neither a file or dataset nor a split of data '{single}'"
-                         + (f" (its splits: {', '.join(splits)})." if splits else "."))
+        raise ValueError(
+            f"eval_data '{eval_source}' is neither a file or dataset nor a split of data '{single}'"
+            + (f" (its splits: {', '.join(splits)})." if splits else ".")
+        )
     return train, read(eval_source, "train"), eval_source
 
 
 def _hub_split(source: str, name: str) -> bool:
     """Whether ``name`` reads as a split of the hub dataset ``source`` (e.g. eval_data=validation)."""
-    return (not os.path.exists(source) and source not in demo.TASKS and not _looks_like_a_path(name)
-            and "/" not in name)
+    return not os.path.exists(source) and source not in demo.TASKS and not _looks_like_a_path(name) and "/" not in name
 
 
 def render_with_labels(ids: list[int], labels: list[int], tokenizer) -> str:
@@ -558,6 +619,7 @@ def render_with_labels(ids: list[int], labels: list[int], tokenizer) -> str:
 # Preference pairs (stage=dpo)
 # ----------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class PreferenceData:
     """Preference pairs in TRL's form (``prompt``, ``chosen``, ``rejected``), for its DPOTrainer to tokenise."""
@@ -573,9 +635,11 @@ class PreferenceData:
         return line + (f" (eval: {self.eval_source})" if self.eval_source and self.eval else "")
 
 
-PREFERENCE_FORMATS = ("'prompt'/'chosen'/'rejected' (TRL: strings or lists of messages), 'chosen'/'rejected' "
-                      "conversations (TRL's implicit prompt), 'instruction'/'chosen'/'rejected' (LLaMA-Factory "
-                      "Alpaca) or 'conversations'/'chosen'/'rejected' (LLaMA-Factory ShareGPT)")
+PREFERENCE_FORMATS = (
+    "'prompt'/'chosen'/'rejected' (TRL: strings or lists of messages), 'chosen'/'rejected' "
+    "conversations (TRL's implicit prompt), 'instruction'/'chosen'/'rejected' (LLaMA-Factory "
+    "Alpaca) or 'conversations'/'chosen'/'rejected' (LLaMA-Factory ShareGPT)"
+)
 
 
 def preference_pair(record, where: str) -> dict:
@@ -587,24 +651,36 @@ def preference_pair(record, where: str) -> dict:
     chosen, rejected = record["chosen"], record["rejected"]
     if "instruction" in record:  # LLaMA-Factory's Alpaca-style ranking data
         prompt = _alpaca({**record, "output": ""}, where).messages[:-1]
-        return {"prompt": prompt, "chosen": [_reply(chosen, where, "chosen")],
-                "rejected": [_reply(rejected, where, "rejected")]}
+        return {
+            "prompt": prompt,
+            "chosen": [_reply(chosen, where, "chosen")],
+            "rejected": [_reply(rejected, where, "rejected")],
+        }
     if "conversations" in record:  # LLaMA-Factory's ShareGPT-style ranking data: the turns are the prompt
         reply = {"from": "gpt", "value": ""}
         prompt = _sharegpt({**record, "conversations": [*record["conversations"], reply]}, where).messages[:-1]
-        return {"prompt": prompt, "chosen": [_reply(chosen, where, "chosen")],
-                "rejected": [_reply(rejected, where, "rejected")]}
+        return {
+            "prompt": prompt,
+            "chosen": [_reply(chosen, where, "chosen")],
+            "rejected": [_reply(rejected, where, "rejected")],
+        }
     if "prompt" in record:
         prompt = record["prompt"]
         if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected}  # plain text, no chat template
         if all(isinstance(x, list) for x in (prompt, chosen, rejected)):
             prompt_messages = _messages([*prompt, {"role": "assistant", "content": ""}], where)[:-1]
-            return {"prompt": prompt_messages, "chosen": _messages(chosen, f"{where} (chosen)"),
-                    "rejected": _messages(rejected, f"{where} (rejected)")}
+            return {
+                "prompt": prompt_messages,
+                "chosen": _messages(chosen, f"{where} (chosen)"),
+                "rejected": _messages(rejected, f"{where} (rejected)"),
+            }
         raise ValueError(f"{where}: 'prompt', 'chosen' and 'rejected' must all be strings or all lists of messages.")
     if isinstance(chosen, list) and isinstance(rejected, list):  # implicit prompt: TRL takes the common prefix
-        return {"chosen": _messages(chosen, f"{where} (chosen)"), "rejected": _messages(rejected, f"{where} (rejected)")}
+        return {
+            "chosen": _messages(chosen, f"{where} (chosen)"),
+            "rejected": _messages(rejected, f"{where} (rejected)"),
+        }
     raise ValueError(f"{where}: expected a preference pair: {PREFERENCE_FORMATS}.")
 
 
@@ -620,6 +696,7 @@ def _reply(value, where: str, name: str) -> dict:
 def load_preferences(source: str, split: str, eval_split: float, seed: int, eval_source: str = "") -> PreferenceData:
     """Preference pairs from the same sources as :func:`load_examples` (files, saved or hub datasets, several
     comma-separated), held out or read from ``eval_source`` as :func:`load_data` does."""
+
     def read(name: str, part: str) -> list[dict]:
         if os.path.isfile(name):
             return _read_json_file(name, preference_pair)
@@ -627,8 +704,9 @@ def load_preferences(source: str, split: str, eval_split: float, seed: int, eval
             rows = _load_from_disk(name, part)
         elif _looks_like_a_path(name) or _nearest_local_file(name):
             nearest = _nearest_local_file(name)
-            raise FileNotFoundError(f"data file '{name}' not found" + (f"; did you mean '{nearest}'?" if nearest
-                                                                       else "."))
+            raise FileNotFoundError(
+                f"data file '{name}' not found" + (f"; did you mean '{nearest}'?" if nearest else ".")
+            )
         else:
             rows = _load_from_hub(name, part)
         return [preference_pair(dict(row), f"{name}[{i}]") for i, row in enumerate(rows)]

@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import string
-from typing import Optional
 
 LETTERS = string.ascii_lowercase
 WORD_LENGTH = 5
@@ -38,22 +37,32 @@ NEW_TASK_EXAMPLES = 4800 + 256  # 150 steps of 32, and the held-out set (eval_sp
 
 # Stage 1. The cached base's key is derived from all of it, the code that trains it and the versions that
 # change its numbers (base_key), so an edit here rebuilds the base instead of reusing a stale one.
-BASE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+BASE_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 # 6e-3 (the first recipe) reaches only 91% on transformers 5.23+; 3e-3 reaches 100% with a loss 20x lower.
 PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR, PRETRAIN_SEED = 800, 32, 3e-3, 0
 PRETRAIN_EXAMPLES = PRETRAIN_STEPS * PRETRAIN_BATCH + 256
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARACTERS = string.ascii_letters + string.digits + " .,:;!?'\"-+*/=()\n"
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
-                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The task
 # ----------------------------------------------------------------------------------------------------
+
 
 def apply_operation(name: str, word: str) -> str:
     if name == "copy":
@@ -107,6 +116,7 @@ TASKS = {"paca-demo": new_task_records, "paca-demo-pretrain": pretrain_records}
 # Tokenizer and models
 # ----------------------------------------------------------------------------------------------------
 
+
 def build_tokenizer():
     """A character-level tokenizer (one token per character) with a chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -116,9 +126,14 @@ def build_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>",
-                                        additional_special_tokens=SPECIAL_TOKENS[4:])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -129,8 +144,13 @@ def random_model(seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **BASE_SHAPE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **BASE_SHAPE,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -156,15 +176,23 @@ def base_recipe() -> dict:
         with open(os.path.join(here, name), "rb") as f:
             code.update(f.read())
     return {
-        "shape": BASE_SHAPE, "steps": PRETRAIN_STEPS, "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
-        "seed": PRETRAIN_SEED, "examples": PRETRAIN_EXAMPLES, "operations": PRETRAIN_OPERATIONS,
-        "word_length": WORD_LENGTH, "tokens": SPECIAL_TOKENS + list(CHARACTERS), "chat_template": CHAT_TEMPLATE,
-        "code_sha256": code.hexdigest(), "python": platform.python_version(),
+        "shape": BASE_SHAPE,
+        "steps": PRETRAIN_STEPS,
+        "batch": PRETRAIN_BATCH,
+        "lr": PRETRAIN_LR,
+        "seed": PRETRAIN_SEED,
+        "examples": PRETRAIN_EXAMPLES,
+        "operations": PRETRAIN_OPERATIONS,
+        "word_length": WORD_LENGTH,
+        "tokens": SPECIAL_TOKENS + list(CHARACTERS),
+        "chat_template": CHAT_TEMPLATE,
+        "code_sha256": code.hexdigest(),
+        "python": platform.python_version(),
         "versions": {name: metadata.version(name) for name in BASE_DISTRIBUTIONS},
     }
 
 
-def base_key(recipe: Optional[dict] = None) -> str:
+def base_key(recipe: dict | None = None) -> str:
     """12 hex digits of the hash of :func:`base_recipe`: the cache key of the stage-1 base."""
     import hashlib
 
@@ -188,20 +216,37 @@ def ensure_base() -> str:
     if os.path.isfile(os.path.join(path, "summary.json")):
         return path
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"the demo base model is not built yet (expected in {path}); run `paca train` once in a "
-                         "single process to build it, then launch several processes.")
+        raise ValueError(
+            f"the demo base model is not built yet (expected in {path}); run `paca train` once in a "
+            "single process to build it, then launch several processes."
+        )
     from .config import DEMO_RANDOM, DEMO_SETTINGS, TrainConfig
     from .trainer import run
 
     os.makedirs(cache_root(), exist_ok=True)
     building = f"{path}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    print(f"stage 1: building the demo base model once (cached in {path}): full training of a random "
-          f"{BASE_SHAPE['num_hidden_layers']}-layer model on {', '.join(PRETRAIN_OPERATIONS)}", flush=True)
-    cfg = TrainConfig(**{**DEMO_SETTINGS, "model": DEMO_RANDOM, "method": "full", "data": "paca-demo-pretrain",
-                         "max_steps": PRETRAIN_STEPS, "batch_size": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
-                         "eval_split": 256, "output_dir": building, "save_steps": 0, "logging_steps": 100,
-                         "seed": PRETRAIN_SEED})
+    print(
+        f"stage 1: building the demo base model once (cached in {path}): full training of a random "
+        f"{BASE_SHAPE['num_hidden_layers']}-layer model on {', '.join(PRETRAIN_OPERATIONS)}",
+        flush=True,
+    )
+    cfg = TrainConfig(
+        **{
+            **DEMO_SETTINGS,
+            "model": DEMO_RANDOM,
+            "method": "full",
+            "data": "paca-demo-pretrain",
+            "max_steps": PRETRAIN_STEPS,
+            "batch_size": PRETRAIN_BATCH,
+            "lr": PRETRAIN_LR,
+            "eval_split": 256,
+            "output_dir": building,
+            "save_steps": 0,
+            "logging_steps": 100,
+            "seed": PRETRAIN_SEED,
+        }
+    )
     run(cfg, evaluate_before=False)
     with open(os.path.join(building, "recipe.json"), "w") as f:  # what the cache key was derived from, for people
         json.dump(base_recipe(), f, indent=1, sort_keys=True)

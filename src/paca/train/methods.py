@@ -11,9 +11,14 @@ from torch import nn
 from . import demo
 from .config import DEMO, DEMO_RANDOM, TrainConfig
 
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def load_tokenizer(name_or_path: str):
@@ -21,8 +26,10 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"model '{name_or_path}' has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
-                                "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR)).")
+        raise FileNotFoundError(
+            f"model '{name_or_path}' has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR))."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -89,8 +96,9 @@ def load_base(cfg: TrainConfig):
 
         import_bitsandbytes(f"method=qpaca (model '{cfg.model}')")
         compute = torch.bfloat16 if cfg.bf16 else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=compute)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
         if not torch.cuda.is_available():
             kwargs["device_map"] = "cpu"
     # Frozen weights may live in bf16; trained ones (full fine-tuning) stay fp32 under mixed precision.
@@ -113,11 +121,23 @@ def apply_method(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             # Gradient checkpointing is left to the Trainer (non-reentrant, from gradient_checkpointing=true): on
             # here it would also be on during selection=gradient's scoring pass.
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        config = paca.PacaConfig(r=cfg.r, paca_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
-                                 random_seed=cfg.seed, selection=cfg.selection, task_type="CAUSAL_LM")
+        config = paca.PacaConfig(
+            r=cfg.r,
+            paca_alpha=cfg.paca_alpha,
+            target_modules=cfg.target_modules,
+            random_seed=cfg.seed,
+            selection=cfg.selection,
+            task_type="CAUSAL_LM",
+        )
     else:
-        config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.paca_alpha, target_modules=cfg.target_modules,
-                                 lora_dropout=0.0, use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
+        config = peft.LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.paca_alpha,
+            target_modules=cfg.target_modules,
+            lora_dropout=0.0,
+            use_dora=cfg.method == "dora",
+            task_type="CAUSAL_LM",
+        )
     with warnings.catch_warnings():
         # peft 0.21 still calls transformers' deprecated is_gradient_checkpointing: noise, not our concern.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -146,12 +166,15 @@ def select_columns_by_gradient(model: nn.Module, examples: list[dict], collate, 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     processes = dist.get_world_size() if distributed else 1
     per_step = cfg.grad_accum * processes
-    micro = [examples[i:i + cfg.batch_size]
-             for i in range(0, min(len(examples), cfg.selection_steps * per_step * cfg.batch_size), cfg.batch_size)]
+    micro = [
+        examples[i : i + cfg.batch_size]
+        for i in range(0, min(len(examples), cfg.selection_steps * per_step * cfg.batch_size), cfg.batch_size)
+    ]
     steps = -(-len(micro) // per_step)
     if not distributed or dist.get_rank() == 0:
-        paca.select_by_gradient(model, (collate(batch) for batch in micro), steps=cfg.selection_steps,
-                                accumulate=per_step)
+        paca.select_by_gradient(
+            model, (collate(batch) for batch in micro), steps=cfg.selection_steps, accumulate=per_step
+        )
     if distributed:
         from paca.tuner.layer import PacaLayer
 

@@ -88,9 +88,13 @@ class ProgressReport(TrainerCallback):
                 if name in logs:
                     row[name] = logs[name]
             self._write(row)
-            match = (f" | exact match {100 * row['eval_exact_match']:.1f}%" if "eval_exact_match" in row else
-                     f" | reward accuracy {100 * row['eval_rewards/accuracies']:.1f}%"
-                     if "eval_rewards/accuracies" in row else "")
+            match = (
+                f" | exact match {100 * row['eval_exact_match']:.1f}%"
+                if "eval_exact_match" in row
+                else f" | reward accuracy {100 * row['eval_rewards/accuracies']:.1f}%"
+                if "eval_rewards/accuracies" in row
+                else ""
+            )
             self._print(f"eval step {state.global_step} | loss {row['eval_loss']:.4f}{match}")
             return
         if "loss" not in logs:
@@ -100,16 +104,26 @@ class ProgressReport(TrainerCallback):
         tokens_per_s = (tokens - self._last_tokens) / max(now - self._last_time, 1e-9)
         done = state.global_step - self._start_step
         eta = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
-        row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0),
-               "grad_norm": logs.get("grad_norm"), "epoch": logs.get("epoch"), "tokens_per_s": tokens_per_s,
-               "tokens_seen": tokens, "peak_memory_bytes": peak_memory_bytes(), "elapsed_s": elapsed}
+        row = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "lr": logs.get("learning_rate", 0.0),
+            "grad_norm": logs.get("grad_norm"),
+            "epoch": logs.get("epoch"),
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": tokens,
+            "peak_memory_bytes": peak_memory_bytes(),
+            "elapsed_s": elapsed,
+        }
         self._write(row)
         self._last_time, self._last_tokens = now, tokens
         total = state.max_steps
-        self._print(f"step {state.global_step}/{total} ({100 * state.global_step / total:.0f}%) | "
-                    f"loss {row['loss']:.4f} | lr {row['lr']:.1e} | "
-                    + (f"{human_count(tokens_per_s)} tok/s | " if tokens else "")  # DPO: TRL counts no tokens
-                    + f"peak {human_bytes(row['peak_memory_bytes'])} | eta {human_duration(eta)}")
+        self._print(
+            f"step {state.global_step}/{total} ({100 * state.global_step / total:.0f}%) | "
+            f"loss {row['loss']:.4f} | lr {row['lr']:.1e} | "
+            + (f"{human_count(tokens_per_s)} tok/s | " if tokens else "")  # DPO: TRL counts no tokens
+            + f"peak {human_bytes(row['peak_memory_bytes'])} | eta {human_duration(eta)}"
+        )
 
     def _write(self, row: dict) -> None:
         self.rows.append(row)
@@ -151,16 +165,19 @@ def truncate_metrics(path: str, step: int) -> None:
 
 def format_summary(summary: dict) -> str:
     """The end-of-run block: steps, time, throughput, memory, first/last loss, eval before and after."""
-    lines = [f"done: {summary['steps']} steps in {human_duration(summary['train_seconds'])} | "
-             + (f"{human_count(summary['tokens_per_s'])} tok/s | " if summary["tokens_seen"] else "")
-             + f"peak {human_bytes(summary['peak_memory_bytes'])} "
-             f"({summary['peak_memory_kind']}) | trainable {human_count(summary['trainable_parameters'])} of "
-             f"{human_count(summary['total_parameters'])} parameters ({summary['method']}), optimizer state "
-             f"{human_bytes(summary['optimizer_state_bytes'])}"]
+    lines = [
+        f"done: {summary['steps']} steps in {human_duration(summary['train_seconds'])} | "
+        + (f"{human_count(summary['tokens_per_s'])} tok/s | " if summary["tokens_seen"] else "")
+        + f"peak {human_bytes(summary['peak_memory_bytes'])} "
+        f"({summary['peak_memory_kind']}) | trainable {human_count(summary['trainable_parameters'])} of "
+        f"{human_count(summary['total_parameters'])} parameters ({summary['method']}), optimizer state "
+        f"{human_bytes(summary['optimizer_state_bytes'])}"
+    ]
     if summary.get("first_loss") is not None:
         lines.append(f"train loss {summary['first_loss']:.4f} (first logged) -> {summary['last_loss']:.4f} (last)")
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if after:
+
         def fmt(ev):
             if not ev:
                 return "not measured"
@@ -170,6 +187,9 @@ def format_summary(summary: dict) -> str:
             if "eval_rewards/accuracies" in ev:
                 text += f", reward accuracy {100 * ev['eval_rewards/accuracies']:.1f}%"
             return text
-        lines.append(f"held-out eval ({summary['eval_examples']} examples): before {fmt(before)} -> after {fmt(after)}")
+
+        lines.append(
+            f"held-out eval ({summary['eval_examples']} examples): before {fmt(before)} -> after {fmt(after)}"
+        )
     lines.append(f"saved: {summary['saved']} in {summary['output_dir']}")
     return "\n".join(lines)

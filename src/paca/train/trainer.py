@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -30,9 +30,19 @@ from .data import TokenizedData, load_data, load_preferences, render_with_labels
 from .methods import apply_method, count_parameters, load_base, select_columns_by_gradient
 from .plot import plot_loss
 
-MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json",
-               "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "chat_template.jinja", "training_args.bin", "README.md")
+MODEL_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "training_args.bin",
+    "README.md",
+)
 
 
 class TrainingStopped(RuntimeError):
@@ -49,7 +59,7 @@ class _PacaTrainerMixin:
     """What paca adds to a transformers Trainer (or a TRL trainer built on it): checkpoints published atomically,
     a stop on the first non-finite loss or gradient norm, FSDP2 on CPU processes."""
 
-    _staging_root: Optional[str] = None
+    _staging_root: str | None = None
 
     def __init__(self, *args, **kwargs):
         model = kwargs["model"] if "model" in kwargs else args[0]
@@ -65,8 +75,11 @@ class _PacaTrainerMixin:
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         state = self.accelerator.state
-        if self.args.fsdp and getattr(state, "fsdp_plugin", None) is None and \
-                state.distributed_type == DistributedType.MULTI_CPU:
+        if (
+            self.args.fsdp
+            and getattr(state, "fsdp_plugin", None) is None
+            and state.distributed_type == DistributedType.MULTI_CPU
+        ):
             # accelerate switches FSDP on for accelerator back-ends only and silently trains CPU processes
             # (gloo) with DDP instead. FSDP2 itself runs there: enable the same FSDP2 path by hand.
             from accelerate import PartialState
@@ -77,7 +90,7 @@ class _PacaTrainerMixin:
             PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
             self.is_fsdp_enabled = True
 
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not (self.is_fsdp_enabled and self.args.device.type == "cpu"):
             return super().save_model(output_dir, _internal_call)
         # FSDP2 on CPU: accelerate's full state dict (cpu_offload=True) returns views of the unsharded
@@ -156,8 +169,9 @@ def sft_trainer_class():
     return PacaSFTTrainer
 
 
-def exact_match_verdicts(is_top1: torch.Tensor, label_mask: torch.Tensor,
-                         position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def exact_match_verdicts(
+    is_top1: torch.Tensor, label_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(examples, 2)``: whether each example's every learned token is the top prediction, and whether it has one.
 
     ``is_top1`` and ``label_mask`` are per next-token label, ``(rows, length - 1)``. A padding-free or packed row
@@ -210,13 +224,23 @@ def _deepspeed_config(choice: str):
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise ValueError(f"deepspeed={choice} needs the deepspeed package: pip install deepspeed "
-                         "(-c constraints.txt to keep torch).") from None
+        raise ValueError(
+            f"deepspeed={choice} needs the deepspeed package: pip install deepspeed "
+            "(-c constraints.txt to keep torch)."
+        ) from None
     if choice in ("zero2", "zero3"):
-        return {"zero_optimization": {"stage": int(choice[-1]), "overlap_comm": True,
-                                      "stage3_gather_16bit_weights_on_model_save": True},
-                "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
-                "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
+        return {
+            "zero_optimization": {
+                "stage": int(choice[-1]),
+                "overlap_comm": True,
+                "stage3_gather_16bit_weights_on_model_save": True,
+            },
+            "bf16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "gradient_clipping": "auto",
+        }
     if not os.path.isfile(choice):
         raise FileNotFoundError(f"deepspeed config '{choice}' not found (give zero2, zero3 or a JSON file).")
     return choice
@@ -240,8 +264,10 @@ def _checkpointing_arguments(enabled: bool) -> dict:
     # transformers 5.23 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs), keeping the
     # old names as deprecated aliases; earlier releases know only the old names.
     prefix = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
-    return {f"{prefix}_checkpointing": enabled,
-            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
+    return {
+        f"{prefix}_checkpointing": enabled,
+        f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None,
+    }
 
 
 def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before: bool) -> TrainingArguments:
@@ -258,37 +284,64 @@ def training_arguments(cfg: TrainConfig, model, evaluate: bool, evaluate_before:
         max_length = None if cfg.padding_free and not cfg.packing else cfg.max_length
         # Evaluation stays one example per row: each process then scores the same count of examples (packed rows
         # differ per process, which breaks the gather under DDP) and exact match reads one example per row.
-        return SFTConfig(**kwargs, max_length=max_length, packing=cfg.packing, padding_free=cfg.padding_free,
-                         eval_packing=False, router_aux_loss_coef=cfg.router_aux_loss_coef)
+        return SFTConfig(
+            **kwargs,
+            max_length=max_length,
+            packing=cfg.packing,
+            padding_free=cfg.padding_free,
+            eval_packing=False,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+        )
     from trl import DPOConfig
 
     # DPO batches hold prompt / chosen / rejected ids, not input_ids and labels: TRL tokenises, pads and counts.
     kwargs.update(include_num_input_tokens_seen="no", remove_unused_columns=False, label_names=None)
-    return DPOConfig(**kwargs, beta=cfg.dpo_beta, max_length=cfg.max_length,
-                     router_aux_loss_coef=cfg.router_aux_loss_coef)
+    return DPOConfig(
+        **kwargs, beta=cfg.dpo_beta, max_length=cfg.max_length, router_aux_loss_coef=cfg.router_aux_loss_coef
+    )
 
 
 def _training_kwargs(cfg: TrainConfig, model, evaluate: bool, evaluate_before: bool) -> dict:
     return dict(
-        output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, optim=cfg.optim,
-        max_grad_norm=cfg.max_grad_norm, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        bf16=cfg.bf16, fp16=cfg.fp16, **_checkpointing_arguments(cfg.gradient_checkpointing),
-        logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
-        eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no", eval_steps=cfg.eval_steps or None,
+        output_dir=cfg.output_dir,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        **_checkpointing_arguments(cfg.gradient_checkpointing),
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,
+        eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
         # Inside the training loop, once the model is wrapped: an evaluate() before train() would prepare the
         # model for evaluation only, and DDP would then train without synchronising gradients.
         eval_on_start=evaluate and evaluate_before,
-        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps or 500,
         save_total_limit=cfg.save_total_limit or None,
-        include_num_input_tokens_seen="non_padding", remove_unused_columns=False, label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        label_names=["labels"],
         report_to=[r.strip() for r in cfg.report_to.split(",") if r.strip()] or "none",  # tensorboard: output_dir/runs
-        disable_tqdm=True, dataloader_num_workers=0, ddp_find_unused_parameters=False,
-        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=_cpu_only(),
-        fsdp=cfg.fsdp, fsdp_config=_fsdp_config(model) if cfg.fsdp else None,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=_cpu_only(),
+        fsdp=cfg.fsdp,
+        fsdp_config=_fsdp_config(model) if cfg.fsdp else None,
         deepspeed=_deepspeed_config(cfg.deepspeed),
     )
 
@@ -332,13 +385,16 @@ def missing_training_libraries() -> list[str]:
 def _check_training_libraries() -> None:
     problems = missing_training_libraries()
     if problems:
-        raise ImportError(f"paca train runs on the libraries of paca's 'train' extra: {', '.join(problems)}; "
-                          "pip install 'paca[train]' (axolotl 0.19 pins older ones: train there with the axolotl "
-                          "plugin instead).")
+        raise ImportError(
+            f"paca train runs on the libraries of paca's 'train' extra: {', '.join(problems)}; "
+            "pip install 'paca[train]' (axolotl 0.19 pins older ones: train there with the axolotl "
+            "plugin instead)."
+        )
 
 
-def run(cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_before: bool = True,
-        stream=None) -> dict:
+def run(
+    cfg: TrainConfig, callbacks: Iterable[TrainerCallback] = (), evaluate_before: bool = True, stream=None
+) -> dict:
     """Train as ``cfg`` says; return the summary (also written to ``output_dir/summary.json``).
 
     Args:
@@ -382,11 +438,22 @@ def dry_run(cfg: TrainConfig, stream) -> dict:
     if cfg.stage == "dpo":  # TRL tokenises the pairs: show the first one as it is handed over
         data = load_preferences(cfg.data, cfg.data_split, cfg.eval_split, cfg.seed, cfg.eval_data)
         print(data.report(cfg.max_length), file=stream)
-        print(f"first training pair (prompt, chosen, rejected):\n{json.dumps(data.train[0], ensure_ascii=False)}",
-              file=stream, flush=True)
+        print(
+            f"first training pair (prompt, chosen, rejected):\n{json.dumps(data.train[0], ensure_ascii=False)}",
+            file=stream,
+            flush=True,
+        )
         return {"dry_run": True, "train_examples": len(data.train), "eval_examples": len(data.eval)}
-    data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed, cfg.eval_data,
-                     cfg.train_on_prompt)
+    data = load_data(
+        cfg.data,
+        cfg.data_split,
+        tokenizer,
+        cfg.max_length,
+        cfg.eval_split,
+        cfg.seed,
+        cfg.eval_data,
+        cfg.train_on_prompt,
+    )
     first = data.train[0]
     print(data.report(cfg.max_length), file=stream)
     print(f"first training example ({len(first['input_ids'])} tokens, learned in [[...]]):", file=stream)
@@ -399,8 +466,10 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
         return dry_run(cfg, stream)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.fsdp and processes == 1:
-        raise ValueError("fsdp=true shards across processes and this is one: launch with `torchrun "
-                         "--nproc_per_node N -m paca train ...` (or accelerate launch), or drop fsdp.")
+        raise ValueError(
+            "fsdp=true shards across processes and this is one: launch with `torchrun "
+            "--nproc_per_node N -m paca train ...` (or accelerate launch), or drop fsdp."
+        )
     if not cfg.output_dir:
         if processes > 1:
             raise ValueError("set output_dir when launching several processes (each must write to the same one).")
@@ -415,8 +484,16 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     if cfg.stage == "dpo":
         data = load_preferences(cfg.data, cfg.data_split, cfg.eval_split, cfg.seed, cfg.eval_data)
     else:
-        data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed,
-                         cfg.eval_data, cfg.train_on_prompt)
+        data = load_data(
+            cfg.data,
+            cfg.data_split,
+            tokenizer,
+            cfg.max_length,
+            cfg.eval_split,
+            cfg.seed,
+            cfg.eval_data,
+            cfg.train_on_prompt,
+        )
     model = apply_method(model, cfg)
     trainable, total = count_parameters(model)
     evaluate = bool(data.eval)
@@ -428,9 +505,11 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
         sharded = cfg.fsdp or bool(cfg.deepspeed)
         if args.device.type != "cpu":
             if sharded:
-                raise ValueError("selection=gradient scores the whole model on one device before training, which "
-                                 "fsdp / deepspeed runs do not hold; use selection=random, weight_norm or "
-                                 "structured with them (the paper finds them as good), or train without sharding.")
+                raise ValueError(
+                    "selection=gradient scores the whole model on one device before training, which "
+                    "fsdp / deepspeed runs do not hold; use selection=random, weight_norm or "
+                    "structured with them (the paper finds them as good), or train without sharding."
+                )
             if next(model.parameters()).device.type == "cpu":  # a 4-bit base already sits (and must stay) there
                 model.to(args.device)  # the Trainer would move it there next; scoring on the CPU would crawl
         scored = select_columns_by_gradient(model, data.train, _collator(tokenizer), cfg)
@@ -438,14 +517,23 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     import datasets
 
     progress = report.ProgressReport(os.path.join(cfg.output_dir, "metrics.jsonl"), is_main=False, stream=stream)
-    splits = dict(train_dataset=datasets.Dataset.from_list(data.train),
-                  eval_dataset=datasets.Dataset.from_list(data.eval) if evaluate else None)
+    splits = dict(
+        train_dataset=datasets.Dataset.from_list(data.train),
+        eval_dataset=datasets.Dataset.from_list(data.eval) if evaluate else None,
+    )
     if cfg.stage == "dpo":  # TRL tokenises the pairs; the reference is the model with its adapter disabled
-        trainer = preference_trainer_class()(model=model, args=args, processing_class=tokenizer,
-                                             callbacks=[progress, *callbacks], **splits)
+        trainer = preference_trainer_class()(
+            model=model, args=args, processing_class=tokenizer, callbacks=[progress, *callbacks], **splits
+        )
     else:
-        trainer = sft_trainer_class()(model=model, args=args, processing_class=tokenizer, compute_metrics=exact_match,
-                                      callbacks=[progress, *callbacks], **splits)
+        trainer = sft_trainer_class()(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            compute_metrics=exact_match,
+            callbacks=[progress, *callbacks],
+            **splits,
+        )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     is_main = progress.is_main = trainer.is_world_process_zero()
@@ -471,14 +559,17 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
             f"the {err.what} became {err.value} at step {err.step}: training stopped before that step's update, and "
             f"nothing more was saved. Last good checkpoint: {kept or 'none (no checkpoint was written yet)'}. "
             "Continue from it in full precision (resume=true bf16=false fp16=false), or start again with a lower "
-            "lr (overwrite=true lr=...): a resume keeps the run's lr and schedule.") from None
+            "lr (overwrite=true lr=...): a resume keeps the run's lr and schedule."
+        ) from None
     # Training time proper: evaluations inside the loop (at start, every eval_steps) are not training.
     train_seconds = time.perf_counter() - started - sum(e.get("eval_runtime", 0.0) for e in progress.evaluations)
     eval_before = None
     if evaluate and evaluate_before:
         if resume_from:  # the interrupted run's step-0 evaluation, if it logged one
-            eval_before = next((row for row in report.read_metrics(progress.metrics_path)
-                                if row["step"] == 0 and "eval_loss" in row), None)
+            eval_before = next(
+                (row for row in report.read_metrics(progress.metrics_path) if row["step"] == 0 and "eval_loss" in row),
+                None,
+            )
         elif progress.evaluations:
             eval_before = progress.evaluations[0]
     # With eval_steps dividing the run, the loop has just evaluated the final weights: not again.
@@ -490,12 +581,16 @@ def _run(cfg: TrainConfig, callbacks, evaluate_before: bool, stream) -> dict:
     summary = None
     if is_main:
         checkpoints.discard_previous_run(cfg.output_dir)
-        summary = _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved,
-                           trainable, total, progress)
+        summary = _summary(
+            cfg, trainer, train_seconds, data, eval_before, eval_after, saved, trainable, total, progress
+        )
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        plot_loss(report.read_metrics(progress.metrics_path), os.path.join(cfg.output_dir, "loss.png"),
-                  f"{cfg.model} | {cfg.method} | {cfg.data}")
+        plot_loss(
+            report.read_metrics(progress.metrics_path),
+            os.path.join(cfg.output_dir, "loss.png"),
+            f"{cfg.model} | {cfg.method} | {cfg.data}",
+        )
         print(report.format_summary(summary), file=stream, flush=True)
     trainer.accelerator.wait_for_everyone()
     return summary
@@ -517,8 +612,9 @@ def _save_final(trainer: Trainer, output_dir: str) -> list[str]:
     return names
 
 
-def _print_header(cfg, model_path, data: TokenizedData, trainable, total, trainer, resume_from, scored,
-                  stream) -> None:
+def _print_header(
+    cfg, model_path, data: TokenizedData, trainable, total, trainer, resume_from, scored, stream
+) -> None:
     args = trainer.args
     processes = args.world_size
     global_batch = cfg.batch_size * cfg.grad_accum * processes
@@ -529,41 +625,56 @@ def _print_header(cfg, model_path, data: TokenizedData, trainable, total, traine
     method = f"method {cfg.method}"
     if cfg.method != "full":
         method += f" r={cfg.r}{chosen} alpha={cfg.paca_alpha:g} on {cfg.target_modules}"
-    lines = [f"model: {cfg.model}" + (f" ({where})" if where != cfg.model else "") + f" | {method} | trainable "
-             f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
-             data.report(cfg.max_length),
-             f"training: global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} accumulation x "
-             f"{processes} process{'es' if processes > 1 else ''}{', FSDP2' if cfg.fsdp else ''}) | lr "
-             f"{cfg.learning_rate:g} {cfg.lr_scheduler} | {args.device.type}"
-             + (f" | bf16" if cfg.bf16 else "") + f" | output {cfg.output_dir}"]
+    lines = [
+        f"model: {cfg.model}" + (f" ({where})" if where != cfg.model else "") + f" | {method} | trainable "
+        f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
+        data.report(cfg.max_length),
+        f"training: global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} accumulation x "
+        f"{processes} process{'es' if processes > 1 else ''}{', FSDP2' if cfg.fsdp else ''}) | lr "
+        f"{cfg.learning_rate:g} {cfg.lr_scheduler} | {args.device.type}"
+        + (" | bf16" if cfg.bf16 else "")
+        + f" | output {cfg.output_dir}",
+    ]
     if cfg.model == DEMO:
         from . import demo
 
         stage1 = demo.base_summary().get("eval_after") or {}
-        lines.insert(0, f"demo: the base knows {', '.join(demo.PRETRAIN_OPERATIONS)} (held-out exact match "
-                        f"{100 * stage1.get('eval_exact_match', 0):.1f}%); new task: chains of two, "
-                        + ", ".join(f"'{' '.join(chain)}'" for chain in demo.NEW_TASK))
+        lines.insert(
+            0,
+            f"demo: the base knows {', '.join(demo.PRETRAIN_OPERATIONS)} (held-out exact match "
+            f"{100 * stage1.get('eval_exact_match', 0):.1f}%); new task: chains of two, "
+            + ", ".join(f"'{' '.join(chain)}'" for chain in demo.NEW_TASK),
+        )
     if resume_from:
         lines.append(f"resuming from {resume_from}")
     print("\n".join(lines), file=stream, flush=True)
 
 
-def _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved, trainable, total,
-             progress) -> dict:
+def _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved, trainable, total, progress) -> dict:
     losses = [row["loss"] for row in report.read_metrics(progress.metrics_path) if "loss" in row]
     state = trainer.state
     return {
-        "model": cfg.model, "method": cfg.method, "data": cfg.data, "output_dir": cfg.output_dir,
-        "steps": state.global_step, "train_seconds": train_seconds,
+        "model": cfg.model,
+        "method": cfg.method,
+        "data": cfg.data,
+        "output_dir": cfg.output_dir,
+        "steps": state.global_step,
+        "train_seconds": train_seconds,
         "tokens_seen": int(state.num_input_tokens_seen),
         "tokens_per_s": (state.num_input_tokens_seen - progress.start_tokens) / max(train_seconds, 1e-9),
-        "peak_memory_bytes": report.peak_memory_bytes(), "peak_memory_kind": report.memory_kind(),
-        "trainable_parameters": trainable, "total_parameters": total,
+        "peak_memory_bytes": report.peak_memory_bytes(),
+        "peak_memory_kind": report.memory_kind(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
         "optimizer_state_bytes": _optimizer_state_bytes(trainer.optimizer),
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": data.truncated,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "truncated": data.truncated,
         "dropped": len(data.dropped),
-        "eval_before": _eval_fields(eval_before), "eval_after": _eval_fields(eval_after),
+        "eval_before": _eval_fields(eval_before),
+        "eval_after": _eval_fields(eval_after),
         "saved": ", ".join(name for name in saved if name.startswith(("adapter_", "model"))) or "nothing",
         "processes": trainer.args.world_size,
     }
@@ -572,12 +683,19 @@ def _summary(cfg, trainer, train_seconds, data, eval_before, eval_after, saved, 
 def _optimizer_state_bytes(optimizer) -> int:
     """Bytes of this process's optimizer state (AdamW: two moments per trained value), as allocated."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
-               if torch.is_tensor(t) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
 
 
-def _eval_fields(metrics: Optional[dict]) -> Optional[dict]:
+def _eval_fields(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
-    return {k: float(v) for k, v in metrics.items()
-            if k in ("eval_loss", "eval_exact_match", "eval_rewards/accuracies", "eval_rewards/margins")}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if k in ("eval_loss", "eval_exact_match", "eval_rewards/accuracies", "eval_rewards/margins")
+    }

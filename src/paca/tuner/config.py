@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import InitVar, dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
 from ..adapter_file import AdapterFileError, load_adapter_tensors
 from .registration import PACA_PEFT_TYPE
-
 
 LOADING_NOTE_TITLE = "## Loading this PaCA adapter"
 LOADING_NOTE = f"""
@@ -44,29 +43,39 @@ PEFT_HAS_PACA = PeftPacaConfig is not None
 
 
 if PeftPacaConfig is None:
+
     @dataclass
     class _PeftPacaFields(PeftConfig):
         """PEFT 0.22's ``PacaConfig`` fields, for PEFT releases that have none (see ``peft.PacaConfig``'s docs)."""
 
         r: int = field(default=8, metadata={"help": "Number of input columns tuned in each targeted layer."})
-        paca_alpha: int = field(default=8, metadata={"help": "Scale numerator: the delta is applied as (paca_alpha "
-                                                              "/ r) * D."})
-        target_modules: Optional[Union[list[str], str]] = field(
-            default=None, metadata={"help": "Module names (suffix match), a regex (full match), or 'all-linear'."})
-        exclude_modules: Optional[Union[list[str], str]] = field(
-            default=None, metadata={"help": "Module names or a regex of modules not to tune, even when targeted."})
-        layers_to_transform: Optional[Union[list[int], int]] = field(
-            default=None, metadata={"help": "Indices of the transformer blocks to tune (all when unset)."})
-        layers_pattern: Optional[Union[list[str], str]] = field(
-            default=None, metadata={"help": "Name of the module list holding the blocks, with layers_to_transform."})
-        random_seed: Optional[int] = field(
-            default=None, metadata={"help": "Seed of the column choice, with each layer's name; None: the global RNG."})
-        paca_indices_pattern: Optional[dict] = field(
-            default_factory=dict, metadata={"help": "{name or regex: [columns]}: the columns of matching layers."})
+        paca_alpha: int = field(
+            default=8, metadata={"help": "Scale numerator: the delta is applied as (paca_alpha / r) * D."}
+        )
+        target_modules: list[str] | str | None = field(
+            default=None, metadata={"help": "Module names (suffix match), a regex (full match), or 'all-linear'."}
+        )
+        exclude_modules: list[str] | str | None = field(
+            default=None, metadata={"help": "Module names or a regex of modules not to tune, even when targeted."}
+        )
+        layers_to_transform: list[int] | int | None = field(
+            default=None, metadata={"help": "Indices of the transformer blocks to tune (all when unset)."}
+        )
+        layers_pattern: list[str] | str | None = field(
+            default=None, metadata={"help": "Name of the module list holding the blocks, with layers_to_transform."}
+        )
+        random_seed: int | None = field(
+            default=None, metadata={"help": "Seed of the column choice, with each layer's name; None: the global RNG."}
+        )
+        paca_indices_pattern: dict | None = field(
+            default_factory=dict, metadata={"help": "{name or regex: [columns]}: the columns of matching layers."}
+        )
         init_weights: bool = field(
-            default=True, metadata={"help": "True: a zero delta. False: normal(0, 0.1), for tests."})
-        modules_to_save: Optional[list[str]] = field(
-            default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."})
+            default=True, metadata={"help": "True: a zero delta. False: normal(0, 0.1), for tests."}
+        )
+        modules_to_save: list[str] | None = field(
+            default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+        )
 
     _Base = _PeftPacaFields
 else:
@@ -74,8 +83,13 @@ else:
 
 # paca's own fields: what they hold when unused. A config whose extras are all at these values is saved with PEFT's
 # fields alone, so plain PEFT (>= 0.22) reads it as its own.
-PACA_EXTRA_DEFAULTS = {"target_parameters": None, "selection": "random", "bias": "none", "rank_pattern": {},
-                       "alpha_pattern": {}}
+PACA_EXTRA_DEFAULTS = {
+    "target_parameters": None,
+    "selection": "random",
+    "bias": "none",
+    "rank_pattern": {},
+    "alpha_pattern": {},
+}
 
 
 @dataclass
@@ -98,33 +112,48 @@ class PacaConfig(_Base):
         model = get_peft_model(base_model, cfg)
     """
 
-    target_parameters: Optional[list[str]] = field(
+    target_parameters: list[str] | None = field(
         default=None,
-        metadata={"help": "Fused MoE expert parameters to tune, as LoRA's target_parameters (full name or suffix, e.g. "
-                          "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']); each expert tunes r input columns "
-                          "of its own. target_modules naming an experts module (or all-linear) tunes both."})
+        metadata={
+            "help": "Fused MoE expert parameters to tune, as LoRA's target_parameters (full name or suffix, e.g. "
+            "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']); each expert tunes r input columns "
+            "of its own. target_modules naming an experts module (or all-linear) tunes both."
+        },
+    )
     selection: Literal["random", "weight_norm", "gradient", "structured"] = field(
         default="random",
-        metadata={"help": "How columns are chosen: 'random' (PEFT's: seeded by random_seed and the layer name), "
-                          "'weight_norm' (largest column L2 norms of W0), 'gradient' (set by paca.select_by_gradient "
-                          "before training), 'structured' (whole heads / channels, S2FT-style)."})
+        metadata={
+            "help": "How columns are chosen: 'random' (PEFT's: seeded by random_seed and the layer name), "
+            "'weight_norm' (largest column L2 norms of W0), 'gradient' (set by paca.select_by_gradient "
+            "before training), 'structured' (whole heads / channels, S2FT-style)."
+        },
+    )
     bias: Literal["none", "all", "paca_only"] = field(
-        default="none", metadata={"help": "Biases to train and save: 'none', 'all', or 'paca_only' (those of tuned layers)."})
+        default="none",
+        metadata={"help": "Biases to train and save: 'none', 'all', or 'paca_only' (those of tuned layers)."},
+    )
     rank_pattern: dict = field(
         default_factory=dict,
-        metadata={"help": "Per-layer r, as LoRA's: {name or regex: r}, matched against the end of the module name "
-                          "(e.g. {'down_proj': 16}); other layers use r."})
+        metadata={
+            "help": "Per-layer r, as LoRA's: {name or regex: r}, matched against the end of the module name "
+            "(e.g. {'down_proj': 16}); other layers use r."
+        },
+    )
     alpha_pattern: dict = field(
         default_factory=dict,
-        metadata={"help": "Per-layer paca_alpha, as LoRA's: {name or regex: alpha}; the layer's scale is its "
-                          "alpha / its r."})
-    seed: InitVar[Optional[int]] = None  # paca < 0.2's name of random_seed: old configs and adapter files still load
+        metadata={
+            "help": "Per-layer paca_alpha, as LoRA's: {name or regex: alpha}; the layer's scale is its alpha / its r."
+        },
+    )
+    seed: InitVar[int | None] = None  # paca < 0.2's name of random_seed: old configs and adapter files still load
 
-    def __post_init__(self, seed: Optional[int] = None):
+    def __post_init__(self, seed: int | None = None):
         if seed is not None:
             if self.random_seed is not None and self.random_seed != seed:
-                raise ValueError(f"PacaConfig: seed={seed} and random_seed={self.random_seed} disagree; seed is the "
-                                 "old name of random_seed, pass only random_seed.")
+                raise ValueError(
+                    f"PacaConfig: seed={seed} and random_seed={self.random_seed} disagree; seed is the "
+                    "old name of random_seed, pass only random_seed."
+                )
             self.random_seed = seed
         if isinstance(self.target_parameters, str):
             self.target_parameters = [self.target_parameters]
@@ -143,11 +172,15 @@ class PacaConfig(_Base):
         if self.bias != "none" and not _peft_saves_paca_biases():
             import peft
 
-            raise ValueError(f"PacaConfig.bias={self.bias!r} needs peft >= 0.21: peft {peft.__version__} saves no bias "
-                             "of a PaCA adapter, so the trained biases would be lost; upgrade peft or use bias='none'.")
+            raise ValueError(
+                f"PacaConfig.bias={self.bias!r} needs peft >= 0.21: peft {peft.__version__} saves no bias "
+                "of a PaCA adapter, so the trained biases would be lost; upgrade peft or use bias='none'."
+            )
         if self.selection not in ("random", "weight_norm", "gradient", "structured"):
-            raise ValueError(f"PacaConfig.selection must be one of random, weight_norm, gradient, structured; "
-                             f"got {self.selection!r}.")
+            raise ValueError(
+                f"PacaConfig.selection must be one of random, weight_norm, gradient, structured; "
+                f"got {self.selection!r}."
+            )
         for name, value in self.rank_pattern.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"PacaConfig.rank_pattern['{name}'] must be a positive integer, got {value!r}.")
@@ -156,12 +189,13 @@ class PacaConfig(_Base):
                 raise ValueError(f"PacaConfig.alpha_pattern['{name}'] must be a number, got {value!r}.")
         if PeftPacaConfig is None:  # PEFT's own config checks these on peft >= 0.22
             if self.layers_pattern and self.layers_to_transform is None:
-                raise ValueError("PacaConfig.layers_pattern is only used with layers_to_transform; set both or "
-                                 "neither.")
+                raise ValueError(
+                    "PacaConfig.layers_pattern is only used with layers_to_transform; set both or neither."
+                )
             check_indices_pattern(self.paca_indices_pattern)
 
     @classmethod
-    def from_peft(cls, config: PeftConfig) -> "PacaConfig":
+    def from_peft(cls, config: PeftConfig) -> PacaConfig:
         """A paca config with the fields of ``config`` (a ``peft.PacaConfig``, or a paca one: returned as is)."""
         if isinstance(config, cls):
             return config
@@ -204,8 +238,11 @@ class PacaConfig(_Base):
         A missing, truncated or corrupted ``adapter_model.safetensors`` is reported here, naming the file,
         before ``PeftModel.from_pretrained`` touches the base model.
         """
-        path = pretrained_model_name_or_path if subfolder is None else os.path.join(pretrained_model_name_or_path,
-                                                                                     subfolder)
+        path = (
+            pretrained_model_name_or_path
+            if subfolder is None
+            else os.path.join(pretrained_model_name_or_path, subfolder)
+        )
         missing = None
         if os.path.isdir(path):
             try:
@@ -228,8 +265,9 @@ class PacaConfig(_Base):
         return self.paca_alpha / self.r
 
 
-def layer_r_and_alpha(r: int, paca_alpha: float, rank_pattern: dict, alpha_pattern: dict,
-                      module_name: str) -> tuple[int, float]:
+def layer_r_and_alpha(
+    r: int, paca_alpha: float, rank_pattern: dict, alpha_pattern: dict, module_name: str
+) -> tuple[int, float]:
     """(r, paca_alpha) of one layer, the patterns matched as PEFT's LoRA matches them (also from a saved config)."""
     from peft.utils.other import get_pattern_key
 
@@ -244,8 +282,9 @@ def check_indices_pattern(pattern: dict) -> None:
         if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) for i in indices):
             raise ValueError(f"PacaConfig.paca_indices_pattern[{key!r}] must be a list of int, got {indices!r}.")
         if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
-            raise ValueError(f"PacaConfig.paca_indices_pattern[{key!r}] must hold unique, non-negative columns, "
-                             f"got {indices!r}.")
+            raise ValueError(
+                f"PacaConfig.paca_indices_pattern[{key!r}] must hold unique, non-negative columns, got {indices!r}."
+            )
 
 
 def _peft_saves_paca_biases() -> bool:

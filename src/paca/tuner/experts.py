@@ -15,8 +15,6 @@ and ``model(..., adapter_names=[...])`` is refused: the experts see tokens, not 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -61,8 +59,16 @@ class Experts(_ResidentModule, ResidentTunerLayer):
     adapter_layer_names = ("paca_delta",)
     other_param_names = ("paca_indices", "r", "paca_alpha", "scaling")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
-                 projections: Optional[tuple[str, ...]] = None, **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        layer_name: str,
+        r: int,
+        paca_alpha: float,
+        projections: tuple[str, ...] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.layer_name = layer_name
@@ -77,8 +83,12 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
-        self._columns = ColumnRecords({name: ResidentColumns(self.in_dim, transposed=self.is_transposed)
-                                       for name in expert_projections(base_layer)})
+        self._columns = ColumnRecords(
+            {
+                name: ResidentColumns(self.in_dim, transposed=self.is_transposed)
+                for name in expert_projections(base_layer)
+            }
+        )
         self._watch_base_reads()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, projections=projections, **kwargs)
@@ -103,10 +113,19 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         return delta.transpose(1, 2) if self.is_transposed else delta
 
     # -- adapters -----------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: Optional[int] = None,
-                     selection_strategy: str = "random", indices: Optional[dict] = None,
-                     inference_mode: bool = False, init_weights: bool = True,
-                     projections: Optional[tuple[str, ...]] = None, **kwargs) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        paca_alpha: float,
+        seed: int | None = None,
+        selection_strategy: str = "random",
+        indices: dict | None = None,
+        inference_mode: bool = False,
+        init_weights: bool = True,
+        projections: tuple[str, ...] | None = None,
+        **kwargs,
+    ) -> None:
         """Add adapter ``adapter_name``: choose each expert's columns of each projection, and zero deltas.
 
         Raises:
@@ -116,12 +135,15 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         where = f"module '{self.layer_name}'"
         unknown = [p for p in projections if p not in self._columns]
         if unknown:
-            raise ValueError(f"{where}: cannot tune {', '.join(unknown)}; its tunable expert projections are "
-                             f"{', '.join(self._columns)}.")
+            raise ValueError(
+                f"{where}: cannot tune {', '.join(unknown)}; its tunable expert projections are "
+                f"{', '.join(self._columns)}."
+            )
         for p in projections:
             if not isinstance(r, int) or r <= 0 or r > self.input_dim(p):
-                raise ValueError(f"{where}: r={r} must be between 1 and the input dimension {self.input_dim(p)} of "
-                                 f"{p}.")
+                raise ValueError(
+                    f"{where}: r={r} must be between 1 and the input dimension {self.input_dim(p)} of {p}."
+                )
         self._columns.restore()  # column selection (weight_norm) reads the base weights
         deltas, chosen = nn.ParameterDict(), BufferDict({}, persistent=True)
         for p in projections:
@@ -144,7 +166,7 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         self.scaling[adapter_name] = paca_alpha / r
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def select_columns(self, projection: str, r: int, seed: Optional[int], strategy: str) -> Tensor:
+    def select_columns(self, projection: str, r: int, seed: int | None, strategy: str) -> Tensor:
         """``(E, r)``: each expert's columns of ``projection``, by ``strategy`` (see :mod:`paca.selection`).
 
         ``gradient`` starts from random columns (``paca.select_by_gradient`` leaves experts there); ``structured``
@@ -162,26 +184,31 @@ class Experts(_ResidentModule, ResidentTunerLayer):
             elif strategy == "structured":
                 rows.append(selection.structured_columns(d_in, r, 1, seed, f"{name}.{e}"))
             else:
-                raise ValueError(f"module '{self.layer_name}': column selection '{strategy}' is not available "
-                                 "for experts.")
+                raise ValueError(
+                    f"module '{self.layer_name}': column selection '{strategy}' is not available for experts."
+                )
         return torch.stack(rows)
 
-    def _active_delta(self) -> Optional[dict]:
+    def _active_delta(self) -> dict | None:
         """projection -> (delta, idx, scale, record) of the active adapter; None if no adapter is active here."""
         active = [a for a in self.active_adapters if a in self.paca_delta]
         if not active:
             return None
         if len(active) > 1:
-            raise ValueError(f"module '{self.layer_name}': {len(active)} adapters are active ({', '.join(active)}); "
-                             "PaCA experts apply one adapter at a time.")
+            raise ValueError(
+                f"module '{self.layer_name}': {len(active)} adapters are active ({', '.join(active)}); "
+                "PaCA experts apply one adapter at a time."
+            )
         name = active[0]
         idx = self.paca_indices[name]
         return {p: (delta, idx[p], self.scaling[name], self._columns[p]) for p, delta in self.paca_delta[name].items()}
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *args, **kwargs) -> Tensor:
         if "adapter_names" in kwargs:
-            raise ValueError(f"module '{self.layer_name}': adapter_names (one adapter per batch row) cannot reach "
-                             "PaCA experts, which see routed tokens; set_adapter() one adapter instead.")
+            raise ValueError(
+                f"module '{self.layer_name}': adapter_names (one adapter per batch row) cannot reach "
+                "PaCA experts, which see routed tokens; set_adapter() one adapter instead."
+            )
         tuned = self._applied_delta()
         if tuned is None:
             return self._base_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
@@ -197,11 +224,12 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         weight = self.weight_of(projection)
         delta = self._in_weight_layout(self.paca_delta[adapter_name][projection].detach())
         dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
-        put_columns(dense, self.in_dim, self.paca_indices[adapter_name][projection],
-                    delta * self.scaling[adapter_name])
+        put_columns(
+            dense, self.in_dim, self.paca_indices[adapter_name][projection], delta * self.scaling[adapter_name]
+        )
         return dense
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the tuned columns into the fused weights; the originals are kept for :meth:`unmerge`."""
         self._columns.restore()
         for name in check_adapters_to_merge(self, adapter_names):
@@ -211,8 +239,9 @@ class Experts(_ResidentModule, ResidentTunerLayer):
             for p, delta in self.paca_delta[name].items():
                 storage, idx = self.weight_of(p).data, self.paca_indices[name][p]
                 original = take_columns(storage, self.in_dim, idx)
-                merged = torch.add(original, self._in_weight_layout(delta.detach()),
-                                   alpha=self.scaling[name]).to(storage.dtype)
+                merged = torch.add(original, self._in_weight_layout(delta.detach()), alpha=self.scaling[name]).to(
+                    storage.dtype
+                )
                 if safe_merge and not torch.isfinite(merged).all():
                     raise broken_adapter_error(name, self.layer_name)
                 merged_columns[p] = (original, merged)
@@ -226,14 +255,19 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             for p in self.paca_delta[name]:
-                put_columns(self.weight_of(p).data, self.in_dim, self.paca_indices[name][p],
-                            self._premerge_columns.pop((name, p)))
+                put_columns(
+                    self.weight_of(p).data,
+                    self.in_dim,
+                    self.paca_indices[name][p],
+                    self._premerge_columns.pop((name, p)),
+                )
 
 
-def check_expert_indices(idx: Tensor, num_experts: int, d_in: Optional[int], r: int, where: str) -> None:
+def check_expert_indices(idx: Tensor, num_experts: int, d_in: int | None, r: int, where: str) -> None:
     """Raise ValueError unless ``idx`` is ``(num_experts, r)`` with each row valid column indices."""
     if idx.dim() != 2 or idx.shape[0] != num_experts:
-        raise ValueError(f"{where}: paca_indices must have shape ({num_experts}, {r}) (one row per expert), got "
-                         f"{tuple(idx.shape)}.")
+        raise ValueError(
+            f"{where}: paca_indices must have shape ({num_experts}, {r}) (one row per expert), got {tuple(idx.shape)}."
+        )
     for e in range(num_experts):
         selection.check_indices(idx[e], d_in, r, f"{where}, expert {e}")

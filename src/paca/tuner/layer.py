@@ -13,8 +13,6 @@ restores them bit for bit).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -45,8 +43,9 @@ class ResidentTunerLayer(BaseTunerLayer):
         self._columns.forget()
         return self.get_base_layer()
 
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool = False,
-                                           adapter_names: Optional[list[str]] = None) -> nn.Module:
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """PEFT's unload: the base layer, with the adapters merged if ``merge``, else exactly pretrained."""
         if merge:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -146,10 +145,20 @@ class PacaLayer(ResidentTunerLayer):
         return delta if self.in_dim == 1 else delta.t()
 
     # -- adapters -----------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, r: int, paca_alpha: float, seed: Optional[int] = None,
-                     selection_strategy: str = "random", indices: Optional[Tensor] = None,
-                     inference_mode: bool = False, column_block: int = 1, init_weights: bool = True,
-                     scaling: Optional[float] = None, **kwargs) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        paca_alpha: float,
+        seed: int | None = None,
+        selection_strategy: str = "random",
+        indices: Tensor | None = None,
+        inference_mode: bool = False,
+        column_block: int = 1,
+        init_weights: bool = True,
+        scaling: float | None = None,
+        **kwargs,
+    ) -> None:
         """Add adapter ``adapter_name``: choose its columns and create a zero delta.
 
         ``seed`` is the config's ``random_seed`` (None: the global RNG); ``indices`` given columns (then ``r`` is
@@ -180,7 +189,7 @@ class PacaLayer(ResidentTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def select_columns(self, r: int, seed: Optional[int], strategy: str, column_block: int = 1) -> Tensor:
+    def select_columns(self, r: int, seed: int | None, strategy: str, column_block: int = 1) -> Tensor:
         """The ``r`` input columns this layer tunes, by ``strategy`` (see :mod:`paca.selection`).
 
         ``column_block`` is the block size of ``structured`` (head_dim for attention output projections,
@@ -195,8 +204,10 @@ class PacaLayer(ResidentTunerLayer):
             return selection.random_columns(self.in_features, r, seed, self.layer_name)
         if strategy == "structured":
             return selection.structured_columns(self.in_features, r, column_block, seed, self.layer_name)
-        raise ValueError(f"module '{self.layer_name}': column selection '{strategy}' is not available for "
-                         f"{type(self.get_base_layer()).__name__}.")
+        raise ValueError(
+            f"module '{self.layer_name}': column selection '{strategy}' is not available for "
+            f"{type(self.get_base_layer()).__name__}."
+        )
 
     def set_indices(self, adapter_name: str, indices: Tensor) -> None:
         """Replace the tuned columns of ``adapter_name`` (its delta is reset to zero)."""
@@ -207,7 +218,7 @@ class PacaLayer(ResidentTunerLayer):
         with torch.no_grad():
             self.paca_delta[adapter_name].zero_()
 
-    def _active_delta(self) -> Optional[tuple[Tensor, Tensor, float]]:
+    def _active_delta(self) -> tuple[Tensor, Tensor, float] | None:
         """(delta, idx, scale) of the active adapters, combined into one column set; None if none is active.
 
         Several active adapters add up: their columns are merged (sorted union) and overlapping
@@ -216,7 +227,7 @@ class PacaLayer(ResidentTunerLayer):
         active = self._active_adapter  # PEFT's active_adapters, without its two properties (once per layer call)
         return self._combined_delta([active] if isinstance(active, str) else active)
 
-    def _combined_delta(self, adapter_names: list[str]) -> Optional[tuple[Tensor, Tensor, float]]:
+    def _combined_delta(self, adapter_names: list[str]) -> tuple[Tensor, Tensor, float] | None:
         """(delta, idx, scale) of ``adapter_names`` added up, as for :meth:`_active_delta`; None if none is here."""
         if len(adapter_names) == 1:  # the common case, once per layer call: plain dict lookups, no module __getattr__
             delta = self._modules["paca_delta"]._parameters.get(adapter_names[0])
@@ -248,7 +259,7 @@ class PacaLayer(ResidentTunerLayer):
         dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
         return dense.index_copy_(self.in_dim, self.paca_indices[adapter_name], delta * self.scaling[adapter_name])
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the tuned columns into the base weight; the originals are kept for :meth:`unmerge`."""
         self._columns.restore()
         storage = self.get_base_layer().weight.data
@@ -276,11 +287,15 @@ class PacaLayer(ResidentTunerLayer):
         """Each row of the batch (dim 0) through its own adapter (``"__base__"``: none), as PEFT's
         ``model(..., adapter_names=[...])``: rows are grouped by adapter, each group runs with its columns."""
         if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"module '{self.layer_name}': {len(adapter_names)} adapter_names for a batch of "
-                             f"{x.shape[0]} rows; pass one name per row.")
+            raise ValueError(
+                f"module '{self.layer_name}': {len(adapter_names)} adapter_names for a batch of "
+                f"{x.shape[0]} rows; pass one name per row."
+            )
         if self.merged_adapters:
-            raise ValueError(f"module '{self.layer_name}': adapter_names cannot be used while adapters are merged "
-                             f"({self.merged_adapters}); unmerge_adapter() first.")
+            raise ValueError(
+                f"module '{self.layer_name}': adapter_names cannot be used while adapters are merged "
+                f"({self.merged_adapters}); unmerge_adapter() first."
+            )
         groups: dict[str, list[int]] = {}
         for row, name in enumerate(adapter_names):
             groups.setdefault(name, []).append(row)
@@ -288,7 +303,9 @@ class PacaLayer(ResidentTunerLayer):
         for name, rows in groups.items():
             applied = None if self._disable_adapters or name == "__base__" else self._combined_delta([name])
             part = x[rows]
-            out = self._base_forward(part, *args, **kwargs) if applied is None else self._partial_forward(part, *applied)
+            out = (
+                self._base_forward(part, *args, **kwargs) if applied is None else self._partial_forward(part, *applied)
+            )
             if result is None:
                 result = out.new_empty((x.shape[0], *out.shape[1:]))
             result[rows] = out
@@ -311,15 +328,17 @@ class PacaLayer(ResidentTunerLayer):
 
 def broken_adapter_error(adapter_name: str, layer_name: str) -> ValueError:
     """safe_merge's error, worded as PEFT's methods word it, with the module."""
-    return ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken "
-                      f"(module '{layer_name}'; nothing of it was merged).")
+    return ValueError(
+        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken "
+        f"(module '{layer_name}'; nothing of it was merged)."
+    )
 
 
-def _restore_before_state_dict(module: "PacaLayer", prefix: str, keep_vars: bool) -> None:
+def _restore_before_state_dict(module: PacaLayer, prefix: str, keep_vars: bool) -> None:
     module._columns.restore()  # a checkpoint stores the pretrained weight, never W0 + s * D
 
 
-def _restore_before_load(module: "PacaLayer", state_dict: dict, prefix: str, *args) -> None:
+def _restore_before_load(module: PacaLayer, state_dict: dict, prefix: str, *args) -> None:
     # New base weights make the copy of the pretrained columns stale; anything else keeps it (indices are versioned).
     if any(key.startswith(prefix + "base_layer.") for key in state_dict):
         module._columns.forget()
@@ -358,8 +377,9 @@ class Linear(_ResidentModule, PacaLayer):
     ``x -> x W^T + b`` with ``W[:, idx] = W0[:, idx] + (alpha / r) D``; inputs of any leading shape.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
-                 **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float, **kwargs
+    ) -> None:
         super().__init__()
         PacaLayer.__init__(self, base_layer, layer_name)
         self.is_transposed = _is_conv1d(self.get_base_layer())
@@ -380,13 +400,22 @@ class Linear(_ResidentModule, PacaLayer):
             return super().forward(x)
         base = self._modules["base_layer"]
         x = self._autocast_input(x)
-        return partial_linear(x, base.weight, base.bias, delta, self._modules["paca_indices"]._buffers[name],
-                              self.scaling[name], self.is_transposed, self._columns)
+        return partial_linear(
+            x,
+            base.weight,
+            base.bias,
+            delta,
+            self._modules["paca_indices"]._buffers[name],
+            self.scaling[name],
+            self.is_transposed,
+            self._columns,
+        )
 
     def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         base = self._modules["base_layer"]
-        return partial_linear(self._autocast_input(x), base.weight, base.bias, delta, idx, scale,
-                              self.is_transposed, self._columns)
+        return partial_linear(
+            self._autocast_input(x), base.weight, base.bias, delta, idx, scale, self.is_transposed, self._columns
+        )
 
 
 class Conv(_ResidentModule, PacaLayer):
@@ -394,14 +423,17 @@ class Conv(_ResidentModule, PacaLayer):
     paper's appendix B; grouped and depthwise convolutions tune local channels of every group (see
     :mod:`paca.ops.conv`)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
-                 **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float, **kwargs
+    ) -> None:
         super().__init__()
         PacaLayer.__init__(self, base_layer, layer_name)
         conv = self.get_base_layer()
         if conv.padding_mode != "zeros":
-            raise ValueError(f"module '{layer_name}': PaCA supports convolutions with zero padding, got "
-                             f"padding_mode='{conv.padding_mode}'.")
+            raise ValueError(
+                f"module '{layer_name}': PaCA supports convolutions with zero padding, got "
+                f"padding_mode='{conv.padding_mode}'."
+            )
         self.padding = self._explicit_padding(conv, layer_name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
@@ -413,12 +445,25 @@ class Conv(_ResidentModule, PacaLayer):
         if conv.padding == "same":
             totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
             if any(t % 2 for t in totals):
-                raise ValueError(f"module '{layer_name}': padding='same' with an even kernel is asymmetric; "
-                                 "PaCA supports symmetric padding only.")
+                raise ValueError(
+                    f"module '{layer_name}': padding='same' with an even kernel is asymmetric; "
+                    "PaCA supports symmetric padding only."
+                )
             return tuple(t // 2 for t in totals)
         return tuple(conv.padding)
 
     def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         conv = self._modules["base_layer"]
-        return partial_conv(self._autocast_input(x), conv.weight, conv.bias, delta, idx, scale, conv.stride,
-                            self.padding, conv.dilation, conv.groups, self._columns)
+        return partial_conv(
+            self._autocast_input(x),
+            conv.weight,
+            conv.bias,
+            delta,
+            idx,
+            scale,
+            conv.stride,
+            self.padding,
+            conv.dilation,
+            conv.groups,
+            self._columns,
+        )

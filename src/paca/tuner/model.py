@@ -7,7 +7,6 @@ import contextlib
 import functools
 import re
 import warnings
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
@@ -23,8 +22,10 @@ from .layer import Conv, Linear, PacaLayer, _is_conv1d
 from .quantized import Linear4bit
 from .router import Router, is_router
 
-SUPPORTED_TYPES = ("nn.Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d (grouped too), bitsandbytes "
-                   "Linear4bit (NF4/FP4), transformers fused MoE experts and routers")
+SUPPORTED_TYPES = (
+    "nn.Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d (grouped too), bitsandbytes "
+    "Linear4bit (NF4/FP4), transformers fused MoE experts and routers"
+)
 
 TUNED_LAYERS = (PacaLayer, Experts)  # every module the tuner puts in the model
 
@@ -41,7 +42,7 @@ def fused_expert_parameters(module: nn.Module) -> list[str]:
     return [name for name, p in module._parameters.items() if p is not None and p.dim() == 3]
 
 
-def _input_dim(module: nn.Module) -> Optional[int]:
+def _input_dim(module: nn.Module) -> int | None:
     """d_in of a layer PaCA can tune (None for other modules: they are refused by type later)."""
     if isinstance(module, TUNED_LAYERS) or is_bnb_4bit(module):
         return module.in_features
@@ -96,35 +97,59 @@ class PacaModel(BaseTuner):
                 return PeftPacaModel(*args, **kwargs)
         return super().__new__(cls)
 
-    def _create_and_replace(self, config: PacaConfig, adapter_name, target, target_name, parent, current_key,
-                            projections: Optional[tuple[str, ...]] = None, **optional_kwargs) -> None:
+    def _create_and_replace(
+        self,
+        config: PacaConfig,
+        adapter_name,
+        target,
+        target_name,
+        parent,
+        current_key,
+        projections: tuple[str, ...] | None = None,
+        **optional_kwargs,
+    ) -> None:
         layer_name = current_key.removeprefix("base_model.model.")
         r, paca_alpha = config.layer_r_and_alpha(layer_name)
-        kwargs = dict(r=r, paca_alpha=paca_alpha, seed=config.random_seed, selection_strategy=config.selection,
-                      inference_mode=config.inference_mode, init_weights=config.init_weights)
+        kwargs = dict(
+            r=r,
+            paca_alpha=paca_alpha,
+            seed=config.random_seed,
+            selection_strategy=config.selection,
+            inference_mode=config.inference_mode,
+            init_weights=config.init_weights,
+        )
         given = given_columns(config, current_key)
         if given is not None:
             if isinstance(target, Experts) or expert_projections(target):
-                raise ValueError(f"paca_indices_pattern gives columns to '{layer_name}', a fused experts module; "
-                                 "its experts each tune columns of their own: leave it out of the pattern.")
+                raise ValueError(
+                    f"paca_indices_pattern gives columns to '{layer_name}', a fused experts module; "
+                    "its experts each tune columns of their own: leave it out of the pattern."
+                )
             # PEFT's meaning: these columns, however many, at the config's scale paca_alpha / r
             kwargs.update(indices=given, r=given.numel(), scaling=paca_alpha / r)
         if isinstance(target, Experts) or expert_projections(target):
             kwargs["projections"] = projections
         elif config.selection == "structured":  # whole heads / channels: the layout comes from the model config
-            kwargs.update(selection.structured_layer_kwargs(getattr(self.model, "config", None), r, paca_alpha,
-                                                            layer_name, target_name, parent, target))
+            kwargs.update(
+                selection.structured_layer_kwargs(
+                    getattr(self.model, "config", None), r, paca_alpha, layer_name, target_name, parent, target
+                )
+            )
         if target_name in _MAMBA_DIRECT_WEIGHTS and "Mamba" in type(parent).__name__:
             self._bypassed_layers.setdefault(adapter_name, []).append(layer_name)
         d_in = _input_dim(target)
         if given is not None and d_in is not None and int(given.max()) >= d_in:
-            raise ValueError(f"module '{layer_name}': the indices in paca_indices_pattern must be smaller than "
-                             f"in_features ({d_in}) of the base layer, got {given.tolist()}.")
+            raise ValueError(
+                f"module '{layer_name}': the indices in paca_indices_pattern must be smaller than "
+                f"in_features ({d_in}) of the base layer, got {given.tolist()}."
+            )
         linear = isinstance(target, Linear) or _layer_class(target) is Linear
         if given is None and d_in is not None and kwargs["r"] > d_in and linear:
             if not self._all_linear:  # PEFT's PaCA's rule for a linear layer named in target_modules
-                raise ValueError(f"module '{layer_name}': r ({kwargs['r']}) cannot be larger than in_features "
-                                 f"({d_in}) of the base layer.")
+                raise ValueError(
+                    f"module '{layer_name}': r ({kwargs['r']}) cannot be larger than in_features "
+                    f"({d_in}) of the base layer."
+                )
             # Under all-linear a narrow layer (Mamba's dt_proj) tunes all its columns rather than failing the model:
             # PEFT's paca_indices_pattern says exactly that (scale paca_alpha / r), so the saved config, whose
             # target_modules PEFT writes out by name, reloads here and in plain PEFT.
@@ -142,14 +167,18 @@ class PacaModel(BaseTuner):
             return
         layer_cls = _layer_class(target)
         if layer_cls is None and fused_expert_parameters(target):
-            raise TypeError(f"PaCA cannot tune module '{layer_name}' ({type(target).__name__}): its experts are fused "
-                            f"3-D parameters ({', '.join(fused_expert_parameters(target))}) outside transformers' "
-                            "experts interface (@use_experts_implementation), whose forward PaCA replaces; remove it "
-                            "from target_modules (its attention and dense layers can be tuned).")
+            raise TypeError(
+                f"PaCA cannot tune module '{layer_name}' ({type(target).__name__}): its experts are fused "
+                f"3-D parameters ({', '.join(fused_expert_parameters(target))}) outside transformers' "
+                "experts interface (@use_experts_implementation), whose forward PaCA replaces; remove it "
+                "from target_modules (its attention and dense layers can be tuned)."
+            )
         if layer_cls is None:
-            raise TypeError(f"Target module '{layer_name}' of type {type(target).__module__}."
-                            f"{type(target).__qualname__} is not supported by PaCA; supported types: {SUPPORTED_TYPES}. "
-                            "Remove it from target_modules or add it to exclude_modules.")
+            raise TypeError(
+                f"Target module '{layer_name}' of type {type(target).__module__}."
+                f"{type(target).__qualname__} is not supported by PaCA; supported types: {SUPPORTED_TYPES}. "
+                "Remove it from target_modules or add it to exclude_modules."
+            )
         new_module = layer_cls(target, adapter_name, layer_name, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
@@ -177,10 +206,13 @@ class PacaModel(BaseTuner):
             adapter_names = [name for name in adapter_names for _ in range(beams)]
         from peft.utils.other import AuxiliaryTrainingWrapper
 
-        handles = [module.register_forward_pre_hook(functools.partial(_inject_adapter_names, names=adapter_names),
-                                                    with_kwargs=True)
-                   for module in self.model.modules()
-                   if isinstance(module, (*TUNED_LAYERS, AuxiliaryTrainingWrapper))]
+        handles = [
+            module.register_forward_pre_hook(
+                functools.partial(_inject_adapter_names, names=adapter_names), with_kwargs=True
+            )
+            for module in self.model.modules()
+            if isinstance(module, (*TUNED_LAYERS, AuxiliaryTrainingWrapper))
+        ]
         try:
             yield
         finally:
@@ -225,21 +257,28 @@ class PacaModel(BaseTuner):
         mark_shared_weights(model)
         frozen = frozen_experts(model)
         if frozen and self._all_linear:
-            warnings.warn(f"PaCA adapter '{adapter_name}': {len(frozen)} fused MoE experts module(s) (e.g. "
-                          f"'{frozen[0]}' of type {type(model.get_submodule(frozen[0])).__name__}) stay frozen: their "
-                          "experts are outside transformers' experts interface, whose forward PaCA replaces.",
-                          stacklevel=2)
+            warnings.warn(
+                f"PaCA adapter '{adapter_name}': {len(frozen)} fused MoE experts module(s) (e.g. "
+                f"'{frozen[0]}' of type {type(model.get_submodule(frozen[0])).__name__}) stay frozen: their "
+                "experts are outside transformers' experts interface, whose forward PaCA replaces.",
+                stacklevel=2,
+            )
         bypassed = self._bypassed_layers.pop(adapter_name, [])
         if bypassed:
-            warnings.warn(f"PaCA adapter '{adapter_name}': Mamba's fused CUDA path (mamba-ssm kernels, training) reads "
-                          f"the weights of {len(bypassed)} tuned layer(s) (e.g. '{bypassed[0]}') directly instead of "
-                          "calling them, so there their deltas would be ignored; on CPU or without mamba-ssm they "
-                          "are called. Tune in_proj (always called) or keep to the slow path.", stacklevel=2)
+            warnings.warn(
+                f"PaCA adapter '{adapter_name}': Mamba's fused CUDA path (mamba-ssm kernels, training) reads "
+                f"the weights of {len(bypassed)} tuned layer(s) (e.g. '{bypassed[0]}') directly instead of "
+                "calling them, so there their deltas would be ignored; on CPU or without mamba-ssm they "
+                "are called. Tune in_proj (always called) or keep to the slow path.",
+                stacklevel=2,
+            )
         narrow = self._narrow_layers.pop(adapter_name, [])
         if narrow:
-            warnings.warn(f"PaCA adapter '{adapter_name}': r exceeds the input dimension of {len(narrow)} layer(s): "
-                          f"{', '.join(narrow)}; each tunes all its input columns, at its scale paca_alpha / r.",
-                          stacklevel=2)
+            warnings.warn(
+                f"PaCA adapter '{adapter_name}': r exceeds the input dimension of {len(narrow)} layer(s): "
+                f"{', '.join(narrow)}; each tunes all its input columns, at its scale paca_alpha / r.",
+                stacklevel=2,
+            )
 
     def _parameters_beside_target_modules(self, config: PacaConfig, model: nn.Module) -> list[str]:
         """The entries of ``target_parameters`` that name a parameter of some module target_modules does not target."""
@@ -254,8 +293,9 @@ class PacaModel(BaseTuner):
                         break
         return kept
 
-    def _inject_parameters(self, peft_config: PacaConfig, model: nn.Module, adapter_name: str,
-                           low_cpu_mem_usage: bool) -> list[str]:
+    def _inject_parameters(
+        self, peft_config: PacaConfig, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool
+    ) -> list[str]:
         """``target_parameters``, as LoRA's: fused expert parameters and router weights by name (full or suffix, e.g.
         ``"mlp.experts.down_proj"``, ``"mlp.gate.weight"``); each experts module is wrapped once, tuning the
         projections named."""
@@ -285,12 +325,15 @@ class PacaModel(BaseTuner):
             tunable = expert_projections(target.get_base_layer() if isinstance(target, Experts) else target)
             refused = [p for p in params if p not in tunable]
             if refused:
-                raise ValueError(f"target_parameters: PaCA cannot tune '{name}.{refused[0]}' "
-                                 f"({type(target).__name__}); it tunes the projections of transformers' fused experts "
-                                 "(gate_up_proj or up_proj, down_proj) and routers' weight. Target linear layers with "
-                                 "target_modules.")
-            self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=name,
-                                     projections=tuple(params))
+                raise ValueError(
+                    f"target_parameters: PaCA cannot tune '{name}.{refused[0]}' "
+                    f"({type(target).__name__}); it tunes the projections of transformers' fused experts "
+                    "(gate_up_proj or up_proj, down_proj) and routers' weight. Target linear layers with "
+                    "target_modules."
+                )
+            self._create_and_replace(
+                peft_config, adapter_name, target, target_name, parent, current_key=name, projections=tuple(params)
+            )
         return [f"{name}.{p}" for name, params in matched.items() for p in params]
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
@@ -311,7 +354,7 @@ class PacaModel(BaseTuner):
         # rollback); peft 0.20 has no such hook and would take out-of-range column indices silently. There, check
         # at load_state_dict, which PEFT calls with the adapter's entries: a ValueError naming the module.
         if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):
-            own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            own = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
             for adapter_name in self.peft_config:
                 check_state_dict_fits(self, adapter_name, own)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -338,12 +381,13 @@ def resolve_all_linear(config: PacaConfig, model: nn.Module) -> bool:
     if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
         return False
     _maybe_include_all_linear_layers(config, model)
-    config.target_modules = set(config.target_modules) | {name for name, m in model.named_modules()
-                                                          if expert_projections(m) or is_router(m)}
+    config.target_modules = set(config.target_modules) | {
+        name for name, m in model.named_modules() if expert_projections(m) or is_router(m)
+    }
     return True
 
 
-def given_columns(config: PacaConfig, module_key: str) -> Optional[torch.Tensor]:
+def given_columns(config: PacaConfig, module_key: str) -> torch.Tensor | None:
     """The sorted columns ``config.paca_indices_pattern`` gives the module ``module_key`` (as PEFT matches the
     pattern: its keys are names or regexes), or None."""
     from peft.utils.other import get_pattern_key
@@ -390,8 +434,10 @@ def check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict)
             raise ValueError(f"module '{layer}': the adapter has no {missing} for this layer.")
         expected = module.delta_shape(module.r[adapter_name])
         if tuple(delta.shape) != expected:
-            raise ValueError(f"module '{layer}': paca_delta has shape {tuple(delta.shape)} but this model needs "
-                             f"{expected} (r={module.r[adapter_name]}); was the adapter trained on another model?")
+            raise ValueError(
+                f"module '{layer}': paca_delta has shape {tuple(delta.shape)} but this model needs "
+                f"{expected} (r={module.r[adapter_name]}); was the adapter trained on another model?"
+            )
         if not delta.dtype.is_floating_point:
             raise ValueError(f"module '{layer}': paca_delta has dtype {delta.dtype}, expected a float dtype.")
         selection.check_indices(idx, module.in_features, module.r[adapter_name], f"module '{layer}'")
@@ -409,8 +455,10 @@ def _check_experts_state_dict_fits(name: str, module: Experts, adapter_name: str
         if delta is None or idx is None:
             raise ValueError(f"{where}: the adapter has no {'paca_delta' if delta is None else 'paca_indices'} here.")
         if tuple(delta.shape) != tuple(own.shape):
-            raise ValueError(f"{where}: paca_delta has shape {tuple(delta.shape)} but this model needs "
-                             f"{tuple(own.shape)}; was the adapter trained on another model?")
+            raise ValueError(
+                f"{where}: paca_delta has shape {tuple(delta.shape)} but this model needs "
+                f"{tuple(own.shape)}; was the adapter trained on another model?"
+            )
         check_expert_indices(idx, own.shape[0], module.input_dim(projection), own.shape[2], where)
         if not torch.isfinite(delta).all():
             raise ValueError(f"{where}: paca_delta holds NaN or Inf values.")
@@ -451,7 +499,6 @@ def restore_base_weights(model: nn.Module) -> None:
             layer.restore_base_weight()
 
 
-def paca_layers(model: nn.Module) -> dict[str, "PacaLayer | Experts"]:
+def paca_layers(model: nn.Module) -> dict[str, PacaLayer | Experts]:
     """The PaCA layers of ``model`` by their name in the base model."""
     return {m.layer_name: m for m in model.modules() if isinstance(m, TUNED_LAYERS)}
-

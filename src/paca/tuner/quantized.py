@@ -10,8 +10,6 @@ is and the merged columns are applied by the same one-matmul forward; a 16-bit m
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
@@ -34,10 +32,12 @@ def _check_standard_packing(base: nn.Module, layer_name: str) -> None:
     """
     state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
     if getattr(state, "packing_format_for_cpu", False):
-        raise ValueError(f"module '{layer_name}': bitsandbytes has repacked this 4-bit weight for its CPU inference "
-                         "kernel (it ran in eval mode without gradients on the CPU), which rounds its scales to "
-                         "bfloat16 and cannot be undone exactly. Load the 4-bit model again and apply PaCA before "
-                         "running it.")
+        raise ValueError(
+            f"module '{layer_name}': bitsandbytes has repacked this 4-bit weight for its CPU inference "
+            "kernel (it ran in eval mode without gradients on the CPU), which rounds its scales to "
+            "bfloat16 and cannot be undone exactly. Load the 4-bit model again and apply PaCA before "
+            "running it."
+        )
 
 
 def _packed_weight(base: nn.Module) -> Tensor:
@@ -59,8 +59,9 @@ class Linear4bit(nn.Module, PacaLayer):
         ImportError: if bitsandbytes cannot be imported.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
-                 **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float, **kwargs
+    ) -> None:
         super().__init__()
         import_bitsandbytes(f"module '{layer_name}'")
         _check_standard_packing(base_layer, layer_name)
@@ -90,7 +91,7 @@ class Linear4bit(nn.Module, PacaLayer):
         """The base layer's dense ``(d_out, d_in)`` weight ``deq(Q)`` (a new tensor)."""
         return dequantize(_packed_weight(self.get_base_layer()), dtype)
 
-    def select_columns(self, r: int, seed: Optional[int], strategy: str, column_block: int = 1) -> Tensor:
+    def select_columns(self, r: int, seed: int | None, strategy: str, column_block: int = 1) -> Tensor:
         if strategy == "weight_norm":
             return selection.weight_norm_columns(self.dequantized_weight(), r, 1)
         return super().select_columns(r, seed, strategy, column_block)
@@ -101,7 +102,7 @@ class Linear4bit(nn.Module, PacaLayer):
         return dense.index_copy_(1, self.paca_indices[adapter_name], delta * self.scaling[adapter_name])
 
     # -- merge: bookkeeping only, the 4-bit weight is never re-quantized ------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Mark adapters merged: later forwards apply their (frozen) columns; the 4-bit weight is not touched.
 
         Writing the columns into the packed weight would re-quantize them (lossy); the forward already
@@ -118,17 +119,20 @@ class Linear4bit(nn.Module, PacaLayer):
     def unmerge(self) -> None:
         self.merged_adapters.clear()
 
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool = False,
-                                           adapter_names: Optional[list[str]] = None) -> nn.Module:
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """The 4-bit base layer (``unload``); ``merge_and_unload`` is refused rather than re-quantizing.
 
         Raises:
             ValueError: if ``merge`` is true.
         """
         if merge:
-            raise ValueError(f"module '{self.layer_name}' has a 4-bit base: merging into it would re-quantize the "
-                             "tuned columns (lossy). Save the adapter and run `paca export --adapter DIR --to merged "
-                             "OUT` (a 16-bit merged model), or load the base model in 16 bits and merge there.")
+            raise ValueError(
+                f"module '{self.layer_name}' has a 4-bit base: merging into it would re-quantize the "
+                "tuned columns (lossy). Save the adapter and run `paca export --adapter DIR --to merged "
+                "OUT` (a 16-bit merged model), or load the base model in 16 bits and merge there."
+            )
         return self.release_base_layer()
 
     def release_base_layer(self) -> nn.Module:

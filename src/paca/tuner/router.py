@@ -13,8 +13,6 @@ is created (a probe call must reach ``F.linear``), never silently left untuned.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,14 +27,18 @@ _CASTS = (Tensor.float, Tensor.type, Tensor.to)
 def is_router(module: nn.Module) -> bool:
     """A transformers MoE router: not a linear layer, a 2-D ``weight`` (one row per expert), "Router" in its name."""
     weight = module._parameters.get("weight")
-    return (not isinstance(module, nn.Linear) and "router" in type(module).__name__.lower()
-            and isinstance(weight, Tensor) and weight.dim() == 2)
+    return (
+        not isinstance(module, nn.Linear)
+        and "router" in type(module).__name__.lower()
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+    )
 
 
 class _TunedLogits(TorchFunctionMode):
     """For one router call: ``F.linear`` on the router's weight (or a cast of it) becomes the partial product."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], delta: Tensor, idx: Tensor, scale: float, columns):
+    def __init__(self, weight: Tensor, bias: Tensor | None, delta: Tensor, idx: Tensor, scale: float, columns):
         super().__init__()
         self.weight, self.bias, self.applied = weight, bias, (delta, idx, scale, columns)
         self.casts: list[Tensor] = []  # tensors that are the weight in another dtype
@@ -61,8 +63,9 @@ class _TunedLogits(TorchFunctionMode):
 class Router(_ResidentModule, PacaLayer):
     """PaCA on a transformers MoE router: ``forward`` is the router's own, with its logits from the tuned weight."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float,
-                 **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float, **kwargs
+    ) -> None:
         super().__init__()
         PacaLayer.__init__(self, base_layer, layer_name)
         self._active_adapter = adapter_name
@@ -75,14 +78,18 @@ class Router(_ResidentModule, PacaLayer):
         with mode:
             out = base(x, *args, **kwargs)
         if mode.hits != 1:
-            raise RuntimeError(f"module '{self.layer_name}': the router's forward computed its logits "
-                               f"{mode.hits} times through F.linear on its weight, expected once.")
+            raise RuntimeError(
+                f"module '{self.layer_name}': the router's forward computed its logits "
+                f"{mode.hits} times through F.linear on its weight, expected once."
+            )
         return out
 
     def forward(self, x: Tensor, *args, **kwargs):
         if "adapter_names" in kwargs:
-            raise ValueError(f"module '{self.layer_name}': adapter_names (one adapter per batch row) cannot reach "
-                             "PaCA routers and experts, which see routed tokens; set_adapter() one adapter instead.")
+            raise ValueError(
+                f"module '{self.layer_name}': adapter_names (one adapter per batch row) cannot reach "
+                "PaCA routers and experts, which see routed tokens; set_adapter() one adapter instead."
+            )
         applied = self._applied_delta()
         if applied is None:
             return self._base_forward(x, *args, **kwargs)
@@ -102,8 +109,12 @@ class Router(_ResidentModule, PacaLayer):
             with torch.no_grad(), mode:
                 base(probe)
         except Exception as err:  # a router's own failure on a probe token: not tunable this way
-            raise TypeError(f"PaCA cannot tune router '{self.layer_name}' ({type(base).__name__}): a probe call "
-                            f"failed ({type(err).__name__}: {err}); remove it from target_modules.") from None
+            raise TypeError(
+                f"PaCA cannot tune router '{self.layer_name}' ({type(base).__name__}): a probe call "
+                f"failed ({type(err).__name__}: {err}); remove it from target_modules."
+            ) from None
         if mode.hits != 1:
-            raise TypeError(f"PaCA cannot tune router '{self.layer_name}' ({type(base).__name__}): its forward does "
-                            "not compute its logits as F.linear on its weight; remove it from target_modules.")
+            raise TypeError(
+                f"PaCA cannot tune router '{self.layer_name}' ({type(base).__name__}): its forward does "
+                "not compute its logits as F.linear on its weight; remove it from target_modules."
+            )
