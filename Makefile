@@ -30,7 +30,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m paca train
 
+LINTED := src tests tools examples benchmarks
 test: $(STAMP)
+	$(PY) -m ruff format --check -q $(LINTED)
+	$(PY) -m ruff check -q $(LINTED)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
