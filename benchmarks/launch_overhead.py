@@ -1,6 +1,6 @@
 """Where PaCA's step time goes in the launch-bound regime (tiny preset, batch 1 x 32, one thread).
 
-    python examples/launch_overhead.py [--rounds 150]
+    python benchmarks/launch_overhead.py [--rounds 150]
 
 Runs one forward + backward of each variant per round, interleaved in a rotating order (as ``paca bench`` does),
 and prints the median over rounds of each variant's time over the frozen floor's (the bench's ``f+b xfloor``), and
@@ -19,8 +19,8 @@ gradients have the same shapes):
                       no saved-tensor version checks. Not correct in general; a lower bound for an eager Function.
     required - scale  the same, the delta gradient a plain mm (what applying the scale costs)
     required - write  the same without the column write (what the write costs; its outputs are wrong)
-    required - restore  the same, the columns left written after backward (paca's design before it kept PEFT's
-                      invariant: what the restore costs)
+    required - restore  the same, the columns left written after backward (what keeping PEFT's invariant, W0
+                      between steps, costs)
     peft-paca         PEFT's own PaCA (peft >= 0.22) on the same columns
 
 The floor is the frozen model with gradients flowing to the embeddings' output (``paca bench``'s floor); lora is
@@ -76,42 +76,42 @@ def bare_functions():
     return operator
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=150)
-    args = p.parse_args()
-
+def build_variants():
+    """(variants, trainee by name, the product's operator, the PaCA model): every variant's model and operator
+    (None: the model's own layers), on the tiny preset; the PaCA variants share one model."""
     import paca.tuner.layer as layer
-    from paca import restore_base_weights
     from paca.bench.methods import make_trainee
     from paca.bench.presets import ModelSpec
-    from paca.bench.suite import build_model, random_tokens
+    from paca.bench.suite import build_model
 
-    torch.set_num_threads(1)
     base = build_model(ModelSpec("tiny"), torch.float32, torch.device("cpu"), seed=0)
-    ids = random_tokens(512, 1, 32, seed=0, device=torch.device("cpu"))
     floor = make_trainee("floor", base, 8, 16, 0).model
-    paca_trainee, lora_trainee = make_trainee("paca", base, 8, 16, 0), make_trainee("lora", base, 8, 16, 0)
-    peft_paca_trainee = make_trainee("peft-paca", base, 8, 16, 0)
-    paca = paca_trainee.model
-    if any(getattr(m, "is_transposed", False) for m in paca.modules()):
+    trainees = {method: make_trainee(method, base, 8, 16, 0) for method in ("paca", "lora", "peft-paca")}
+    paca_model = trainees["paca"].model
+    if any(getattr(m, "is_transposed", False) for m in paca_model.modules()):
         raise SystemExit("the controls assume nn.Linear layers (no GPT-2 Conv1D)")
     product = layer.partial_linear
     operator = bare_functions()
     variants = {  # name -> (model, operator)
         "floor": (floor, None),
-        "paca": (paca, product),
-        "paca, no PEFT": (paca.base_model.model, product),
-        "required": (paca, operator(write=True, scaled=True)),
-        "required - scale": (paca, operator(write=True, scaled=False)),
-        "required - write": (paca, operator(write=False, scaled=True)),
-        "required - restore": (paca, operator(write=True, scaled=True, restored=False)),
-        "peft-paca": (peft_paca_trainee.model, None),
-        "lora": (lora_trainee.model, None),
+        "paca": (paca_model, product),
+        "paca, no PEFT": (paca_model.base_model.model, product),
+        "required": (paca_model, operator(write=True, scaled=True)),
+        "required - scale": (paca_model, operator(write=True, scaled=False)),
+        "required - write": (paca_model, operator(write=False, scaled=True)),
+        "required - restore": (paca_model, operator(write=True, scaled=True, restored=False)),
+        "peft-paca": (trainees["peft-paca"].model, None),
+        "lora": (trainees["lora"].model, None),
     }
+    return variants, trainees, product, paca_model
+
+
+def stepper(variants: dict, trainees: dict, product, paca_model, ids):
+    """``step(name)``: (forward + backward, optimizer step) seconds of one step of variant ``name``."""
+    import paca.tuner.layer as layer
+    from paca import restore_base_weights
 
     def step(name: str) -> tuple[float, float]:
-        """(forward + backward, optimizer step) seconds of one step of variant ``name``."""
         model, op = variants[name]
         if op is not None:
             layer.partial_linear = op
@@ -123,14 +123,54 @@ def main() -> None:
             layer.partial_linear = product
         if name == "floor":  # no optimizer
             return elapsed, 0.0
-        trainee = {"lora": lora_trainee, "peft-paca": peft_paca_trainee}.get(name, paca_trainee)
+        trainee = trainees.get(name, trainees["paca"])  # every PaCA variant steps the product's optimizer
         start = time.perf_counter()
         trainee.optimizer.step()
         trainee.optimizer.zero_grad(set_to_none=True)
         optimizer_s = time.perf_counter() - start
-        restore_base_weights(paca)  # after "required - restore": every variant starts from the pretrained weights
+        restore_base_weights(
+            paca_model
+        )  # after "required - restore": every variant starts from the pretrained weights
         return elapsed, optimizer_s
 
+    return step
+
+
+def report(times: dict, rounds: int) -> None:
+    """Print the medians over rounds: forward + backward over the floor's, whole step over LoRA's and PEFT's PaCA's."""
+
+    def ms(seconds):
+        return statistics.median(seconds) * 1e3
+
+    print(
+        f"median of {rounds} interleaved rounds: floor forward + backward "
+        f"{ms(f for f, _ in times['floor']):.2f} ms, AdamW step paca {ms(o for _, o in times['paca']):.2f} ms, "
+        f"lora {ms(o for _, o in times['lora']):.2f} ms"
+    )
+    print(f"  {'':18s} {'f+b xfloor':>10s} {'step xLoRA':>10s} {'step xPEFT-PaCA':>15s}")
+
+    def step_ratio(variant_rounds, reference):
+        return statistics.median((f + o) / (rf + ro) for (f, o), (rf, ro) in zip(variant_rounds, times[reference]))
+
+    for name, variant_rounds in times.items():
+        fb = statistics.median(f / floor_f for (f, _), (floor_f, _) in zip(variant_rounds, times["floor"]))
+        print(
+            f"  {name:18s} {fb:9.3f}x {step_ratio(variant_rounds, 'lora'):9.3f}x "
+            f"{step_ratio(variant_rounds, 'peft-paca'):14.3f}x"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=150)
+    args = p.parse_args()
+
+    from paca.bench.suite import random_tokens
+
+    torch.set_num_threads(1)
+    variants, trainees, product, paca_model = build_variants()
+    ids = random_tokens(512, 1, 32, seed=0, device=torch.device("cpu"))
+    step = stepper(variants, trainees, product, paca_model, ids)
     for name in variants:  # warm-up: PaCA's first call copies the pretrained columns, AdamW makes its state
         step(name)
     times = {name: [] for name in variants}  # (forward + backward, optimizer) per round
@@ -138,20 +178,7 @@ def main() -> None:
     for k in range(args.rounds):
         for name in names[k % len(names) :] + names[: k % len(names)]:  # each variant after a different one each round
             times[name].append(step(name))
-    ms = lambda seconds: statistics.median(seconds) * 1e3  # noqa: E731
-    print(
-        f"median of {args.rounds} interleaved rounds: floor forward + backward "
-        f"{ms(f for f, _ in times['floor']):.2f} ms, AdamW step paca {ms(o for _, o in times['paca']):.2f} ms, "
-        f"lora {ms(o for _, o in times['lora']):.2f} ms"
-    )
-    print(f"  {'':18s} {'f+b xfloor':>10s} {'step xLoRA':>10s} {'step xPEFT-PaCA':>15s}")
-
-    def step_ratio(rounds, reference):
-        return statistics.median((f + o) / (rf + ro) for (f, o), (rf, ro) in zip(rounds, times[reference]))
-
-    for name, rounds in times.items():
-        fb = statistics.median(f / floor_f for (f, _), (floor_f, _) in zip(rounds, times["floor"]))
-        print(f"  {name:18s} {fb:9.3f}x {step_ratio(rounds, 'lora'):9.3f}x {step_ratio(rounds, 'peft-paca'):14.3f}x")
+    report(times, args.rounds)
 
 
 if __name__ == "__main__":

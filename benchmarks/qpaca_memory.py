@@ -1,7 +1,7 @@
 """QPaCA memory: weight bytes of a 16-bit model, its 4-bit NF4 form, and 4-bit + PaCA / + LoRA adapters,
 plus the activation bytes one training step keeps for backward (PaCA: x[..., idx]; LoRA: x and x A^T).
 
-    python examples/qpaca_memory.py            # Llama-shaped blocks (hidden 2048, GQA 32/4, FFN 5632), r=8
+    python benchmarks/qpaca_memory.py            # Llama-shaped blocks (hidden 2048, GQA 32/4, FFN 5632), r=8
 
 Prints a Markdown table. CPU only; about a minute on 2 cores.
 """
@@ -44,8 +44,46 @@ def block_bytes(model) -> int:
 def saved_activation_bytes(model, ids) -> int:
     """Bytes autograd keeps for backward in one forward (distinct storages; parameters excluded)."""
     with SavedTensorBytes(exclude=model.parameters()) as saved:
-        model(input_ids=ids, labels=ids).loss
+        model(input_ids=ids, labels=ids)
     return saved.bytes
+
+
+def row(name: str, model, ids=None) -> tuple:
+    """(name, whole footprint, block bytes, bytes saved for backward or None) of one model; ``ids``: the batch
+    whose saved activations are counted (None for a frozen model that is not trained). The sizes are read before
+    the forward, which may allocate (PaCA's first forward copies each layer's pretrained columns)."""
+    footprint, blocks = model.get_memory_footprint(), block_bytes(model)
+    return name, footprint, blocks, None if ids is None else saved_activation_bytes(model, ids)
+
+
+def measure(directory: str, ids, r: int) -> list[tuple]:
+    """The table's rows: 16-bit, + LoRA, + PaCA; 4-bit NF4, + LoRA (QLoRA), + PaCA (QPaCA)."""
+
+    def lora():  # a fresh config per model: get_peft_model writes the layers it found into its config
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear")
+
+    def paca_config():
+        return paca.PacaConfig(r=r, paca_alpha=2 * r, target_modules="all-linear")
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+    def load_16bit():
+        return LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+
+    def load_4bit():
+        return LlamaForCausalLM.from_pretrained(directory, quantization_config=quant, device_map="cpu")
+
+    rows = []
+    dense = load_16bit()
+    rows.append(row("16-bit (bf16)", dense))
+    rows.append(row(f"16-bit + LoRA r={r}", get_peft_model(dense, lora()), ids))
+    del dense  # one 16-bit model resident at a time
+    rows.append(row(f"16-bit + PaCA r={r}", get_peft_model(load_16bit(), paca_config()), ids))
+    quantized = load_4bit()
+    rows.append(row("4-bit NF4", quantized))
+    rows.append(row(f"4-bit + LoRA r={r} (QLoRA)", get_peft_model(quantized, lora()), ids))
+    rows.append(row(f"4-bit + PaCA r={r} (QPaCA)", get_peft_model(load_4bit(), paca_config()), ids))
+    return rows
 
 
 def main():
@@ -70,56 +108,7 @@ def main():
     directory = tempfile.mkdtemp()
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
     ids = torch.randint(0, 32000, (1, args.seq))
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-
-    rows = []
-    dense = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
-    rows.append(("16-bit (bf16)", dense.get_memory_footprint(), block_bytes(dense), None))
-    lora16 = get_peft_model(dense, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
-    rows.append(
-        (
-            f"16-bit + LoRA r={args.r}",
-            lora16.get_memory_footprint(),
-            block_bytes(lora16),
-            saved_activation_bytes(lora16, ids),
-        )
-    )
-    del dense, lora16
-    dense = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
-    paca16 = get_peft_model(dense, paca.PacaConfig(r=args.r, paca_alpha=2 * args.r, target_modules="all-linear"))
-    rows.append(
-        (
-            f"16-bit + PaCA r={args.r}",
-            paca16.get_memory_footprint(),
-            block_bytes(paca16),
-            saved_activation_bytes(paca16, ids),
-        )
-    )
-    del dense, paca16
-
-    def load_4bit():
-        return LlamaForCausalLM.from_pretrained(directory, quantization_config=quant, device_map="cpu")
-
-    q = load_4bit()
-    rows.append(("4-bit NF4", q.get_memory_footprint(), block_bytes(q), None))
-    qlora = get_peft_model(q, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
-    rows.append(
-        (
-            f"4-bit + LoRA r={args.r} (QLoRA)",
-            qlora.get_memory_footprint(),
-            block_bytes(qlora),
-            saved_activation_bytes(qlora, ids),
-        )
-    )
-    qpaca = get_peft_model(load_4bit(), paca.PacaConfig(r=args.r, paca_alpha=2 * args.r, target_modules="all-linear"))
-    rows.append(
-        (
-            f"4-bit + PaCA r={args.r} (QPaCA)",
-            qpaca.get_memory_footprint(),
-            block_bytes(qpaca),
-            saved_activation_bytes(qpaca, ids),
-        )
-    )
+    rows = measure(directory, ids, args.r)
 
     blocks_16 = rows[0][2]
     print(

@@ -96,6 +96,74 @@ def versions() -> dict:
     }
 
 
+class Study:
+    """What every training run of one study shares (the base model, the settings, the padding token) and its
+    progress: the runs done, the records of the searches done, and the line each run logs."""
+
+    def __init__(self, base, settings: TrainSettings, pad_id: int, searches: int, log=print):
+        self.base, self.settings, self.pad_id, self.searches, self.log = base, settings, pad_id, searches, log
+        self.records: list[dict] = []
+        self.runs_done, self.start = 0, time.perf_counter()
+
+    def train_at(self, task: str, split, name: str, examples, learning_rate: float, trainable: list):
+        """One training run of method ``name`` at ``learning_rate``; its parameter count goes to ``trainable``."""
+        input_ids, labels = examples
+        model = build_model(METHODS[name], self.base, split.seed)
+        trainable.append(trainable_parameters(model))
+        run = train_run(model, input_ids, labels, split, learning_rate, self.settings, self.pad_id)
+        self.runs_done += 1
+        done = len(self.records)
+        elapsed = time.perf_counter() - self.start
+        # Searches differ in cost (methods, grid extensions): the eta is the mean so far, a rough guide.
+        eta = elapsed / max(1, done) * (self.searches - done) if done else float("nan")
+        self.log(
+            f"run {self.runs_done:3d} search {done + 1}/{self.searches} | {task} seed {split.seed} "
+            f"fold {split.fold} | {name:8s} lr {learning_rate:.1e} | val {run.validation.accuracy:.3f} "
+            f"loss {run.validation.loss:.3f} | {run.epoch_seconds:5.2f} s/epoch "
+            f"({run.step_seconds:.3f} s/step) | {elapsed / 60:5.1f} min, eta {eta / 60:4.1f} min"
+        )
+        return run
+
+    def search(self, task: str, split, name: str, examples) -> dict:
+        """Method ``name``'s learning-rate search on one split of ``task``, then its record (appended)."""
+        trainable: list[int] = []
+
+        def train_at(learning_rate: float):
+            return self.train_at(task, split, name, examples, learning_rate, trainable)
+
+        search, runs = tune_and_test(METHODS[name].centre_step, train_at)
+        chosen = runs[search.learning_rate]
+        self.log(
+            f"      {task} seed {split.seed} fold {split.fold} | {name:8s} chose lr {search.learning_rate:.1e}"
+            f"{' (grid edge)' if search.on_edge else ''} of {len(runs)} | test {chosen.test_accuracy:.3f}"
+        )
+        record = {
+            "task": task,
+            "seed": split.seed,
+            "fold": split.fold,
+            "method": name,
+            "learning_rate": search.learning_rate,
+            "on_edge": search.on_edge,
+            "test_accuracy": chosen.test_accuracy,
+            "trainable": trainable[0],
+            "sizes": {"fit": len(split.fit), "validation": len(split.validation), "test": len(split.test)},
+            "runs": [run_record(lr, r) for lr, r in sorted(runs.items())],
+        }
+        self.records.append(record)
+        return record
+
+
+def run_record(learning_rate: float, run) -> dict:
+    return {
+        "learning_rate": learning_rate,
+        "validation_accuracy": run.validation.accuracy,
+        "validation_loss": run.validation.loss,
+        "test_accuracy": run.test_accuracy,
+        "epoch_seconds": run.epoch_seconds,
+        "step_seconds": run.step_seconds,
+    }
+
+
 def run_study(args: argparse.Namespace, log=print) -> list[dict]:
     """Every (split, task, method) of the study, in that order, so that an interrupted study has all methods on the
     splits it reached; returns the records and rewrites ``args.out``/records.json after each."""
@@ -119,66 +187,14 @@ def run_study(args: argparse.Namespace, log=print) -> list[dict]:
         "model": os.path.basename(os.path.dirname(model_dir.rstrip("/"))) + "/" + os.path.basename(model_dir),
         "versions": versions(),
     }
-    records: list[dict] = []
     searches = len(args.seeds) * args.folds * len(args.tasks) * len(args.methods)
-    runs_done, start = 0, time.perf_counter()
+    study = Study(base, settings, tokenizer.pad_token_id, searches, log)
     for index in range(len(args.seeds) * args.folds):
         for task in args.tasks:
-            input_ids, labels = data[task]
-            split = splits[task][index]
             for name in args.methods:
-                method = METHODS[name]
-                trainable = []
-
-                def train_at(learning_rate: float):
-                    nonlocal runs_done
-                    model = build_model(method, base, split.seed)
-                    trainable.append(trainable_parameters(model))
-                    run = train_run(model, input_ids, labels, split, learning_rate, settings, tokenizer.pad_token_id)
-                    runs_done += 1
-                    elapsed = time.perf_counter() - start
-                    # Searches differ in cost (methods, grid extensions): the eta is the mean so far, a rough guide.
-                    eta = elapsed / max(1, len(records)) * (searches - len(records)) if records else float("nan")
-                    log(
-                        f"run {runs_done:3d} search {len(records) + 1}/{searches} | {task} seed {split.seed} "
-                        f"fold {split.fold} | {name:8s} lr {learning_rate:.1e} | val {run.validation.accuracy:.3f} "
-                        f"loss {run.validation.loss:.3f} | {run.epoch_seconds:5.2f} s/epoch "
-                        f"({run.step_seconds:.3f} s/step) | {elapsed / 60:5.1f} min, eta {eta / 60:4.1f} min"
-                    )
-                    return run
-
-                search, runs = tune_and_test(method.centre_step, train_at)
-                chosen = runs[search.learning_rate]
-                log(
-                    f"      {task} seed {split.seed} fold {split.fold} | {name:8s} chose lr {search.learning_rate:.1e}"
-                    f"{' (grid edge)' if search.on_edge else ''} of {len(runs)} | test {chosen.test_accuracy:.3f}"
-                )
-                records.append(
-                    {
-                        "task": task,
-                        "seed": split.seed,
-                        "fold": split.fold,
-                        "method": name,
-                        "learning_rate": search.learning_rate,
-                        "on_edge": search.on_edge,
-                        "test_accuracy": chosen.test_accuracy,
-                        "trainable": trainable[0],
-                        "sizes": {"fit": len(split.fit), "validation": len(split.validation), "test": len(split.test)},
-                        "runs": [
-                            {
-                                "learning_rate": lr,
-                                "validation_accuracy": r.validation.accuracy,
-                                "validation_loss": r.validation.loss,
-                                "test_accuracy": r.test_accuracy,
-                                "epoch_seconds": r.epoch_seconds,
-                                "step_seconds": r.step_seconds,
-                            }
-                            for lr, r in sorted(runs.items())
-                        ],
-                    }
-                )
-                write_json(os.path.join(args.out, "records.json"), {"meta": meta, "records": records})
-    return records
+                study.search(task, splits[task][index], name, data[task])
+                write_json(os.path.join(args.out, "records.json"), {"meta": meta, "records": study.records})
+    return study.records
 
 
 def write_json(path: str, payload: dict) -> None:

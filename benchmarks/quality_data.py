@@ -57,7 +57,8 @@ def polarity(folder: str | None = None) -> Task:
 
 
 class _Bunch(dict):
-    """Stands in for scikit-learn's Bunch while unpickling, so neither scikit-learn nor its old module path is needed."""
+    """Stands in for scikit-learn's Bunch while unpickling, so that neither scikit-learn nor its old module path is
+    needed."""
 
     def __setstate__(self, state):
         self.update(state)

@@ -38,7 +38,7 @@ def _deal(indices: list[int], labels: list[int], parts: int, rng: random.Random)
     so part sizes differ by at most one and every part holds each class in proportion."""
     out: list[list[int]] = [[] for _ in range(parts)]
     position = 0
-    for label in sorted(set(labels[i] for i in indices)):
+    for label in sorted({labels[i] for i in indices}):
         members = [i for i in indices if labels[i] == label]
         rng.shuffle(members)
         for i in members:
@@ -122,8 +122,8 @@ def search_learning_rate(
 
 def tune_and_test(centre_step: int, train_at: Callable[[float], Any], max_extension: int = 2):
     """``(SearchResult, runs by learning rate)``: the grid search of ``search_learning_rate`` over the runs
-    ``train_at(lr)`` returns (``quality_train.Run``), of which only ``.validation`` reaches the choice; the caller reads
-    the chosen run's test score after."""
+    ``train_at(lr)`` returns (``quality_train.Run``), of which only ``.validation`` reaches the choice; the caller
+    reads the chosen run's test score after."""
     runs = {}
 
     def validation_of(learning_rate: float) -> ValidationScore:

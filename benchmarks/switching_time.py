@@ -1,7 +1,7 @@
 """Adapter switching time: PaCA (write r columns per layer, restore the originals) vs PEFT LoRA (unmerge and
 merge the dense B A), with two adapters loaded on one base, r=8 and 64.
 
-    python examples/switching_time.py            # Llama-shaped blocks (hidden 2048, FFN 5632), 4 blocks, fp32
+    python benchmarks/switching_time.py            # Llama-shaped blocks (hidden 2048, FFN 5632), 4 blocks, fp32
 
 A switch makes the other adapter the merged one: forwards afterwards run the plain base layers. Prints a
 Markdown table of median wall-clock times over --repeats switches (CPU, --threads threads).
@@ -29,7 +29,7 @@ def save_adapters(directory, config, adapter_config, kind):
         model = get_peft_model(LlamaForCausalLM(config), adapter_config(seed))
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for n, p in model.named_parameters():
+            for p in model.parameters():
                 if p.requires_grad:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.01)
         path = f"{directory}/{kind}-{name}"
@@ -45,6 +45,50 @@ def median_ms(fn, repeats):
         fn("a" if i % 2 else "b")
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def adapter_configs(r: int) -> dict:
+    """The config of each method at rank ``r``, by method, as a function of the adapter's seed."""
+
+    def paca_config(seed):
+        return paca.PacaConfig(r=r, paca_alpha=2 * r, target_modules="all-linear", random_seed=seed)
+
+    def lora_config(seed):
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
+
+    return {"PaCA": paca_config, "LoRA": lora_config}
+
+
+def switcher(model, kind: str):
+    """``switch(name)``: make adapter ``name`` the merged one, as ``kind`` (PaCA or LoRA) switches."""
+    if kind == "PaCA":
+        return lambda name: paca.switch_adapter(model, name)
+
+    def switch(name):
+        model.unmerge_adapter()
+        model.set_adapter(name)
+        model.merge_adapter([name])
+
+    return switch
+
+
+def time_switches(directory: str, config, kind: str, adapter_config, repeats: int) -> tuple[float, bool]:
+    """(median switch ms, whether unmerging gave back the base weights bit for bit) of one method."""
+    a, b = save_adapters(directory, config, adapter_config, kind)
+    base = LlamaForCausalLM.from_pretrained(f"{directory}/base")
+    original = {n: p.detach().clone() for n, p in base.named_parameters() if "proj" in n}
+    model = PeftModel.from_pretrained(base, a, adapter_name="a")
+    model.load_adapter(b, adapter_name="b")
+    switch = switcher(model, kind)
+    switch("a")
+    ms = median_ms(switch, repeats)
+    model.unmerge_adapter()
+    exact = all(
+        torch.equal(p, original[n.replace("base_model.model.", "").replace(".base_layer", "")])
+        for n, p in model.named_parameters()
+        if "base_layer.weight" in n
+    )
+    return ms, exact
 
 
 def main():
@@ -77,39 +121,11 @@ def main():
     print("| method | r | switch (unmerge + merge) ms | per layer ms | exact restore |")
     print("|---|---:|---:|---:|---|")
     for r in [int(x) for x in args.ranks.split(",")]:
-        configs = {
-            "PaCA": lambda seed: paca.PacaConfig(r=r, paca_alpha=2 * r, target_modules="all-linear", random_seed=seed),
-            "LoRA": lambda seed: LoraConfig(
-                r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False
-            ),
-        }
-        for kind, adapter_config in configs.items():
-            a, b = save_adapters(directory, config, adapter_config, kind)
-            base = LlamaForCausalLM.from_pretrained(f"{directory}/base")
-            original = {n: p.detach().clone() for n, p in base.named_parameters() if "proj" in n}
-            model = PeftModel.from_pretrained(base, a, adapter_name="a")
-            model.load_adapter(b, adapter_name="b")
-            if kind == "PaCA":
-                switch = lambda name: paca.switch_adapter(model, name)  # noqa: E731
-            else:
-
-                def switch(name):
-                    model.unmerge_adapter()
-                    model.set_adapter(name)
-                    model.merge_adapter([name])
-
-            switch("a")
-            ms = median_ms(switch, args.repeats)
-            model.unmerge_adapter()
-            exact = all(
-                torch.equal(p, original[n.replace("base_model.model.", "").replace(".base_layer", "")])
-                for n, p in model.named_parameters()
-                if "base_layer.weight" in n
-            )
+        for kind, adapter_config in adapter_configs(r).items():
+            ms, exact = time_switches(directory, config, kind, adapter_config, args.repeats)
             print(
                 f"| {kind} | {r} | {ms:.2f} | {ms / n_layers:.3f} | {'bit-exact' if exact else 'no (float drift)'} |"
             )
-            del model, base
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ is per run. Seeds are interleaved (seed 0 of every run, then seed 1, ...) so tha
 falls on all runs alike; time is reported as a median over seeds and as the median of per-seed ratios to
 the first run. Results go to a JSON file (every run's summary) and a markdown table on stdout.
 
-    python examples/train_methods.py --seeds 0 1 2                       # the methods table
-    python examples/train_methods.py --runs selection --seeds 0 1 2      # PaCA's column choices
-    python examples/train_methods.py --runs lr --seeds 0                 # the learning-rate sweep
-    python examples/train_methods.py --table docs/data/train-methods.json  # a saved result's table
+    python benchmarks/train_methods.py --seeds 0 1 2                       # the methods table
+    python benchmarks/train_methods.py --runs selection --seeds 0 1 2      # PaCA's column choices
+    python benchmarks/train_methods.py --runs lr --seeds 0                 # the learning-rate sweep
+    python benchmarks/train_methods.py --table docs/data/train-methods.json  # a saved result's table
 """
 
 import argparse
@@ -72,8 +72,8 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
 def table(results: dict[str, list[dict]]) -> str:
     first = next(iter(results.values()))
     rows = [
-        "| run | exact match before | held-out exact match | held-out loss | train time, s | time / first run | trainable "
-        "| optimizer state | peak RSS |",
+        "| run | exact match before | held-out exact match | held-out loss | train time, s | time / first run "
+        "| trainable | optimizer state | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summaries in results.items():
@@ -83,7 +83,8 @@ def table(results: dict[str, list[dict]]) -> str:
         seconds = [s["train_seconds"] for s in summaries]
         ratio = [s["train_seconds"] / f["train_seconds"] for s, f in zip(summaries, first)]
         rows.append(
-            f"| {name} | {statistics.median(before):.1f}% | {spread(exact, '.1f', '%')} | {spread(loss, '.3f')} | {spread(seconds, '.1f')} | "
+            f"| {name} | {statistics.median(before):.1f}% | {spread(exact, '.1f', '%')} | {spread(loss, '.3f')} | "
+            f"{spread(seconds, '.1f')} | "
             f"{statistics.median(ratio):.2f}x | {summaries[0]['trainable_parameters']:,} | "
             f"{summaries[0]['optimizer_state_bytes'] / 1024:.0f} KiB | "
             f"{statistics.median(s['peak_memory_bytes'] for s in summaries) / 2**20:.0f} MiB |"

@@ -15,12 +15,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from quality_protocol import (
     ValidationScore,
     choose_learning_rate,
-    grid_learning_rate,  # noqa: E402
+    grid_learning_rate,
     search_learning_rate,
     stratified_splits,
     tune_and_test,
 )
-from quality_train import METHODS, TrainSettings, build_model, train_run, trainable_parameters  # noqa: E402
+from quality_train import METHODS, TrainSettings, build_model, train_run, trainable_parameters
 
 torch.set_num_threads(1)
 
