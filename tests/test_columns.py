@@ -35,8 +35,8 @@ def reference_grads(layer, x, adapter="default"):
     d = delta.detach().double().requires_grad_(True)
     base = layer.get_base_layer()
     w = layer.state_dict()["base_layer.weight"].detach().double()
-    shift = d.t() if layer.in_dim == 0 else d
-    w = w.index_add(layer.in_dim, layer.paca_indices[adapter], shift * layer.scaling[adapter])
+    shift = d.t() if layer.column_axis == 0 else d
+    w = w.index_add(layer.column_axis, layer.paca_indices[adapter], shift * layer.scaling[adapter])
     reference_forward(layer, xr, w, base.bias.detach().double()).square().sum().backward()
     return xr.grad, d.grad
 
@@ -171,7 +171,7 @@ def test_a_copy_made_after_a_forward_holds_the_pretrained_weight(how):
         buffer.seek(0)
         clone = torch.load(buffer, weights_only=False)
     assert torch.equal(clone.get_base_layer().weight, w)  # the raw tensor, before the copy ever runs
-    assert clone._columns is not layer._columns and clone._columns.key != layer._columns.key
+    assert clone._column_writer is not layer._column_writer and clone._column_writer.key != layer._column_writer.key
     assert torch.equal(clone(x), out)
     assert torch.equal(layer(x), out)
 
@@ -206,7 +206,7 @@ def test_a_weight_another_module_holds_is_restored_after_every_call(token_ids):
     embedding = base.model.embed_tokens.weight.detach().clone()
     model = get_peft_model(base, PacaConfig(r=4, target_modules=["lm_head", "q_proj"]))
     layers = paca_layers(model)
-    assert layers["lm_head"]._columns.transient and not layers["model.layers.0.self_attn.q_proj"]._columns.transient
+    assert layers["lm_head"]._column_writer.transient and not layers["model.layers.0.self_attn.q_proj"]._column_writer.transient
     with torch.no_grad():
         layers["lm_head"].paca_delta["default"].normal_()
     model.train()

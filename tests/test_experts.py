@@ -20,8 +20,7 @@ from torch import nn
 
 from paca import PacaConfig, paca_layers
 from paca.bench.measure import SavedTensorBytes
-from paca.ops import experts_forward
-from paca.tuner.experts import Experts
+from paca.tuner.experts import Experts, experts_forward
 from paca.tuner.router import Router
 
 E, H, INTER, TOKENS, TOP_K, R = 4, 12, 8, 9, 2, 3  # sizes grouped_mm accepts (16-byte strides)
@@ -495,10 +494,10 @@ def test_gradient_checkpointing_gives_the_same_expert_and_router_gradients(use_r
 
 @needs_peft_0_21
 def test_damaged_expert_entries_are_refused_naming_the_file_or_module(tmp_path):
+    from paca import add_weighted_adapter
     from safetensors.torch import load_file, save_file
 
     from paca.adapter_file import AdapterFileError, load_adapter_tensors
-    from paca.switching import add_weighted_adapter
 
     model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["experts"]))
     model.save_pretrained(tmp_path / "adapter")

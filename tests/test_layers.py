@@ -68,8 +68,8 @@ def dense_reference(layer, x, adapters=("default",)):
     w = layer.state_dict()["base_layer.weight"].detach().double()  # W0: read as the base
     for a in adapters:
         delta = layer.paca_delta[a].detach().double() * layer.scaling[a]
-        delta = delta.t() if layer.in_dim == 0 else delta
-        w = w.index_add(layer.in_dim, layer.paca_indices[a], delta)
+        delta = delta.t() if layer.column_axis == 0 else delta
+        w = w.index_add(layer.column_axis, layer.paca_indices[a], delta)
     b = None if base.bias is None else base.bias.detach().double()
     return reference_forward(layer, x.detach().double(), w, b)
 
@@ -136,12 +136,12 @@ def test_layer_gradients_match_dense_reference_and_base_gets_none(kind):
     idx, s = layer.paca_indices["default"], layer.scaling["default"]
     delta = layer.paca_delta["default"].detach()
     w_eff = w.index_copy(
-        layer.in_dim, idx, w.index_select(layer.in_dim, idx) + s * (delta.t() if layer.in_dim == 0 else delta)
+        layer.column_axis, idx, w.index_select(layer.column_axis, idx) + s * (delta.t() if layer.column_axis == 0 else delta)
     ).requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
     reference_forward(layer, xr, w_eff, base.bias.detach()).square().sum().backward()
-    grad_cols = w_eff.grad.index_select(layer.in_dim, idx)
-    expected = s * (grad_cols.t() if layer.in_dim == 0 else grad_cols)
+    grad_cols = w_eff.grad.index_select(layer.column_axis, idx)
+    expected = s * (grad_cols.t() if layer.column_axis == 0 else grad_cols)
     torch.testing.assert_close(layer.paca_delta["default"].grad, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
     assert base.weight.grad is None
@@ -243,12 +243,12 @@ def test_base_weight_reads_as_pretrained_bit_for_bit_after_forward_and_backward(
     base = layer.get_base_layer()
     w = base.weight.detach().clone()
     out = layer(x.requires_grad_(True))
-    idx, in_dim = layer.paca_indices["default"], layer.in_dim
+    idx, column_axis = layer.paca_indices["default"], layer.column_axis
     written = w.index_copy(
-        in_dim,
+        column_axis,
         idx,
         (
-            w.index_select(in_dim, idx)
+            w.index_select(column_axis, idx)
             + layer.scaling["default"] * layer._delta_in_weight_layout(layer.paca_delta["default"].detach())
         ),
     )
@@ -322,10 +322,10 @@ def test_a_new_adapter_selects_its_columns_from_the_pretrained_weight(kind):
     layer(x.requires_grad_(True))  # its backward never runs: the columns stay written
     tuned = layer.get_base_layer().weight.detach().clone()
     assert not torch.equal(
-        selection.weight_norm_columns(tuned, 4, layer.in_dim), selection.weight_norm_columns(w0, 4, layer.in_dim)
+        selection.weight_norm_columns(tuned, 4, layer.column_axis), selection.weight_norm_columns(w0, 4, layer.column_axis)
     )  # the test can tell them apart
     layer.update_layer("other", r=4, paca_alpha=8.0, selection_strategy="weight_norm")
-    assert torch.equal(layer.paca_indices["other"], selection.weight_norm_columns(w0, 4, layer.in_dim))
+    assert torch.equal(layer.paca_indices["other"], selection.weight_norm_columns(w0, 4, layer.column_axis))
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -343,14 +343,14 @@ def test_two_active_adapters_each_get_their_own_gradient(kind):
     w = layer.state_dict()["base_layer.weight"].detach().clone()
     for a in ("default", "other"):
         delta = layer.paca_delta[a].detach() * layer.scaling[a]
-        w = w.index_add(layer.in_dim, layer.paca_indices[a], delta.t() if layer.in_dim == 0 else delta)
+        w = w.index_add(layer.column_axis, layer.paca_indices[a], delta.t() if layer.column_axis == 0 else delta)
     w.requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
     reference_forward(layer, xr, w, layer.get_base_layer().bias.detach()).square().sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
     for a in ("default", "other"):
-        columns = w.grad.index_select(layer.in_dim, layer.paca_indices[a])
-        expected = layer.scaling[a] * (columns.t() if layer.in_dim == 0 else columns)
+        columns = w.grad.index_select(layer.column_axis, layer.paca_indices[a])
+        expected = layer.scaling[a] * (columns.t() if layer.column_axis == 0 else columns)
         torch.testing.assert_close(layer.paca_delta[a].grad, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -364,12 +364,12 @@ def dense_reference_grads(layer, x, probe):
     xr = x.detach().double().requires_grad_(True)
     d = layer.paca_delta["default"].detach().double().requires_grad_(True)
     base = layer.get_base_layer()
-    shift = (d.t() if layer.in_dim == 0 else d) * layer.scaling["default"]
+    shift = (d.t() if layer.column_axis == 0 else d) * layer.scaling["default"]
     w = (
         layer.state_dict()["base_layer.weight"]
         .detach()
         .double()
-        .index_add(layer.in_dim, layer.paca_indices["default"], shift)
+        .index_add(layer.column_axis, layer.paca_indices["default"], shift)
     )
     b = None if base.bias is None else base.bias.detach().double()
     (reference_forward(layer, xr, w, b) * probe.double()).sum().backward()

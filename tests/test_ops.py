@@ -26,9 +26,9 @@ def _randn(*shape, seed, dtype=torch.float64, requires_grad=False):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
 
 
-def effective_weight(w0, delta, idx, scale, in_dim):
-    """Dense reference weight: ``w0`` with input channels ``idx`` (along ``in_dim``) shifted by ``scale * delta``."""
-    return w0.index_copy(in_dim, idx, w0.index_select(in_dim, idx) + scale * delta)
+def effective_weight(w0, delta, idx, scale, column_axis):
+    """Dense reference weight: ``w0`` with input channels ``idx`` (along ``column_axis``) shifted by ``scale * delta``."""
+    return w0.index_copy(column_axis, idx, w0.index_select(column_axis, idx) + scale * delta)
 
 
 def linear_case(shape_x, d_in=10, d_out=7, r=3, bias=True, transposed=False, seed=0):

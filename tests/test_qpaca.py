@@ -17,7 +17,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from paca import PacaConfig
 from paca.export import export_lora, export_merged
-from paca.quantized import dequantize
+from paca.ops.quantized import dequantize
 from paca.tuner.quantized import Linear4bit as PacaLinear4bit
 
 bnb = pytest.importorskip("bitsandbytes")

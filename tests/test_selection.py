@@ -49,7 +49,7 @@ def test_weight_norm_picks_the_largest_column_norms(model_fn):
     model = get_peft_model(model_fn(), PacaConfig(r=5, target_modules="all-linear", selection="weight_norm"))
     for name, layer in paca_layers(model).items():
         weight = layer.get_base_layer().weight.detach()
-        norms = weight.norm(dim=layer.in_dim ^ 1)  # column norms over the output dimension
+        norms = weight.norm(dim=layer.column_axis ^ 1)  # column norms over the output dimension
         expected = norms.topk(5).indices.sort().values
         assert torch.equal(layer.paca_indices["default"], expected), name
         assert norms[expected].min() >= norms[~torch.isin(torch.arange(norms.numel()), expected)].max()

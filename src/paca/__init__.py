@@ -9,10 +9,10 @@ from .upstream_noise import install_filters
 
 install_filters()  # before the imports below bring in peft, which imports bitsandbytes
 
-from .selection import select_by_gradient  # noqa: E402
-from .switching import add_weighted_adapter, switch_adapter  # noqa: E402
 from .tuner import PacaConfig, PacaLayer, PacaModel  # noqa: E402
-from .tuner.model import paca_layers, restore_base_weights  # noqa: E402
+from .tuner.calibration import select_by_gradient  # noqa: E402
+from .tuner.model_layers import paca_layers, restore_base_weights  # noqa: E402
+from .tuner.switching import add_weighted_adapter, switch_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,5 +1,7 @@
 """The algorithm: partial-connection layers as autograd-aware operators, one module per operator family.
 
+Pure torch: nothing here imports peft or transformers (the tuner, :mod:`paca.tuner`, is the glue).
+
 A PaCA layer with frozen weight ``W0`` (``d_out x d_in``), tuned input columns ``idx`` (``r`` of them)
 and delta ``D`` (``d_out x r``) computes with the effective weight
 
@@ -20,20 +22,21 @@ however it was changed.
 - :mod:`paca.ops.linear`   nn.Linear and GPT-2 Conv1D (autograd Function; torch.library ops under torch.compile)
 - :mod:`paca.ops.conv`     nn.Conv1d/2d/3d, grouped and depthwise too (autograd Function; library ops)
 - :mod:`paca.ops.experts`  fused MoE experts (3-D weights): per-expert columns, one matmul per expert block
-- :mod:`paca.quantized`    the 4-bit (QPaCA) operator over bitsandbytes weights
+- :mod:`paca.ops.quantized` the 4-bit (QPaCA) operator over bitsandbytes weights
 """
 
-from .columns import ResidentColumns, put_columns, take_columns, write_into_copy
+from .columns import ColumnWriter, put_columns, take_columns, write_into_copy
 from .conv import partial_conv
-from .experts import experts_forward, partial_experts_linear
+from .experts import partial_experts_linear
 from .linear import partial_linear
+from .quantized import partial_linear_4bit
 
 __all__ = [
-    "ResidentColumns",
-    "experts_forward",
+    "ColumnWriter",
     "partial_conv",
     "partial_experts_linear",
     "partial_linear",
+    "partial_linear_4bit",
     "put_columns",
     "take_columns",
     "write_into_copy",

@@ -1,7 +1,7 @@
 """How the tuned columns get into the frozen weight: written for a forward and its backward, then W0 again.
 
 A PaCA layer computes with ``W[:, idx] = P + s * D`` where ``P = W0[:, idx]`` is the pretrained value of
-the ``r`` tuned columns. :class:`ResidentColumns` copies ``P`` once (``d_out x r``) and writes ``P + s * D`` into
+the ``r`` tuned columns. :class:`ColumnWriter` copies ``P`` once (``d_out x r``) and writes ``P + s * D`` into
 the weight's storage: on CPU, when ``D`` has the weight's dtype, with one ``index_add_`` onto W0's columns (bit for
 bit what the general form gives there), else with two operators (an ``add`` into a reused buffer and an
 ``index_copy_``). PEFT's invariant holds: the base weight reads as W0 between training steps.
@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import Tensor
 
-_REGISTRY: weakref.WeakValueDictionary[int, ResidentColumns] = weakref.WeakValueDictionary()
+_REGISTRY: weakref.WeakValueDictionary[int, ColumnWriter] = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 
 
@@ -52,27 +52,28 @@ def regathered(weight: Tensor) -> bool:
     return len(_COMPOSABLE_STATES) > 0 or hasattr(weight, "ds_id") or getattr(weight, "_fsdp_flattened", False)
 
 
-class ResidentColumns:
-    """The tuned columns of one frozen weight: ``P = W0[:, idx]`` and what is written there now.
+class ColumnWriter:
+    """Writes the tuned columns into one frozen weight and back: keeps ``P = W0[:, idx]`` and what is written now.
 
     Args:
-        in_dim: the weight dimension the columns index (1 for ``(d_out, d_in)`` weights and convolutions,
+        column_axis: the weight dimension the columns index (1 for ``(d_out, d_in)`` weights and convolutions,
             0 for GPT-2's ``(d_in, d_out)`` Conv1D; 2 or 1 for fused experts ``(E, d_out, d_in)`` or
             ``(E, d_in, d_out)``).
         transient: restore ``P`` before each operator returns (a weight shared with another module).
-        transposed: the weight stores ``r`` before ``d_out`` while the delta is ``(..., d_out, r)`` (default: in_dim 0).
+        transposed: the weight stores ``r`` before ``d_out`` while the delta is ``(..., d_out, r)`` (default:
+            ``column_axis`` 0).
 
     ``idx`` is ``(r,)``, or ``(E, r)`` for fused experts: expert ``e`` tunes its own columns ``idx[e]`` (a gather /
-    scatter along ``in_dim`` then, with the index broadcast over ``d_out`` without being materialised).
+    scatter along ``column_axis`` then, with the index broadcast over ``d_out`` without being materialised).
     """
 
-    def __init__(self, in_dim: int, transient: bool = False, transposed: bool | None = None):
-        self.in_dim = in_dim
+    def __init__(self, column_axis: int, transient: bool = False, transposed: bool | None = None):
+        self.column_axis = column_axis
         self.transient = transient
-        self.transposed = in_dim == 0 if transposed is None else transposed
+        self.transposed = column_axis == 0 if transposed is None else transposed
         self.key = next(_KEYS)  # how a torch.compile'd custom op finds this object again at run time
         _REGISTRY[self.key] = self
-        self._pretrained: Tensor | None = None  # P, the weight's dtype and layout with r along in_dim
+        self._pretrained: Tensor | None = None  # P, the weight's dtype and layout with r along column_axis
         self._sum: Tensor | None = None  # P + s * D, reused by every write
         self._idx: Tensor | None = None  # private copy of the indices P was read at (restore needs them)
         self._idx_source: Tensor | None = None  # the index tensor the layer passes, and its version then
@@ -83,20 +84,20 @@ class ResidentColumns:
 
     def __deepcopy__(self, memo):
         # A copied layer gets its own record (and key): it writes into its own, copied, weight.
-        return ResidentColumns(self.in_dim, self.transient, self.transposed)
+        return ColumnWriter(self.column_axis, self.transient, self.transposed)
 
     def __reduce__(self):
-        return ResidentColumns, (self.in_dim, self.transient, self.transposed)
+        return ColumnWriter, (self.column_axis, self.transient, self.transposed)
 
     @staticmethod
-    def find(key: int) -> ResidentColumns | None:
+    def find(key: int) -> ColumnWriter | None:
         return _REGISTRY.get(key) if key >= 0 else None
 
     # -- the write ---------------------------------------------------------------------------------------
     def write(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> Tensor:
         """Write ``P + scale * delta`` into columns ``idx`` of ``weight``; return the storage (no autograd).
 
-        ``delta`` is ``(d_out, r, ...)``; for ``in_dim`` 0 it is transposed to the weight's ``(r, d_out)``.
+        ``delta`` is ``(d_out, r, ...)``; for ``column_axis`` 0 it is transposed to the weight's ``(r, d_out)``.
         """
         storage = weight.data
         if not self._holds_pretrained_for(storage, idx):
@@ -107,15 +108,15 @@ class ResidentColumns:
             # One operator: W0 + s * D added in place, bit for bit what the two below give on CPU (CUDA's index_add_
             # rounds s * D before adding, so there the sum is taken apart). It needs W0 in the columns.
             self.restore()  # no-op unless a forward whose backward never ran left its write
-            storage.index_add_(self.in_dim, self._idx, shift, alpha=scale)
+            storage.index_add_(self.column_axis, self._idx, shift, alpha=scale)
         else:
             torch.add(self._pretrained, shift, alpha=scale, out=self._sum)  # computed in fp32 if D is
-            put_columns(storage, self.in_dim, self._idx, self._sum)
+            put_columns(storage, self.column_axis, self._idx, self._sum)
         self._weight = weight
         self._written = (weight.data_ptr(), weight._version, delta, scale, idx)
         return storage
 
-    def holds(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> bool:
+    def still_written(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float) -> bool:
         """Whether ``weight`` still holds exactly the last write, made from this ``delta`` (backward's question).
 
         An in-place change of ``delta`` since its forward is not asked about: the weight then still holds what the
@@ -135,7 +136,7 @@ class ResidentColumns:
             and (idx is written_idx or _same(idx, written_idx))
         )
 
-    def written(
+    def weight_with_columns(
         self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float, dtype: torch.dtype, reuse: bool = False
     ) -> Tensor:
         """``weight``'s storage with the tuned columns written, in ``dtype`` (cast after the write if it differs).
@@ -144,11 +145,13 @@ class ResidentColumns:
         must be given :meth:`restore` once the returned tensor has been used.
         """
         storage = (
-            weight.data if reuse and self.holds(weight, delta, idx, scale) else self.write(weight, delta, idx, scale)
+            weight.data
+            if reuse and self.still_written(weight, delta, idx, scale)
+            else self.write(weight, delta, idx, scale)
         )
         return storage if storage.dtype == dtype else storage.to(dtype)
 
-    def release(self, read_by_backward: bool) -> None:
+    def after_forward(self, read_by_backward: bool) -> None:
         """After a forward: the columns stay written only for a backward that reads the weight (it restores them)."""
         if self.transient or not read_by_backward:
             self.restore()
@@ -175,7 +178,8 @@ class ResidentColumns:
         # The storage holds W0 at idx now: nothing is written (restored above) or this is the first write.
         self._idx = idx.clone()
         self._idx_source, self._idx_version = idx, idx._version
-        self._pretrained = take_columns(storage, self.in_dim, self._idx)  # (d_out, r, ...): one copy per column set
+        # (d_out, r, ...): one copy per column set
+        self._pretrained = take_columns(storage, self.column_axis, self._idx)
         self._sum = torch.empty_like(self._pretrained)
 
     def restore(self) -> None:
@@ -197,7 +201,7 @@ class ResidentColumns:
             or storage.device != p.device
         ):
             return  # freed (FSDP2 reshard, ZeRO-3 placeholder) or converted: it holds no write of ours
-        put_columns(storage, self.in_dim, self._idx, p)
+        put_columns(storage, self.column_axis, self._idx, p)
 
     def forget(self) -> None:
         """Restore, then drop ``P``: the base weight is about to be replaced, converted or copied."""
@@ -206,26 +210,26 @@ class ResidentColumns:
         self._idx_version = -1
 
 
-def _expert_index(storage: Tensor, in_dim: int, idx: Tensor) -> Tensor:
-    # (E, r) -> the weight's shape with r along in_dim, broadcast (stride 0) over the other, d_out, dimension.
+def _expert_index(storage: Tensor, column_axis: int, idx: Tensor) -> Tensor:
+    # (E, r) -> the weight's shape with r along column_axis, broadcast (stride 0) over the other, d_out, dimension.
     shape = list(storage.shape)
-    shape[in_dim] = idx.shape[1]
-    return idx.unsqueeze(3 - in_dim).expand(shape)
+    shape[column_axis] = idx.shape[1]
+    return idx.unsqueeze(3 - column_axis).expand(shape)
 
 
-def take_columns(storage: Tensor, in_dim: int, idx: Tensor) -> Tensor:
-    """A copy of ``storage``'s columns ``idx`` along ``in_dim`` (per expert for an ``(E, r)`` ``idx``)."""
+def take_columns(storage: Tensor, column_axis: int, idx: Tensor) -> Tensor:
+    """A copy of ``storage``'s columns ``idx`` along ``column_axis`` (per expert for an ``(E, r)`` ``idx``)."""
     if idx.dim() == 1:
-        return storage.index_select(in_dim, idx)
-    return storage.gather(in_dim, _expert_index(storage, in_dim, idx))
+        return storage.index_select(column_axis, idx)
+    return storage.gather(column_axis, _expert_index(storage, column_axis, idx))
 
 
-def put_columns(storage: Tensor, in_dim: int, idx: Tensor, columns: Tensor) -> None:
+def put_columns(storage: Tensor, column_axis: int, idx: Tensor, columns: Tensor) -> None:
     """Write ``columns`` (laid out as :func:`take_columns` returns them) into ``storage``, in place."""
     if idx.dim() == 1:
-        storage.index_copy_(in_dim, idx, columns)
+        storage.index_copy_(column_axis, idx, columns)
     else:
-        storage.scatter_(in_dim, _expert_index(storage, in_dim, idx), columns)
+        storage.scatter_(column_axis, _expert_index(storage, column_axis, idx), columns)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -233,9 +237,9 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
-def write_into_copy(dense: Tensor, delta: Tensor, idx: Tensor, scale: float, in_dim: int) -> Tensor:
+def write_into_copy(dense: Tensor, delta: Tensor, idx: Tensor, scale: float, column_axis: int) -> Tensor:
     """``dense`` (a fresh copy nobody else reads, e.g. a dequantized 4-bit weight) with columns ``idx`` shifted
-    by ``scale * delta``, in place: the sum is rounded once to ``dense``'s dtype, as :class:`ResidentColumns` does."""
-    columns = dense.index_select(in_dim, idx)
+    by ``scale * delta``, in place: the sum is rounded once to ``dense``'s dtype, as :class:`ColumnWriter` does."""
+    columns = dense.index_select(column_axis, idx)
     torch.add(columns, delta.detach(), alpha=scale, out=columns)
-    return dense.index_copy_(in_dim, idx, columns)
+    return dense.index_copy_(column_axis, idx, columns)

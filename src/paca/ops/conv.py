@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .columns import ResidentColumns
+from .columns import ColumnWriter
 from .compiled import library_op
 from .eager import eager_apply
 
@@ -37,8 +37,8 @@ def input_channels(idx: Tensor, channels_per_group: int, groups: int) -> Tensor:
     return (offsets[:, None] + idx[None, :]).flatten()  # (groups * r,), group-major as the convolution reads them
 
 
-def _columns_for(columns: ResidentColumns | None) -> ResidentColumns:
-    return columns if columns is not None else ResidentColumns(1, transient=True)
+def _writer_for(writer: ColumnWriter | None) -> ColumnWriter:
+    return writer if writer is not None else ColumnWriter(1, transient=True)
 
 
 def _conv_forward(
@@ -52,12 +52,12 @@ def _conv_forward(
     padding,
     dilation,
     groups: int,
-    columns: ResidentColumns,
+    writer: ColumnWriter,
     read_by_backward: bool,
 ) -> Tensor:
-    w = columns.written(weight, delta, idx, scale, x.dtype)
+    w = writer.weight_with_columns(weight, delta, idx, scale, x.dtype)
     y = _CONV[weight.dim() - 2](x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
-    columns.release(read_by_backward)
+    writer.after_forward(read_by_backward)
     return y
 
 
@@ -74,14 +74,14 @@ def _conv_backward(
     groups: int,
     input_shape,
     needs_input_grad: bool,
-    columns: ResidentColumns,
+    writer: ColumnWriter,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(dL/dx, scale * conv_weight_grad(x[:, channels of idx], g))``; None for a gradient not asked for."""
     grad_input = grad_delta = None
     if needs_input_grad:
-        w = columns.written(weight, delta, idx, scale, grad.dtype, reuse=True)
+        w = writer.weight_with_columns(weight, delta, idx, scale, grad.dtype, reuse=True)
         grad_input = _CONV_INPUT_GRAD[weight.dim() - 2](input_shape, w, grad, stride, padding, dilation, groups)
-        columns.restore()  # the base weight reads as W0 again once its backward is done
+        writer.restore()  # the base weight reads as W0 again once its backward is done
     if x_selected is not None:
         grad_delta = conv_weight_grad(x_selected.to(grad.dtype), delta.shape, grad, stride, padding, dilation, groups)
         grad_delta = grad_delta.to(delta.dtype).mul_(scale)
@@ -100,15 +100,15 @@ class PartialConvFunction(torch.autograd.Function):
     """``y = conv(x, W) + b`` with ``W[:, idx] = W0[:, idx] + scale * delta``; keeps only the input channels of idx."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns):
+    def forward(ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, writer):
         y = _conv_forward(
-            x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns, ctx.needs_input_grad[0]
+            x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, writer, ctx.needs_input_grad[0]
         )
         x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
         ctx.save_for_backward(x_selected, weight, delta, idx)
         ctx.parameters = (weight, delta, idx)  # the tensors themselves, as paca.ops.linear keeps them
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.scale, ctx.input_shape, ctx.has_bias, ctx.columns = scale, x.shape, bias is not None, columns
+        ctx.scale, ctx.input_shape, ctx.has_bias, ctx.writer = scale, x.shape, bias is not None, writer
         return y
 
     @staticmethod
@@ -125,7 +125,7 @@ class PartialConvFunction(torch.autograd.Function):
             *ctx.conv,
             ctx.input_shape,
             ctx.needs_input_grad[0],
-            ctx.columns,
+            ctx.writer,
         )
         grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_input, None, grad_bias, grad_delta, None, None, None, None, None, None, None
@@ -145,20 +145,20 @@ def partial_conv(
     padding,
     dilation,
     groups: int = 1,
-    columns: ResidentColumns | None = None,
+    writer: ColumnWriter | None = None,
 ) -> Tensor:
     """Convolution (1-3 d by ``weight``'s rank, zero padding) with input columns ``idx`` of ``weight`` shifted by
     ``scale * delta``.
 
     ``x`` is ``(B, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``, as for ``F.conv2d``. ``columns``: the
-    layer's :class:`ResidentColumns` (None: the operator restores ``weight`` before it returns).
+    layer's :class:`ColumnWriter` (None: the operator restores ``weight`` before it returns).
     """
     if x.dim() == weight.dim() - 1:  # unbatched: the operators index channels on dim 1
         return partial_conv(
-            x.unsqueeze(0), weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns
+            x.unsqueeze(0), weight, bias, delta, idx, scale, stride, padding, dilation, groups, writer
         ).squeeze(0)
     if torch.compiler.is_compiling():
-        key = -1 if columns is None else columns.key
+        key = -1 if writer is None else writer.key
         read_by_backward = torch.is_grad_enabled() and x.requires_grad
         return CompiledPartialConv.apply(
             x,
@@ -174,10 +174,10 @@ def partial_conv(
             key,
             read_by_backward,
         )
-    columns = _columns_for(columns)
+    writer = _writer_for(writer)
     if not torch.is_grad_enabled():  # inference: nothing to save, no backward to read the columns
-        return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns, False)
-    return _partial_conv_eager(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns)
+        return _conv_forward(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, writer, False)
+    return _partial_conv_eager(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, writer)
 
 
 def _partial_conv_kernel(
@@ -191,7 +191,7 @@ def _partial_conv_kernel(
     padding: list[int],
     dilation: list[int],
     groups: int,
-    columns_key: int,
+    writer_key: int,
     read_by_backward: bool,
 ) -> Tensor:
     """:func:`partial_conv` as one opaque node for torch.compile."""
@@ -206,7 +206,7 @@ def _partial_conv_kernel(
         padding,
         dilation,
         groups,
-        _columns_for(ResidentColumns.find(columns_key)),
+        _writer_for(ColumnWriter.find(writer_key)),
         read_by_backward,
     )
 
@@ -215,7 +215,7 @@ partial_conv_op = library_op("partial_conv", _partial_conv_kernel)
 
 
 @torch.library.register_fake(partial_conv_op)
-def _(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key, read_by_backward):
+def _(x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, writer_key, read_by_backward):
     return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -232,7 +232,7 @@ def _partial_conv_backward_kernel(
     groups: int,
     input_shape: list[int],
     needs_input_grad: bool,
-    columns_key: int,
+    writer_key: int,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``partial_conv_op``; an empty tensor stands for a gradient not asked for."""
     grad_input, grad_delta = _conv_backward(
@@ -248,7 +248,7 @@ def _partial_conv_backward_kernel(
         groups,
         input_shape,
         needs_input_grad,
-        _columns_for(ResidentColumns.find(columns_key)),
+        _writer_for(ColumnWriter.find(writer_key)),
     )
     return (
         grad.new_empty(0) if grad_input is None else grad_input,
@@ -273,7 +273,7 @@ def _(
     groups,
     input_shape,
     needs_input_grad,
-    columns_key,
+    writer_key,
 ):
     grad_input = grad.new_empty(input_shape) if needs_input_grad else grad.new_empty(0)
     grad_delta = delta.new_empty(delta.shape) if x_selected is not None else delta.new_empty(0)
@@ -286,20 +286,20 @@ class CompiledPartialConv(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key, read_by_backward
+        ctx, x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, writer_key, read_by_backward
     ):
         x_selected = _selected_input(x, weight, idx, groups) if delta.requires_grad else None
         ctx.save_for_backward(x_selected, weight, delta, idx)
-        ctx.conv = (scale, stride, padding, dilation, groups, list(x.shape), columns_key)
+        ctx.conv = (scale, stride, padding, dilation, groups, list(x.shape), writer_key)
         ctx.has_bias = bias is not None
         return partial_conv_op(
-            x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, columns_key, read_by_backward
+            x, weight, bias, delta, idx, scale, stride, padding, dilation, groups, writer_key, read_by_backward
         )
 
     @staticmethod
     def backward(ctx, grad):
         x_selected, weight, delta, idx = ctx.saved_tensors
-        scale, stride, padding, dilation, groups, input_shape, columns_key = ctx.conv
+        scale, stride, padding, dilation, groups, input_shape, writer_key = ctx.conv
         needs_input_grad = ctx.needs_input_grad[0]
         grad_input, grad_delta = partial_conv_backward_op(
             grad,
@@ -314,7 +314,7 @@ class CompiledPartialConv(torch.autograd.Function):
             groups,
             input_shape,
             needs_input_grad,
-            columns_key,
+            writer_key,
         )
         grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (

@@ -14,19 +14,16 @@ The three products are grouped GEMMs (``torch.nn.functional.grouped_mm``, one ke
 synchronisation) where torch accepts the operands (float32/16-bit, 16-byte aligned strides); otherwise the expert
 blocks run one matmul each, as transformers' eager experts do. As for the linear operator, the maths is registered
 twice: an autograd Function for eager mode and torch.library ops that torch.compile keeps as one opaque
-node per projection (no graph break: the routing below has static shapes).
-
-:func:`experts_forward` is the experts module's forward in transformers' experts interface (routing, gate,
-biases, routing weights, the deterministic combine), computing each projection with :func:`partial_experts_linear`.
+node per projection (no graph break: the routing, in :mod:`paca.tuner.experts`, has static shapes).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .columns import ResidentColumns
+from .columns import ColumnWriter
 from .compiled import library_op
 from .eager import eager_apply
 
@@ -87,11 +84,9 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _columns_for(columns: ResidentColumns | None, transposed: bool) -> ResidentColumns:
+def _writer_for(writer: ColumnWriter | None, transposed: bool) -> ColumnWriter:
     return (
-        columns
-        if columns is not None
-        else ResidentColumns(1 if transposed else 2, transient=True, transposed=transposed)
+        writer if writer is not None else ColumnWriter(1 if transposed else 2, transient=True, transposed=transposed)
     )
 
 
@@ -101,12 +96,12 @@ def _effective(
     idx: Tensor | None,
     scale: float,
     dtype: torch.dtype,
-    columns: ResidentColumns,
+    writer: ColumnWriter,
     reuse: bool = False,
 ) -> Tensor:
     if delta is None:
         return _cast(weight.detach(), dtype)
-    return columns.written(weight, delta, idx, scale, dtype, reuse=reuse)
+    return writer.weight_with_columns(weight, delta, idx, scale, dtype, reuse=reuse)
 
 
 def _experts_forward(
@@ -117,14 +112,14 @@ def _experts_forward(
     offsets: Tensor,
     scale: float,
     transposed: bool,
-    columns: ResidentColumns,
+    writer: ColumnWriter,
     read_by_backward: bool,
 ) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):  # x is in the compute dtype already
-        w = _effective(weight, delta, idx, scale, x.dtype, columns)
+        w = _effective(weight, delta, idx, scale, x.dtype, writer)
         y = grouped_matmul(x, w if transposed else w.transpose(1, 2), offsets)  # X_e W_e^T
         if delta is not None:
-            columns.release(read_by_backward)
+            writer.after_forward(read_by_backward)
     return y
 
 
@@ -138,16 +133,16 @@ def _experts_backward(
     scale: float,
     transposed: bool,
     needs_input_grad: bool,
-    columns: ResidentColumns,
+    writer: ColumnWriter,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(G W, s G^T X[:, idx])`` per expert block; None for a gradient not asked for."""
     grad = grad.contiguous()
     grad_x = grad_delta = None
     with torch.autocast(grad.device.type, enabled=False):
         if needs_input_grad:
-            w = _effective(weight, delta, idx, scale, grad.dtype, columns, reuse=True)
+            w = _effective(weight, delta, idx, scale, grad.dtype, writer, reuse=True)
             grad_x = grouped_matmul(grad, w.transpose(1, 2) if transposed else w, offsets)  # G_e W_e
-            columns.restore()  # the base weight reads as W0 again once its backward is done
+            writer.restore()  # the base weight reads as W0 again once its backward is done
         if x_selected is not None:
             grad_delta = grouped_outer(grad.t(), _cast(x_selected, grad.dtype), offsets)  # (E, d_out, r)
             grad_delta = _cast(grad_delta.mul_(scale), delta.dtype)
@@ -165,11 +160,11 @@ class PartialExpertsFunction(torch.autograd.Function):
     """Eager-mode autograd of :func:`partial_experts_linear`; keeps ``x[:, idx_e]`` per row (and references)."""
 
     @staticmethod
-    def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns):
-        y = _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns, ctx.needs_input_grad[0])
+    def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, writer):
+        y = _experts_forward(x, weight, delta, idx, offsets, scale, transposed, writer, ctx.needs_input_grad[0])
         ctx.save_for_backward(_selected_input(x, delta, idx, expert_of_row), weight, delta, idx, offsets)
         ctx.parameters = (weight, delta, idx)  # the tensors themselves, as paca.ops.linear keeps them
-        ctx.scale, ctx.transposed, ctx.columns = scale, transposed, columns
+        ctx.scale, ctx.transposed, ctx.writer = scale, transposed, writer
         return y
 
     @staticmethod
@@ -186,7 +181,7 @@ class PartialExpertsFunction(torch.autograd.Function):
             ctx.scale,
             ctx.transposed,
             ctx.needs_input_grad[0],
-            ctx.columns,
+            ctx.writer,
         )
         return grad_x, None, grad_delta, None, None, None, None, None, None
 
@@ -203,7 +198,7 @@ def partial_experts_linear(
     offsets: Tensor,
     scale: float,
     transposed: bool,
-    columns: ResidentColumns | None = None,
+    writer: ColumnWriter | None = None,
 ) -> Tensor:
     """One projection of all experts: row block ``e`` of ``x`` times expert ``e``'s weight with its columns tuned.
 
@@ -215,29 +210,29 @@ def partial_experts_linear(
         expert_of_row: ``(S,)`` the expert of each row of ``x`` (sorted).
         offsets: ``(E,)`` int32, where each expert's block of rows ends (cumulative counts).
         scale: ``paca_alpha / r``.
-        columns: the layer's record of what the weight holds (``in_dim`` 2, or 1 when ``transposed``); None: the
+        writer: the layer's :class:`ColumnWriter` (``column_axis`` 2, or 1 when ``transposed``); None: the
             operator restores the weight before it returns.
 
     Returns:
         ``(S, d_out)``.
     """
     if torch.compiler.is_compiling():
-        key = -1 if columns is None else columns.key
+        key = -1 if writer is None else writer.key
         read_by_backward = torch.is_grad_enabled() and x.requires_grad
         return CompiledPartialExperts.apply(
             x, weight, delta, idx, expert_of_row, offsets, scale, transposed, key, read_by_backward
         )
-    columns = _columns_for(columns, transposed)
+    writer = _writer_for(writer, transposed)
     if not torch.is_grad_enabled():
-        return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, columns, False)
-    return _partial_experts_eager(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns)
+        return _experts_forward(x, weight, delta, idx, offsets, scale, transposed, writer, False)
+    return _partial_experts_eager(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, writer)
 
 
-# torch.compile: as in paca.ops.linear, the library ops find the layer's ResidentColumns by key at run time.
+# torch.compile: as in paca.ops.linear, the library ops find the layer's ColumnWriter by key at run time.
 
 
-def _columns_by_key(key: int, transposed: bool) -> ResidentColumns:
-    return _columns_for(ResidentColumns.find(key), transposed)
+def _writer_by_key(key: int, transposed: bool) -> ColumnWriter:
+    return _writer_for(ColumnWriter.find(key), transposed)
 
 
 def _partial_experts_kernel(
@@ -249,12 +244,12 @@ def _partial_experts_kernel(
     offsets: Tensor,
     scale: float,
     transposed: bool,
-    columns_key: int,
+    writer_key: int,
     read_by_backward: bool,
 ) -> Tensor:
     """:func:`partial_experts_linear` as one opaque node for torch.compile."""
     return _experts_forward(
-        x, weight, delta, idx, offsets, scale, transposed, _columns_by_key(columns_key, transposed), read_by_backward
+        x, weight, delta, idx, offsets, scale, transposed, _writer_by_key(writer_key, transposed), read_by_backward
     )
 
 
@@ -262,7 +257,7 @@ partial_experts_op = library_op("partial_experts", _partial_experts_kernel)
 
 
 @torch.library.register_fake(partial_experts_op)
-def _(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key, read_by_backward):
+def _(x, weight, delta, idx, expert_of_row, offsets, scale, transposed, writer_key, read_by_backward):
     return x.new_empty(x.shape[0], weight.shape[2] if transposed else weight.shape[1])
 
 
@@ -276,7 +271,7 @@ def _partial_experts_backward_kernel(
     scale: float,
     transposed: bool,
     needs_input_grad: bool,
-    columns_key: int,
+    writer_key: int,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``partial_experts_op``; an empty tensor stands for a gradient not asked for."""
     grad_x, grad_delta = _experts_backward(
@@ -289,7 +284,7 @@ def _partial_experts_backward_kernel(
         scale,
         transposed,
         needs_input_grad,
-        _columns_by_key(columns_key, transposed),
+        _writer_by_key(writer_key, transposed),
     )
     return (grad.new_empty(0) if grad_x is None else grad_x, grad.new_empty(0) if grad_delta is None else grad_delta)
 
@@ -298,7 +293,7 @@ partial_experts_backward_op = library_op("partial_experts_backward", _partial_ex
 
 
 @torch.library.register_fake(partial_experts_backward_op)
-def _(grad, x_selected, weight, delta, idx, offsets, scale, transposed, needs_input_grad, columns_key):
+def _(grad, x_selected, weight, delta, idx, offsets, scale, transposed, needs_input_grad, writer_key):
     d_in = weight.shape[1] if transposed else weight.shape[2]
     grad_x = grad.new_empty(grad.shape[0], d_in) if needs_input_grad else grad.new_empty(0)
     grad_delta = delta.new_empty(delta.shape) if x_selected is not None else grad.new_empty(0)
@@ -310,11 +305,11 @@ class CompiledPartialExperts(torch.autograd.Function):
     each token-expert pair kept between them (see :mod:`paca.ops.compiled`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key, read_by_backward):
+    def forward(ctx, x, weight, delta, idx, expert_of_row, offsets, scale, transposed, writer_key, read_by_backward):
         ctx.save_for_backward(_selected_input(x, delta, idx, expert_of_row), weight, delta, idx, offsets)
-        ctx.scale, ctx.transposed, ctx.columns_key = scale, transposed, columns_key
+        ctx.scale, ctx.transposed, ctx.writer_key = scale, transposed, writer_key
         return partial_experts_op(
-            x, weight, delta, idx, expert_of_row, offsets, scale, transposed, columns_key, read_by_backward
+            x, weight, delta, idx, expert_of_row, offsets, scale, transposed, writer_key, read_by_backward
         )
 
     @staticmethod
@@ -322,7 +317,7 @@ class CompiledPartialExperts(torch.autograd.Function):
         x_selected, weight, delta, idx, offsets = ctx.saved_tensors
         needs_input_grad = ctx.needs_input_grad[0]
         grad_x, grad_delta = partial_experts_backward_op(
-            grad, x_selected, weight, delta, idx, offsets, ctx.scale, ctx.transposed, needs_input_grad, ctx.columns_key
+            grad, x_selected, weight, delta, idx, offsets, ctx.scale, ctx.transposed, needs_input_grad, ctx.writer_key
         )
         return (
             grad_x if needs_input_grad else None,
@@ -336,66 +331,3 @@ class CompiledPartialExperts(torch.autograd.Function):
             None,
             None,
         )
-
-
-# ----------------------------------------------------------------------------------------------------
-# the experts module's forward
-# ----------------------------------------------------------------------------------------------------
-
-
-def experts_forward(
-    experts: nn.Module,
-    hidden_states: Tensor,
-    top_k_index: Tensor,
-    top_k_weights: Tensor,
-    tuned: dict[str, tuple[Tensor, Tensor, float, ResidentColumns]],
-) -> Tensor:
-    """The forward of a transformers experts module (``@use_experts_implementation``) with tuned projections.
-
-    Args:
-        experts: the module: ``gate_up_proj`` (or ``up_proj`` when ``has_gate`` is False) and ``down_proj``, optional
-            ``*_bias``, ``_apply_gate`` / ``act_fn``, ``is_transposed``, ``has_post_expert_norm``.
-        hidden_states: ``(T, H)`` tokens.
-        top_k_index: ``(T, K)`` the experts each token is routed to.
-        top_k_weights: ``(T, K)`` their routing weights.
-        tuned: projection name -> ``(delta, idx, scale, columns)``; other projections run frozen.
-
-    Returns:
-        ``(T, H)``: per token, the routing-weighted sum of its experts' outputs.
-    """
-    if getattr(experts, "_is_expert_parallel", False):
-        raise NotImplementedError("PaCA experts do not support transformers' expert parallelism yet.")
-    num_tokens, top_k = top_k_index.shape
-    device_type = hidden_states.device.type
-    compute_dtype = (
-        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_states.dtype
-    )
-    expert_ids = top_k_index.reshape(-1)
-    expert_of_row, order = torch.sort(expert_ids, stable=True)  # the pairs sorted by expert
-    counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=expert_ids.device)
-    counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int32))  # static shape: no sync
-    offsets = counts.cumsum(0, dtype=torch.int32)
-    token_of_row = order // top_k
-    x = hidden_states[token_of_row].to(compute_dtype)
-
-    def project(x: Tensor, name: str) -> Tensor:
-        delta, idx, scale, columns = tuned.get(name, (None, None, 1.0, None))
-        y = partial_experts_linear(
-            x, getattr(experts, name), delta, idx, expert_of_row, offsets, scale, experts.is_transposed, columns
-        )
-        if experts.has_bias:
-            y = y + getattr(experts, f"{name}_bias")[expert_of_row].to(y.dtype)
-        return y
-
-    if experts.has_gate:
-        h = experts._apply_gate(project(x, "gate_up_proj"))
-    else:
-        h = experts.act_fn(project(x, "up_proj"))
-    y = project(h.to(compute_dtype), "down_proj")
-    if getattr(experts, "has_post_expert_norm", False):
-        y = experts.post_expert_norm(y)
-    y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1)
-    # Back to (token, k) order by a gather (whose backward keeps only the indices; index_copy's would keep y), then
-    # a sum over k: deterministic (no atomic scatter-add), in the routing weights' dtype, as transformers does.
-    unsorted = y[torch.argsort(order)]
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)

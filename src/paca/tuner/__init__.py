@@ -10,9 +10,14 @@ from peft import mapping
 from peft.utils import register_peft_method
 
 from .config import PEFT_HAS_PACA, PacaConfig
-from .layer import Conv, Linear, PacaLayer
+from .conv import Conv
+from .experts import Experts
+from .layer import PacaLayer, SingleWeightLayer
+from .linear import Linear
 from .model import PacaModel
+from .quantized import Linear4bit
 from .registration import PACA_PEFT_TYPE
+from .router import Router
 
 if PEFT_HAS_PACA:
     from peft.tuners.paca import PacaLayer as PeftPacaLayer
@@ -23,4 +28,15 @@ if PEFT_HAS_PACA:
 elif PACA_PEFT_TYPE not in mapping.PEFT_TYPE_TO_CONFIG_MAPPING:
     register_peft_method(name="paca", config_cls=PacaConfig, model_cls=PacaModel, prefix="paca_")
 
-__all__ = ["PACA_PEFT_TYPE", "Conv", "Linear", "PacaConfig", "PacaLayer", "PacaModel"]
+__all__ = [
+    "PACA_PEFT_TYPE",
+    "Conv",
+    "Experts",
+    "Linear",
+    "Linear4bit",
+    "PacaConfig",
+    "PacaLayer",
+    "PacaModel",
+    "Router",
+    "SingleWeightLayer",
+]

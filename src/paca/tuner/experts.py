@@ -7,7 +7,8 @@ and most MoE models of transformers 5) holds ``gate_up_proj`` (or ``up_proj``) a
 parameters. State per adapter name: ``paca_delta[adapter][projection]`` (D, ``E x d_out x r``) and
 ``paca_indices[adapter][projection]`` (``E x r``, each row sorted). As for the linear layer, the tuned columns are
 written into the fused weights for a forward and its backward, which restores W0 (:mod:`paca.ops.columns`); the
-forward is :func:`paca.ops.experts_forward`.
+forward is :func:`experts_forward`, transformers' experts forward with each projection computed by
+:func:`paca.ops.partial_experts_linear`.
 
 Unlike the linear layer, one adapter is applied at a time (the column sets of two adapters differ per expert),
 and ``model(..., adapter_names=[...])`` is refused: the experts see tokens, not batch rows.
@@ -21,8 +22,8 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from .. import selection
-from ..ops import ResidentColumns, experts_forward, put_columns, take_columns
-from .layer import ResidentTunerLayer, _ResidentModule, broken_adapter_error
+from ..ops import ColumnWriter, partial_experts_linear, put_columns, take_columns
+from .layer import PacaLayer, broken_adapter_error
 
 
 def expert_projections(module: nn.Module) -> tuple[str, ...]:
@@ -35,29 +36,26 @@ def expert_projections(module: nn.Module) -> tuple[str, ...]:
     return names
 
 
-class ColumnRecords(dict):
-    """The :class:`ResidentColumns` of each projection, restored and forgotten together."""
+class ProjectionWriters(dict):
+    """The :class:`paca.ops.ColumnWriter` of each projection, restored and forgotten together."""
 
     transient = False  # expert weights are never shared with another module
 
     def restore(self) -> None:
-        for record in self.values():
-            record.restore()
+        for writer in self.values():
+            writer.restore()
 
     def forget(self) -> None:
-        for record in self.values():
-            record.forget()
+        for writer in self.values():
+            writer.forget()
 
 
-class Experts(_ResidentModule, ResidentTunerLayer):
+class Experts(PacaLayer):
     """PaCA on a transformers experts module: ``forward(hidden_states, top_k_index, top_k_weights)`` as the module's.
 
     Args:
         projections: the projections to tune (default: both, e.g. ``("gate_up_proj", "down_proj")``).
     """
-
-    adapter_layer_names = ("paca_delta",)
-    other_param_names = ("paca_indices", "r", "paca_alpha", "scaling")
 
     def __init__(
         self,
@@ -69,27 +67,14 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         projections: tuple[str, ...] | None = None,
         **kwargs,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer_name = layer_name
-        self.is_transposed = bool(base_layer.is_transposed)
-        self.in_dim = 1 if self.is_transposed else 2  # weights (E, d_in, d_out) or (E, d_out, d_in)
-        self.paca_delta = nn.ModuleDict()
-        self.paca_indices = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.paca_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self._premerge_columns: dict[tuple[str, str], Tensor] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self.kwargs = kwargs
-        self._columns = ColumnRecords(
-            {
-                name: ResidentColumns(self.in_dim, transposed=self.is_transposed)
-                for name in expert_projections(base_layer)
-            }
+        transposed = bool(base_layer.is_transposed)
+        axis = 1 if transposed else 2  # weights (E, d_in, d_out) or (E, d_out, d_in)
+        writers = ProjectionWriters(
+            {name: ColumnWriter(axis, transposed=transposed) for name in expert_projections(base_layer)}
         )
-        self._watch_base_reads()
+        super().__init__(base_layer, layer_name, writers, per_projection=True, **kwargs)
+        self.is_transposed = transposed
+        self.column_axis = axis
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, projections=projections, **kwargs)
 
@@ -98,16 +83,16 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         return getattr(self.get_base_layer(), projection)
 
     def input_dim(self, projection: str) -> int:
-        return self.weight_of(projection).shape[self.in_dim]
+        return self.weight_of(projection).shape[self.column_axis]
 
     def delta_shape(self, projection: str, r: int) -> tuple[int, int, int]:
         weight = self.weight_of(projection)
-        return weight.shape[0], weight.shape[3 - self.in_dim], r  # (E, d_out, r)
+        return weight.shape[0], weight.shape[3 - self.column_axis], r  # (E, d_out, r)
 
     @property
     def in_features(self) -> int:
         """The narrowest input of the tuned projections (r is clamped to it)."""
-        return min(self.input_dim(p) for p in self._columns)
+        return min(self.input_dim(p) for p in self._column_writer)
 
     def _in_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.transpose(1, 2) if self.is_transposed else delta
@@ -131,39 +116,34 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         Raises:
             ValueError: ``r`` not in ``[1, d_in]``, an unknown projection, or ``indices`` invalid for this module.
         """
-        projections = tuple(projections or self._columns)
+        projections = tuple(projections or self._column_writer)
         where = f"module '{self.layer_name}'"
-        unknown = [p for p in projections if p not in self._columns]
+        unknown = [p for p in projections if p not in self._column_writer]
         if unknown:
             raise ValueError(
                 f"{where}: cannot tune {', '.join(unknown)}; its tunable expert projections are "
-                f"{', '.join(self._columns)}."
+                f"{', '.join(self._column_writer)}."
             )
         for p in projections:
             if not isinstance(r, int) or r <= 0 or r > self.input_dim(p):
                 raise ValueError(
                     f"{where}: r={r} must be between 1 and the input dimension {self.input_dim(p)} of {p}."
                 )
-        self._columns.restore()  # column selection (weight_norm) reads the base weights
+        self._column_writer.restore()  # column selection (weight_norm) reads the base weights
         deltas, chosen = nn.ParameterDict(), BufferDict({}, persistent=True)
         for p in projections:
             weight = self.weight_of(p)
             idx = indices[p] if indices is not None else self.select_columns(p, r, seed, selection_strategy)
             idx = torch.as_tensor(idx, dtype=torch.int64)
-            check_expert_indices(idx, weight.shape[0], self.input_dim(p), r, f"{where} ({p})")
+            selection.check_expert_indices(idx, weight.shape[0], self.input_dim(p), r, f"{where} ({p})")
             chosen[p] = idx.to(weight.device)
-            delta = torch.zeros(self.delta_shape(p, r), dtype=torch.float32, device=weight.device)
-            if not init_weights:  # PEFT's convention for tests: an adapter that changes the outputs from the start
-                nn.init.normal_(delta, std=0.1)
-            deltas[p] = nn.Parameter(delta)
+            deltas[p] = nn.Parameter(self.new_delta(self.delta_shape(p, r), weight.device, init_weights))
         dtype = self.weight_of(projections[0]).dtype
         if dtype.is_floating_point:  # as PEFT puts adapters in the base layer's dtype (autocast_adapter_dtype upcasts)
             deltas = deltas.to(dtype)
         self.paca_delta[adapter_name] = deltas
         self.paca_indices[adapter_name] = chosen
-        self.r[adapter_name] = r
-        self.paca_alpha[adapter_name] = paca_alpha
-        self.scaling[adapter_name] = paca_alpha / r
+        self._record_adapter(adapter_name, r, paca_alpha, paca_alpha / r)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def select_columns(self, projection: str, r: int, seed: int | None, strategy: str) -> Tensor:
@@ -180,7 +160,7 @@ class Experts(_ResidentModule, ResidentTunerLayer):
             if strategy in ("random", "gradient"):
                 rows.append(selection.random_columns(d_in, r, seed, f"{name}.{e}"))
             elif strategy == "weight_norm":
-                rows.append(selection.weight_norm_columns(weight[e], r, self.in_dim - 1))
+                rows.append(selection.weight_norm_columns(weight[e], r, self.column_axis - 1))
             elif strategy == "structured":
                 rows.append(selection.structured_columns(d_in, r, 1, seed, f"{name}.{e}"))
             else:
@@ -190,7 +170,7 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         return torch.stack(rows)
 
     def _active_delta(self) -> dict | None:
-        """projection -> (delta, idx, scale, record) of the active adapter; None if no adapter is active here."""
+        """projection -> (delta, idx, scale, writer) of the active adapter; None if no adapter is active here."""
         active = [a for a in self.active_adapters if a in self.paca_delta]
         if not active:
             return None
@@ -201,7 +181,10 @@ class Experts(_ResidentModule, ResidentTunerLayer):
             )
         name = active[0]
         idx = self.paca_indices[name]
-        return {p: (delta, idx[p], self.scaling[name], self._columns[p]) for p, delta in self.paca_delta[name].items()}
+        return {
+            p: (delta, idx[p], self.scaling[name], self._column_writer[p])
+            for p, delta in self.paca_delta[name].items()
+        }
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *args, **kwargs) -> Tensor:
         if "adapter_names" in kwargs:
@@ -212,9 +195,9 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         tuned = self._applied_delta()
         if tuned is None:
             return self._base_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        untouched = [p for p in self._columns if p not in tuned]
+        untouched = [p for p in self._column_writer if p not in tuned]
         for p in untouched:  # another adapter tuned them: W0 there
-            self._columns[p].restore()
+            self._column_writer[p].restore()
         return experts_forward(self._modules["base_layer"], hidden_states, top_k_index, top_k_weights, tuned)
 
     # -- merge --------------------------------------------------------------------------------------
@@ -225,20 +208,20 @@ class Experts(_ResidentModule, ResidentTunerLayer):
         delta = self._in_weight_layout(self.paca_delta[adapter_name][projection].detach())
         dense = torch.zeros(weight.shape, dtype=delta.dtype, device=delta.device)
         put_columns(
-            dense, self.in_dim, self.paca_indices[adapter_name][projection], delta * self.scaling[adapter_name]
+            dense, self.column_axis, self.paca_indices[adapter_name][projection], delta * self.scaling[adapter_name]
         )
         return dense
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the tuned columns into the fused weights; the originals are kept for :meth:`unmerge`."""
-        self._columns.restore()
+        self._column_writer.restore()
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.paca_delta:
                 continue
             merged_columns = {}
             for p, delta in self.paca_delta[name].items():
                 storage, idx = self.weight_of(p).data, self.paca_indices[name][p]
-                original = take_columns(storage, self.in_dim, idx)
+                original = take_columns(storage, self.column_axis, idx)
                 merged = torch.add(original, self._in_weight_layout(delta.detach()), alpha=self.scaling[name]).to(
                     storage.dtype
                 )
@@ -247,7 +230,7 @@ class Experts(_ResidentModule, ResidentTunerLayer):
                 merged_columns[p] = (original, merged)
             for p, (original, merged) in merged_columns.items():  # all checked first: nothing half-merged
                 self._premerge_columns[(name, p)] = original
-                put_columns(self.weight_of(p).data, self.in_dim, self.paca_indices[name][p], merged)
+                put_columns(self.weight_of(p).data, self.column_axis, self.paca_indices[name][p], merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -257,17 +240,65 @@ class Experts(_ResidentModule, ResidentTunerLayer):
             for p in self.paca_delta[name]:
                 put_columns(
                     self.weight_of(p).data,
-                    self.in_dim,
+                    self.column_axis,
                     self.paca_indices[name][p],
                     self._premerge_columns.pop((name, p)),
                 )
 
 
-def check_expert_indices(idx: Tensor, num_experts: int, d_in: int | None, r: int, where: str) -> None:
-    """Raise ValueError unless ``idx`` is ``(num_experts, r)`` with each row valid column indices."""
-    if idx.dim() != 2 or idx.shape[0] != num_experts:
-        raise ValueError(
-            f"{where}: paca_indices must have shape ({num_experts}, {r}) (one row per expert), got {tuple(idx.shape)}."
+def experts_forward(
+    experts: nn.Module,
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    tuned: dict[str, tuple[Tensor, Tensor, float, ColumnWriter]],
+) -> Tensor:
+    """The forward of a transformers experts module (``@use_experts_implementation``) with tuned projections.
+
+    Args:
+        experts: the module: ``gate_up_proj`` (or ``up_proj`` when ``has_gate`` is False) and ``down_proj``, optional
+            ``*_bias``, ``_apply_gate`` / ``act_fn``, ``is_transposed``, ``has_post_expert_norm``.
+        hidden_states: ``(T, H)`` tokens.
+        top_k_index: ``(T, K)`` the experts each token is routed to.
+        top_k_weights: ``(T, K)`` their routing weights.
+        tuned: projection name -> ``(delta, idx, scale, writer)``; other projections run frozen.
+
+    Returns:
+        ``(T, H)``: per token, the routing-weighted sum of its experts' outputs.
+    """
+    if getattr(experts, "_is_expert_parallel", False):
+        raise NotImplementedError("PaCA experts do not support transformers' expert parallelism yet.")
+    num_tokens, top_k = top_k_index.shape
+    device_type = hidden_states.device.type
+    compute_dtype = (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_states.dtype
+    )
+    expert_ids = top_k_index.reshape(-1)
+    expert_of_row, order = torch.sort(expert_ids, stable=True)  # the pairs sorted by expert
+    counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=expert_ids.device)
+    counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int32))  # static shape: no sync
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    token_of_row = order // top_k
+    x = hidden_states[token_of_row].to(compute_dtype)
+
+    def project(x: Tensor, name: str) -> Tensor:
+        delta, idx, scale, writer = tuned.get(name, (None, None, 1.0, None))
+        y = partial_experts_linear(
+            x, getattr(experts, name), delta, idx, expert_of_row, offsets, scale, experts.is_transposed, writer
         )
-    for e in range(num_experts):
-        selection.check_indices(idx[e], d_in, r, f"{where}, expert {e}")
+        if experts.has_bias:
+            y = y + getattr(experts, f"{name}_bias")[expert_of_row].to(y.dtype)
+        return y
+
+    if experts.has_gate:
+        h = experts._apply_gate(project(x, "gate_up_proj"))
+    else:
+        h = experts.act_fn(project(x, "up_proj"))
+    y = project(h.to(compute_dtype), "down_proj")
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y)
+    y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    # Back to (token, k) order by a gather (whose backward keeps only the indices; index_copy's would keep y), then
+    # a sum over k: deterministic (no atomic scatter-add), in the routing weights' dtype, as transformers does.
+    unsorted = y[torch.argsort(order)]
+    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)

@@ -2,75 +2,37 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import re
 import warnings
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
-from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import _get_submodules
 from torch import nn
 
-from .. import selection
-from ..quantized import check_quantization, is_bnb_4bit
 from .config import PEFT_HAS_PACA, PacaConfig
-from .experts import Experts, check_expert_indices, expert_projections
-from .layer import Conv, Linear, PacaLayer, _is_conv1d
-from .quantized import Linear4bit
+from .experts import Experts, expert_projections
+from .layer import PacaLayer
+from .linear import Linear
+from .loading import check_state_dict_fits
+from .model_layers import mark_shared_weights, remove_adapter_layers, restore_requires_grad
+from .quantized import check_quantization
 from .router import Router, is_router
-
-SUPPORTED_TYPES = (
-    "nn.Linear, transformers Conv1D, nn.Conv1d / Conv2d / Conv3d (grouped too), bitsandbytes "
-    "Linear4bit (NF4/FP4), transformers fused MoE experts and routers"
+from .structured import structured_layer_kwargs
+from .switching import add_weighted_adapter
+from .targets import (
+    MAMBA_DIRECT_WEIGHTS,
+    frozen_experts,
+    given_columns,
+    input_dim,
+    is_experts,
+    layer_class,
+    resolve_all_linear,
+    unsupported_error,
 )
-
-TUNED_LAYERS = (PacaLayer, Experts)  # every module the tuner puts in the model
-
-
-# Mamba's mixer hands these weights to its fused CUDA kernel (mamba_inner_fn) rather than calling the modules.
-_MAMBA_DIRECT_WEIGHTS = frozenset({"x_proj", "dt_proj", "out_proj"})
-
-
-def fused_expert_parameters(module: nn.Module) -> list[str]:
-    """Names of ``module``'s own 3-D parameters: the fused experts of transformers 5's MoE blocks (one
-    ``(num_experts, out, in)`` tensor per projection, e.g. gate_up_proj and down_proj)."""
-    if type(module).__module__.startswith("torch.nn"):  # a Conv1d's weight is 3-D too
-        return []
-    return [name for name, p in module._parameters.items() if p is not None and p.dim() == 3]
-
-
-def _input_dim(module: nn.Module) -> int | None:
-    """d_in of a layer PaCA can tune (None for other modules: they are refused by type later)."""
-    if isinstance(module, TUNED_LAYERS) or is_bnb_4bit(module):
-        return module.in_features
-    if is_router(module):
-        return module.weight.shape[1]
-    if expert_projections(module):
-        return min(getattr(module, p).shape[1 if module.is_transposed else 2] for p in expert_projections(module))
-    if _is_conv1d(module):
-        return module.weight.shape[0]
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return module.weight.shape[1]  # a grouped convolution: channels per group
-    return None
-
-
-def _layer_class(base: nn.Module):
-    if is_bnb_4bit(base):  # before nn.Linear: bitsandbytes' linear layers subclass it
-        return Linear4bit
-    if type(base).__module__.startswith("bitsandbytes"):
-        return None  # 8-bit and other bitsandbytes layers: not supported
-    if isinstance(base, nn.Linear) or _is_conv1d(base):
-        return Linear
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Conv
-    if expert_projections(base):
-        return Experts
-    if is_router(base):
-        return Router
-    return None
 
 
 class PacaModel(BaseTuner):
@@ -81,7 +43,7 @@ class PacaModel(BaseTuner):
     """
 
     prefix: str = "paca_"
-    tuner_layer_cls = TUNED_LAYERS
+    tuner_layer_cls = PacaLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def __new__(cls, *args, **kwargs):
@@ -109,6 +71,23 @@ class PacaModel(BaseTuner):
         **optional_kwargs,
     ) -> None:
         layer_name = current_key.removeprefix("base_model.model.")
+        kwargs, given = self._layer_kwargs(config, target, target_name, parent, layer_name, current_key, projections)
+        if target_name in MAMBA_DIRECT_WEIGHTS and "Mamba" in type(parent).__name__:
+            self._bypassed_layers.setdefault(adapter_name, []).append(layer_name)
+        self._fit_narrow_layer(config, adapter_name, target, current_key, kwargs, given)
+        if isinstance(target, PacaLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        layer_cls = layer_class(target)
+        if layer_cls is None:
+            raise unsupported_error(target, layer_name)
+        new_module = layer_cls(target, adapter_name, layer_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _layer_kwargs(self, config, target, target_name, parent, layer_name, current_key, projections):
+        """``update_layer``'s keyword arguments for ``target``, and the columns paca_indices_pattern gives it."""
         r, paca_alpha = config.layer_r_and_alpha(layer_name)
         kwargs = dict(
             r=r,
@@ -120,31 +99,39 @@ class PacaModel(BaseTuner):
         )
         given = given_columns(config, current_key)
         if given is not None:
-            if isinstance(target, Experts) or expert_projections(target):
+            if is_experts(target):
                 raise ValueError(
                     f"paca_indices_pattern gives columns to '{layer_name}', a fused experts module; "
                     "its experts each tune columns of their own: leave it out of the pattern."
                 )
             # PEFT's meaning: these columns, however many, at the config's scale paca_alpha / r
             kwargs.update(indices=given, r=given.numel(), scaling=paca_alpha / r)
-        if isinstance(target, Experts) or expert_projections(target):
+        if is_experts(target):
             kwargs["projections"] = projections
         elif config.selection == "structured":  # whole heads / channels: the layout comes from the model config
+            model_config = getattr(self.model, "config", None)
             kwargs.update(
-                selection.structured_layer_kwargs(
-                    getattr(self.model, "config", None), r, paca_alpha, layer_name, target_name, parent, target
+                structured_layer_kwargs(model_config, r, paca_alpha, layer_name, target_name, parent, target)
+            )
+        return kwargs, given
+
+    def _fit_narrow_layer(self, config, adapter_name, target, current_key, kwargs: dict, given) -> None:
+        """Check given columns against the layer's input, and fit an ``r`` wider than it (in ``kwargs``)."""
+        layer_name = current_key.removeprefix("base_model.model.")
+        r, paca_alpha = config.layer_r_and_alpha(layer_name)
+        d_in = input_dim(target)
+        if d_in is None:
+            return
+        if given is not None:
+            if int(given.max()) >= d_in:
+                raise ValueError(
+                    f"module '{layer_name}': the indices in paca_indices_pattern must be smaller than "
+                    f"in_features ({d_in}) of the base layer, got {given.tolist()}."
                 )
-            )
-        if target_name in _MAMBA_DIRECT_WEIGHTS and "Mamba" in type(parent).__name__:
-            self._bypassed_layers.setdefault(adapter_name, []).append(layer_name)
-        d_in = _input_dim(target)
-        if given is not None and d_in is not None and int(given.max()) >= d_in:
-            raise ValueError(
-                f"module '{layer_name}': the indices in paca_indices_pattern must be smaller than "
-                f"in_features ({d_in}) of the base layer, got {given.tolist()}."
-            )
-        linear = isinstance(target, Linear) or _layer_class(target) is Linear
-        if given is None and d_in is not None and kwargs["r"] > d_in and linear:
+            return
+        if kwargs["r"] <= d_in:
+            return
+        if isinstance(target, Linear) or layer_class(target) is Linear:
             if not self._all_linear:  # PEFT's PaCA's rule for a linear layer named in target_modules
                 raise ValueError(
                     f"module '{layer_name}': r ({kwargs['r']}) cannot be larger than in_features "
@@ -156,33 +143,11 @@ class PacaModel(BaseTuner):
             given = torch.arange(d_in)
             config.paca_indices_pattern[re.escape(current_key)] = given.tolist()
             kwargs.update(indices=given, r=d_in, scaling=paca_alpha / r)
-            self._narrow_layers.setdefault(adapter_name, []).append(f"{layer_name} (r={r}, d_in={d_in})")
-        if given is None and d_in is not None and kwargs["r"] > d_in:
+        else:
             # All of a narrow layer's columns (an image stem's 3 channels), at the adapter's scale alpha / r.
             kwargs["paca_alpha"] = kwargs["paca_alpha"] * d_in / kwargs["r"]
             kwargs["r"] = d_in
-            self._narrow_layers.setdefault(adapter_name, []).append(f"{layer_name} (r={r}, d_in={d_in})")
-        if isinstance(target, TUNED_LAYERS):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        layer_cls = _layer_class(target)
-        if layer_cls is None and fused_expert_parameters(target):
-            raise TypeError(
-                f"PaCA cannot tune module '{layer_name}' ({type(target).__name__}): its experts are fused "
-                f"3-D parameters ({', '.join(fused_expert_parameters(target))}) outside transformers' "
-                "experts interface (@use_experts_implementation), whose forward PaCA replaces; remove it "
-                "from target_modules (its attention and dense layers can be tuned)."
-            )
-        if layer_cls is None:
-            raise TypeError(
-                f"Target module '{layer_name}' of type {type(target).__module__}."
-                f"{type(target).__qualname__} is not supported by PaCA; supported types: {SUPPORTED_TYPES}. "
-                "Remove it from target_modules or add it to exclude_modules."
-            )
-        new_module = layer_cls(target, adapter_name, layer_name, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added adapter is not trainable until it is set active
-        self._replace_module(parent, target_name, new_module, target)
+        self._narrow_layers.setdefault(adapter_name, []).append(f"{layer_name} (r={r}, d_in={d_in})")
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -196,7 +161,7 @@ class PacaModel(BaseTuner):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         known = set()
         for layer in self.model.modules():
-            if isinstance(layer, TUNED_LAYERS):
+            if isinstance(layer, PacaLayer):
                 known |= set(layer.paca_delta.keys())
         unknown = {name for name in adapter_names if name != "__base__"} - known
         if unknown:
@@ -211,7 +176,7 @@ class PacaModel(BaseTuner):
                 functools.partial(_inject_adapter_names, names=adapter_names), with_kwargs=True
             )
             for module in self.model.modules()
-            if isinstance(module, (*TUNED_LAYERS, AuxiliaryTrainingWrapper))
+            if isinstance(module, (PacaLayer, AuxiliaryTrainingWrapper))
         ]
         try:
             yield
@@ -250,18 +215,22 @@ class PacaModel(BaseTuner):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             remove_adapter_layers(model, adapter_name)
-            _restore_requires_grad(self._requires_grad_before_inject.pop(adapter_name))
+            restore_requires_grad(self._requires_grad_before_inject.pop(adapter_name))
             raise
         finally:
             config.target_parameters = wanted
         mark_shared_weights(model)
+        self._warn_about_untuned_parts(model, adapter_name)
+
+    def _warn_about_untuned_parts(self, model: nn.Module, adapter_name: str) -> None:
+        """Warn of experts left frozen, layers a fused kernel bypasses, and layers narrower than r."""
         frozen = frozen_experts(model)
         if frozen and self._all_linear:
             warnings.warn(
                 f"PaCA adapter '{adapter_name}': {len(frozen)} fused MoE experts module(s) (e.g. "
                 f"'{frozen[0]}' of type {type(model.get_submodule(frozen[0])).__name__}) stay frozen: their "
                 "experts are outside transformers' experts interface, whose forward PaCA replaces.",
-                stacklevel=2,
+                stacklevel=3,
             )
         bypassed = self._bypassed_layers.pop(adapter_name, [])
         if bypassed:
@@ -270,14 +239,14 @@ class PacaModel(BaseTuner):
                 f"the weights of {len(bypassed)} tuned layer(s) (e.g. '{bypassed[0]}') directly instead of "
                 "calling them, so there their deltas would be ignored; on CPU or without mamba-ssm they "
                 "are called. Tune in_proj (always called) or keep to the slow path.",
-                stacklevel=2,
+                stacklevel=3,
             )
         narrow = self._narrow_layers.pop(adapter_name, [])
         if narrow:
             warnings.warn(
                 f"PaCA adapter '{adapter_name}': r exceeds the input dimension of {len(narrow)} layer(s): "
                 f"{', '.join(narrow)}; each tunes all its input columns, at its scale paca_alpha / r.",
-                stacklevel=2,
+                stacklevel=3,
             )
 
     def _parameters_beside_target_modules(self, config: PacaConfig, model: nn.Module) -> list[str]:
@@ -337,15 +306,13 @@ class PacaModel(BaseTuner):
         return [f"{name}.{p}" for name, params in matched.items() for p in params]
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
-        """Add ``adapter_name`` = sum of ``weights[i] * adapters[i]``, exact (see :func:`paca.switching.add_weighted_adapter`)."""
-        from ..switching import add_weighted_adapter
-
+        """Add ``adapter_name`` = sum of ``weights[i] * adapters[i]``, exactly (:mod:`paca.tuner.switching`)."""
         add_weighted_adapter(self, adapters, weights, adapter_name)
 
     def unload(self) -> nn.Module:
         """The base model with every PaCA layer removed and the base weights exactly as they were."""
         for module in self.model.modules():
-            if isinstance(module, TUNED_LAYERS) and module.merged:
+            if isinstance(module, PacaLayer) and module.merged:
                 module.unmerge()
         return self._unload_and_optionally_merge(merge=False)
 
@@ -368,137 +335,11 @@ class PacaModel(BaseTuner):
             remove_adapter_layers(model, adapter_name)
             for tuner in model.modules():
                 if isinstance(tuner, PacaModel):
-                    _restore_requires_grad(getattr(tuner, "_requires_grad_before_inject", {}).pop(adapter_name, {}))
+                    restore_requires_grad(getattr(tuner, "_requires_grad_before_inject", {}).pop(adapter_name, {}))
             raise
         return remapped
-
-
-def resolve_all_linear(config: PacaConfig, model: nn.Module) -> bool:
-    """Resolve ``target_modules="all-linear"`` as PEFT does (every linear layer but the output head), plus every
-    transformers experts module and MoE router (PEFT's LoRA reaches those through target_parameters). Whether it
-    was all-linear."""
-    target = config.target_modules
-    if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
-        return False
-    _maybe_include_all_linear_layers(config, model)
-    config.target_modules = set(config.target_modules) | {
-        name for name, m in model.named_modules() if expert_projections(m) or is_router(m)
-    }
-    return True
-
-
-def given_columns(config: PacaConfig, module_key: str) -> torch.Tensor | None:
-    """The sorted columns ``config.paca_indices_pattern`` gives the module ``module_key`` (as PEFT matches the
-    pattern: its keys are names or regexes), or None."""
-    from peft.utils.other import get_pattern_key
-
-    pattern = config.paca_indices_pattern or {}
-    if not pattern:
-        return None
-    key = get_pattern_key(pattern.keys(), module_key)
-    if key not in pattern:
-        return None
-    return torch.tensor(sorted(pattern[key]), dtype=torch.int64)
-
-
-def frozen_experts(model: nn.Module) -> list[str]:
-    """Modules holding fused experts that no PaCA experts layer wraps."""
-    wrapped = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, Experts)}
-    return [name for name, m in model.named_modules() if fused_expert_parameters(m) and id(m) not in wrapped]
 
 
 def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]):
     kwargs["adapter_names"] = names
     return args, kwargs
-
-
-def _restore_requires_grad(flags: dict) -> None:
-    for param, requires_grad in flags.items():
-        param.requires_grad_(requires_grad)
-
-
-def check_state_dict_fits(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
-    """Raise ValueError, naming the module, if a PaCA entry of ``state_dict`` does not fit ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, Experts) and adapter_name in module.paca_delta:
-            _check_experts_state_dict_fits(name, module, adapter_name, state_dict)
-        if not isinstance(module, PacaLayer) or adapter_name not in module.paca_delta:
-            continue
-        layer = module.layer_name
-        delta = state_dict.get(f"{name}.paca_delta.{adapter_name}")
-        idx = state_dict.get(f"{name}.paca_indices.{adapter_name}")
-        if delta is None and idx is None:
-            continue
-        if delta is None or idx is None:
-            missing = "paca_delta" if delta is None else "paca_indices"
-            raise ValueError(f"module '{layer}': the adapter has no {missing} for this layer.")
-        expected = module.delta_shape(module.r[adapter_name])
-        if tuple(delta.shape) != expected:
-            raise ValueError(
-                f"module '{layer}': paca_delta has shape {tuple(delta.shape)} but this model needs "
-                f"{expected} (r={module.r[adapter_name]}); was the adapter trained on another model?"
-            )
-        if not delta.dtype.is_floating_point:
-            raise ValueError(f"module '{layer}': paca_delta has dtype {delta.dtype}, expected a float dtype.")
-        selection.check_indices(idx, module.in_features, module.r[adapter_name], f"module '{layer}'")
-        if not torch.isfinite(delta).all():
-            raise ValueError(f"module '{layer}': paca_delta holds NaN or Inf values.")
-
-
-def _check_experts_state_dict_fits(name: str, module: Experts, adapter_name: str, state_dict: dict) -> None:
-    for projection, own in module.paca_delta[adapter_name].items():
-        where = f"module '{module.layer_name}' ({projection})"
-        delta = state_dict.get(f"{name}.paca_delta.{adapter_name}.{projection}")
-        idx = state_dict.get(f"{name}.paca_indices.{adapter_name}.{projection}")
-        if delta is None and idx is None:
-            continue
-        if delta is None or idx is None:
-            raise ValueError(f"{where}: the adapter has no {'paca_delta' if delta is None else 'paca_indices'} here.")
-        if tuple(delta.shape) != tuple(own.shape):
-            raise ValueError(
-                f"{where}: paca_delta has shape {tuple(delta.shape)} but this model needs "
-                f"{tuple(own.shape)}; was the adapter trained on another model?"
-            )
-        check_expert_indices(idx, own.shape[0], module.input_dim(projection), own.shape[2], where)
-        if not torch.isfinite(delta).all():
-            raise ValueError(f"{where}: paca_delta holds NaN or Inf values.")
-
-
-def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
-    """Remove ``adapter_name`` from every PaCA layer; a layer left without adapters gives back its base layer."""
-    for key, module in list(model.named_modules()):
-        if not isinstance(module, TUNED_LAYERS) or adapter_name not in module.paca_delta:
-            continue
-        if len(module.paca_delta) > 1:
-            module.delete_adapter(adapter_name)
-            continue
-        if module.merged:
-            module.unmerge()
-        parent, _, target_name = _get_submodules(model, key)
-        setattr(parent, target_name, module.release_base_layer())
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict):
-        configs.pop(adapter_name, None)
-
-
-def mark_shared_weights(model: nn.Module) -> None:
-    """Make PaCA layers whose base weight another module also holds (tied embeddings and head) restore it after
-    every call, so the tuned columns never reach the other module."""
-    owners = collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
-    for layer in model.modules():
-        if isinstance(layer, PacaLayer):
-            layer._columns.transient = owners[id(layer.get_base_layer().weight)] > 1
-
-
-def restore_base_weights(model: nn.Module) -> None:
-    """Write the pretrained columns back into every PaCA layer's base weight, for code that reads the base
-    weights directly (the next forward writes the tuned columns again). state_dict, disable_adapter, merge,
-    unload, copies and ``.to()`` do this by themselves."""
-    for layer in model.modules():
-        if isinstance(layer, TUNED_LAYERS):
-            layer.restore_base_weight()
-
-
-def paca_layers(model: nn.Module) -> dict[str, PacaLayer | Experts]:
-    """The PaCA layers of ``model`` by their name in the base model."""
-    return {m.layer_name: m for m in model.modules() if isinstance(m, TUNED_LAYERS)}

@@ -5,7 +5,8 @@
 The unselected connections stay packed in 4 bits (NF4 or FP4); the tuned columns are computed in the
 compute dtype and never quantized. Merging never re-quantizes: ``merge`` keeps the 4-bit weight as it
 is and the merged columns are applied by the same one-matmul forward; a 16-bit merged model comes from
-``paca export --to merged``. See :mod:`paca.quantized` for the operator.
+``paca export --to merged``. The operator: :mod:`paca.ops.quantized`. The model-level checks below refuse every
+other quantization by name before a layer is replaced.
 """
 
 from __future__ import annotations
@@ -15,8 +16,59 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from .. import selection
-from ..quantized import dequantize, import_bitsandbytes, partial_linear_4bit
-from .layer import PacaLayer, broken_adapter_error
+from ..ops.quantized import dequantize, partial_linear_4bit
+from .layer import SingleWeightLayer, broken_adapter_error
+
+INSTALL_HINT = "install it with `pip install 'paca[quant]'` (bitsandbytes>=0.50)"
+SUPPORTED_QUANTIZATION = "bitsandbytes 4-bit (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))"
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit linear layer (Linear4bit, LinearNF4, LinearFP4)."""
+    return type(module).__module__.startswith("bitsandbytes") and any(
+        cls.__name__ == "Linear4bit" for cls in type(module).__mro__
+    )
+
+
+def import_bitsandbytes(where: str):
+    """``bitsandbytes``, or an ImportError naming ``where`` and how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError(
+            f"{where} is quantized to 4 bits with bitsandbytes, but bitsandbytes is not installed; {INSTALL_HINT}."
+        ) from None
+    return bitsandbytes
+
+
+def _quantization_config(model: nn.Module) -> dict | None:
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def check_quantization(model: nn.Module) -> None:
+    """Raise unless ``model`` is unquantized or quantized as QPaCA supports (bitsandbytes 4-bit).
+
+    Raises:
+        ImportError: a bitsandbytes 4-bit model while bitsandbytes cannot be imported.
+        ValueError: any other quantization (8-bit, GPTQ, AWQ, HQQ, ...), named.
+    """
+    config = _quantization_config(model)
+    if config is None:
+        return
+    method = config.get("quant_method", "unknown")
+    method = str(getattr(method, "value", method)).lower()  # transformers' QuantizationMethod enum or a string
+    name = type(model).__name__
+    if method == "bitsandbytes" and config.get("load_in_4bit") and not config.get("load_in_8bit"):
+        import_bitsandbytes(f"model {name}")
+        return
+    what = "bitsandbytes 8-bit (LLM.int8)" if method == "bitsandbytes" else f"quant_method='{method}'"
+    raise ValueError(
+        f"PaCA cannot tune model {name} quantized with {what}; supported: {SUPPORTED_QUANTIZATION} or "
+        "an unquantized model (16/32-bit)."
+    )
 
 
 def _check_standard_packing(base: nn.Module, layer_name: str) -> None:
@@ -41,14 +93,15 @@ def _check_standard_packing(base: nn.Module, layer_name: str) -> None:
 
 
 def _packed_weight(base: nn.Module) -> Tensor:
-    """``base.weight`` with its quant_state (some moves leave it on the module only; bitsandbytes' forward does the same)."""
+    """``base.weight`` with its quant_state (some moves leave it on the module only; bitsandbytes' forward fixes it
+    the same way)."""
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(base)
     return base.weight
 
 
-class Linear4bit(nn.Module, PacaLayer):
+class Linear4bit(SingleWeightLayer):
     """PaCA on a bitsandbytes ``Linear4bit`` (QPaCA): 4-bit frozen weight, tuned columns in 16+ bits.
 
     ``x -> x W^T + b`` with ``W = deq(Q)``, ``W[:, idx] = deq(Q)[:, idx] + (alpha / r) D``, computed in the
@@ -62,10 +115,9 @@ class Linear4bit(nn.Module, PacaLayer):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float, **kwargs
     ) -> None:
-        super().__init__()
         import_bitsandbytes(f"module '{layer_name}'")
         _check_standard_packing(base_layer, layer_name)
-        PacaLayer.__init__(self, base_layer, layer_name)
+        super().__init__(base_layer, layer_name)
         # While wrapped, the base layer must keep the standard layout that QPaCA dequantizes: its CPU repack
         # is lossy (see _check_standard_packing). unload() gives the flag back.
         self._bnb_cpu_packing = getattr(base_layer, "support_avx512bf16_for_cpu", None)

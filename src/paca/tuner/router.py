@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..ops import partial_linear
-from .layer import PacaLayer, _ResidentModule
+from .layer import SingleWeightLayer
 
 _CASTS = (Tensor.float, Tensor.type, Tensor.to)
 
@@ -38,9 +38,9 @@ def is_router(module: nn.Module) -> bool:
 class _TunedLogits(TorchFunctionMode):
     """For one router call: ``F.linear`` on the router's weight (or a cast of it) becomes the partial product."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, delta: Tensor, idx: Tensor, scale: float, columns):
+    def __init__(self, weight: Tensor, delta: Tensor, idx: Tensor, scale: float, column_writer):
         super().__init__()
-        self.weight, self.bias, self.applied = weight, bias, (delta, idx, scale, columns)
+        self.weight, self.applied = weight, (delta, idx, scale, column_writer)
         self.casts: list[Tensor] = []  # tensors that are the weight in another dtype
         self.hits = 0
 
@@ -54,27 +54,26 @@ class _TunedLogits(TorchFunctionMode):
             self.hits += 1
             x = args[0]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            delta, idx, scale, columns = self.applied
-            y = partial_linear(x, self.weight, None, delta, idx, scale, False, columns)
+            delta, idx, scale, column_writer = self.applied
+            y = partial_linear(x, self.weight, None, delta, idx, scale, False, column_writer)
             return y if bias is None else y + bias.to(y.dtype)
         return func(*args, **kwargs)
 
 
-class Router(_ResidentModule, PacaLayer):
+class Router(SingleWeightLayer):
     """PaCA on a transformers MoE router: ``forward`` is the router's own, with its logits from the tuned weight."""
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, layer_name: str, r: int, paca_alpha: float, **kwargs
     ) -> None:
-        super().__init__()
-        PacaLayer.__init__(self, base_layer, layer_name)
+        super().__init__(base_layer, layer_name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, paca_alpha, **kwargs)
         self._check_reachable()
 
     def _partial_forward(self, x: Tensor, delta: Tensor, idx: Tensor, scale: float, *args, **kwargs):
         base = self._modules["base_layer"]
-        mode = _TunedLogits(base.weight, None, delta, idx, scale, self._columns)
+        mode = _TunedLogits(base.weight, delta, idx, scale, self._column_writer)
         with mode:
             out = base(x, *args, **kwargs)
         if mode.hits != 1:
@@ -104,7 +103,7 @@ class Router(_ResidentModule, PacaLayer):
         probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
         name = next(iter(self.paca_delta))
         delta, idx = self.paca_delta[name], self.paca_indices[name]
-        mode = _TunedLogits(weight, None, delta.detach(), idx, self.scaling[name], None)
+        mode = _TunedLogits(weight, delta.detach(), idx, self.scaling[name], None)
         try:
             with torch.no_grad(), mode:
                 base(probe)

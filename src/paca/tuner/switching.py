@@ -25,9 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .tuner.experts import Experts
-from .tuner.layer import PacaLayer
-from .tuner.model import TUNED_LAYERS
+from .experts import Experts
+from .layer import PacaLayer, SingleWeightLayer
 
 
 def _configs(model: nn.Module) -> dict:
@@ -54,7 +53,7 @@ def switch_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _configs(model)
     if adapter_name not in configs:
         raise ValueError(f"switch_adapter: adapter '{adapter_name}' is not loaded; loaded: {sorted(configs)}.")
-    layers = [m for m in model.modules() if isinstance(m, TUNED_LAYERS)]
+    layers = [m for m in model.modules() if isinstance(m, PacaLayer)]
     for layer in layers:
         layer.unmerge()
     model.set_adapter(adapter_name)
@@ -81,6 +80,35 @@ def add_weighted_adapter(
     configs = _configs(model)
     adapters = list(adapters)
     weights = [float(w) for w in weights]
+    _check_combination(model, configs, adapters, weights, adapter_name)
+    layers = [
+        m for m in model.modules() if isinstance(m, SingleWeightLayer) and any(a in m.paca_delta for a in adapters)
+    ]
+    unions = [
+        torch.unique(torch.cat([m.paca_indices[a].cpu() for a in adapters if a in m.paca_delta])) for m in layers
+    ]  # sorted
+    r = max(u.numel() for u in unions)
+    for layer in layers:
+        if r > layer.in_features:
+            raise ValueError(
+                f"add_weighted_adapter: module '{layer.layer_name}' has {layer.in_features} input columns, "
+                f"fewer than the combined adapter's r={r}."
+            )
+    for layer, union in zip(layers, unions):
+        _add_combined(layer, union, r, adapters, weights, adapter_name)
+    configs[adapter_name] = dataclasses.replace(
+        configs[adapters[0]],
+        r=r,
+        paca_alpha=float(r),
+        selection="random",
+        target_modules={m.layer_name for m in layers},
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+
+
+def _check_combination(model: nn.Module, configs: dict, adapters: list, weights: list, adapter_name: str) -> None:
     if not adapters or len(adapters) != len(weights):
         raise ValueError(
             f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; pass one weight per adapter."
@@ -102,41 +130,24 @@ def add_weighted_adapter(
             "column unions differ in size; weighted combinations cover linear and convolution layers "
             "only."
         )
-    layers = [m for m in model.modules() if isinstance(m, PacaLayer) and any(a in m.paca_delta for a in adapters)]
-    unions = [
-        torch.unique(torch.cat([m.paca_indices[a].cpu() for a in adapters if a in m.paca_delta])) for m in layers
-    ]  # sorted
-    r = max(u.numel() for u in unions)
-    for layer, union in zip(layers, unions):
-        if r > layer.in_features:
-            raise ValueError(
-                f"add_weighted_adapter: module '{layer.layer_name}' has {layer.in_features} input columns, "
-                f"fewer than the combined adapter's r={r}."
-            )
-    for layer, union in zip(layers, unions):
-        free = torch.ones(layer.in_features, dtype=torch.bool)
-        free[union] = False
-        idx = torch.cat([union, free.nonzero().flatten()[: r - union.numel()]]).sort().values  # (r,)
-        combined = None
-        for a, w in zip(adapters, weights):
-            if a not in layer.paca_delta:
-                continue
-            delta = layer.paca_delta[a].detach().float()  # (d_out, r_a, ...)
-            if combined is None:
-                combined = delta.new_zeros(delta.shape[0], r, *delta.shape[2:])
-            position = torch.searchsorted(idx.to(delta.device), layer.paca_indices[a])
-            combined.index_add_(1, position, delta * (w * layer.scaling[a]))
-        layer.update_layer(adapter_name, r=r, paca_alpha=float(r), indices=idx)
-        with torch.no_grad():
-            layer.paca_delta[adapter_name].copy_(combined)
-    first = configs[adapters[0]]
-    configs[adapter_name] = dataclasses.replace(
-        first,
-        r=r,
-        paca_alpha=float(r),
-        selection="random",
-        target_modules={m.layer_name for m in layers},
-        exclude_modules=None,
-        layers_to_transform=None,
-        layers_pattern=None,
-    )
+
+
+def _add_combined(
+    layer: SingleWeightLayer, union: torch.Tensor, r: int, adapters: list, weights: list, adapter_name: str
+) -> None:
+    """Add ``adapter_name`` to ``layer``: columns ``union`` padded to ``r``, delta the weighted scaled sum."""
+    free = torch.ones(layer.in_features, dtype=torch.bool)
+    free[union] = False
+    idx = torch.cat([union, free.nonzero().flatten()[: r - union.numel()]]).sort().values  # (r,)
+    combined = None
+    for a, w in zip(adapters, weights):
+        if a not in layer.paca_delta:
+            continue
+        delta = layer.paca_delta[a].detach().float()  # (d_out, r_a, ...)
+        if combined is None:
+            combined = delta.new_zeros(delta.shape[0], r, *delta.shape[2:])
+        position = torch.searchsorted(idx.to(delta.device), layer.paca_indices[a])
+        combined.index_add_(1, position, delta * (w * layer.scaling[a]))
+    layer.update_layer(adapter_name, r=r, paca_alpha=float(r), indices=idx)
+    with torch.no_grad():
+        layer.paca_delta[adapter_name].copy_(combined)
