@@ -15,6 +15,7 @@ import re
 import sys
 
 import pytest
+from huggingface_hub.utils import _http
 
 IMPL = os.environ.get("PACA_UPSTREAM_IMPL", "paca")
 # The modules PEFT's tests (and peft's own lazy lookups) take PacaConfig from.
@@ -31,9 +32,7 @@ elif IMPL != "peft":
     raise ValueError(f"PACA_UPSTREAM_IMPL must be 'paca' or 'peft', not {IMPL!r}")
 
 # PEFT's `hub_online_once` lets a model's first use go online even under HF_HUB_OFFLINE=1; with no network here each
-# such request would sleep through 5 retries (~23 s per file). Retrying cannot help, so fail on the first attempt.
-from huggingface_hub.utils import _http
-
+# such request would sleep through its retries. Retrying cannot help, so fail on the first attempt.
 for _fn in (getattr(_http, name, None) for name in ("http_backoff", "http_stream_backoff", "_http_backoff_base")):
     if "max_retries" in (getattr(_fn, "__kwdefaults__", None) or {}):
         _fn.__kwdefaults__["max_retries"] = 0

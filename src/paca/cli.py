@@ -8,7 +8,7 @@ import sys
 COMMANDS = {
     "train": ("paca.train.cli", "fine-tune a model from a YAML config (no arguments: the built-in demo)"),
     "bench": ("paca.bench.cli", "measure step time and memory of PaCA vs LoRA, DoRA, full FT, side by side"),
-    "export": ("paca.export", "write an adapter as a merged model or as a PEFT LoRA adapter"),
+    "export": ("paca.export.cli", "write an adapter as a merged model or as a PEFT LoRA adapter"),
 }
 
 
