@@ -622,9 +622,9 @@ def test_torch_compile_fullgraph_of_a_router_matches_eager():
         torch._dynamo.reset()
 
 
-def test_review_fixes_narrow_experts_export_and_target_parameters_beside_all_linear(tmp_path, token_ids):
+def test_r_above_the_experts_width_is_clamped_and_the_lora_export_carries_it(tmp_path, token_ids):
     """r above the experts' input width is clamped and the LoRA export carries the clamped rank (it loads in plain
-    PEFT exactly); target_parameters naming one projection beside all-linear keeps both projections tuned."""
+    PEFT exactly)."""
     from paca.export import export_lora
 
     base_dir = tmp_path / "base"
@@ -640,6 +640,9 @@ def test_review_fixes_narrow_experts_export_and_target_parameters_beside_all_lin
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora").eval()
     with torch.no_grad():
         torch.testing.assert_close(lora(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_target_parameters_beside_all_linear_keeps_every_expert_projection_tuned():
     both = get_peft_model(
         tiny_moe("mixtral"), PacaConfig(r=4, target_modules="all-linear", target_parameters=["mlp.experts.down_proj"])
     )
