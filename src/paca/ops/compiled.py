@@ -3,13 +3,11 @@
 Each family's eager autograd Function does not trace (it writes the frozen weight in place and keeps a per-layer
 record), so under ``torch.compile`` a PaCA layer is one node of the graph, and its backward another. The ops are
 defined with torch.library's low-level ``Library`` API, their schema inferred from the implementation's annotations
-as ``torch.library.custom_op`` infers it: a compiled graph calls them once per layer per step, and
-``custom_op``'s Python wrapper around the dispatcher costs ~6 us more per call (timed on CPU: 22 vs 28 us for a
-call whose work takes 13 us). Their autograd is an autograd.Function around the two ops (the forward's and the
-backward's), which dynamo traces into the graph; an autograd formula registered on the op itself
-(``torch.library.register_autograd``) would run a Python autograd kernel around every compiled call. In the
-launch-bound tiny model compiled with inductor, the low-level ops took PaCA's forward + backward from 1.32x-1.49x
-compiled LoRA's to 1.15x-1.21x, the traced Function to 1.10x-1.11x (docs/BENCHMARKS.md)::
+as ``torch.library.custom_op`` infers it: a compiled graph calls them once per layer per step, and ``custom_op``'s
+Python wrapper around the dispatcher would add to every call. Their autograd is an autograd.Function around the
+two ops (the forward's and the backward's), which dynamo traces into the graph; an autograd formula registered on
+the op itself (``torch.library.register_autograd``) would run a Python autograd kernel around every compiled call.
+What each choice cost is measured in docs/BENCHMARKS.md ("Compiled")::
 
     partial_linear_op = library_op("partial_linear", _kernel)
     torch.library.register_fake(partial_linear_op)(_fake)

@@ -1,11 +1,11 @@
 """Eager calls of the operators' autograd Functions without ``Function.apply``'s Python wrapper.
 
 ``torch.autograd.Function.apply`` is a Python classmethod that, on every call, looks for a ``setup_context``, checks
-for functorch transforms and unwraps dead functorch wrappers before it calls the C++ ``_FunctionBase.apply``: ~2.5 us
-per call on CPU (timed alone), once per tuned layer per step: half of what the column write's two operators cost. A
-PaCA layer's arguments are plain tensors, so outside functorch the C++ entry point does the same work. Each operator
-calls its Function through :func:`eager_apply`: the public ``apply`` under torch.func transforms or for a tensor left
-from one, the C++ entry point otherwise.
+for functorch transforms and unwraps dead functorch wrappers before it calls the C++ ``_FunctionBase.apply``; it
+runs once per tuned layer per step, where a few microseconds are a visible share of a launch-bound step
+(docs/BENCHMARKS.md). A PaCA layer's arguments are plain tensors, so outside functorch the C++ entry point does the
+same work. Each operator calls its Function through :func:`eager_apply`: the public ``apply`` under torch.func
+transforms or for a tensor left from one, the C++ entry point otherwise.
 """
 
 from __future__ import annotations

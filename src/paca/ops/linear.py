@@ -4,8 +4,8 @@ The maths lives in two functions; it is registered twice: as a torch.autograd.Fu
 microseconds of Python per call) and as torch.library ops that torch.compile keeps as one opaque node per layer
 (:mod:`paca.ops.compiled`; a library op's dispatch costs more per call than the Function's C++ entry, so eager
 mode does not use them). Per call, beyond the frozen layer's own matmuls: forward ``x[..., idx]`` and the
-two-operator column write, backward the delta-gradient matmul, and for CPU gradients above a few thousand values
-one copy of it (see :mod:`paca.ops.columns` for when backward skips the write).
+column write (:mod:`paca.ops.columns`), backward the delta-gradient matmul, and for CPU gradients above a few
+thousand values one copy of it (see :mod:`paca.ops.columns` for when backward skips the write).
 """
 
 from __future__ import annotations
@@ -68,13 +68,13 @@ def _linear_backward(
         if g.shape[0] == 0:  # no tokens: the one-row views below would be empty
             return grad_input, torch.zeros_like(delta)
         # One addmm with alpha = scale; beta = 0 ignores its input, a zero that allocates nothing (a broadcast row
-        # of x_sel would do too, but costs CPU's addmm ~1.5 us more per call).
+        # of x_sel would do too, but is slower in CPU's addmm: docs/BENCHMARKS.md).
         if delta_grad_in_one_operator(grad):
             zero = writer.broadcast_zero(g, (g.shape[1], xs.shape[1]))
             grad_delta = torch.addmm(zero, g.t(), xs, beta=0, alpha=scale)  # (d_out, r); cuBLAS reads g^T as is
         else:
-            # On CPU, (r, N) @ (N, d_out) runs 1.5-9x faster than g^T x_sel, whose output rows have only r values,
-            # once N * d_out is more than a few thousand; then one copy to the (d_out, r) layout of the delta.
+            # On CPU, (r, N) @ (N, d_out) runs faster than g^T x_sel, whose output rows have only r values, once
+            # N * d_out is more than a few thousand; then one copy to the (d_out, r) layout of the delta.
             zero = writer.broadcast_zero(g, (xs.shape[1], g.shape[1]))
             grad_delta = torch.addmm(zero, xs.t(), g, beta=0, alpha=scale).t().contiguous()  # (d_out, r)
         if grad_delta.dtype != delta.dtype:
@@ -83,8 +83,7 @@ def _linear_backward(
 
 
 # Up to this many gradient values (tokens x d_out) CPU's one-operator form is the faster one: its cost is the
-# operator's fixed overhead (measured on 1 thread of an AMD EPYC, r = 8: ~7 us vs ~9 us for the two-operator form at
-# 32 x 64, even at 64 x 64 or 32 x 128, 1.5-9x slower from 128 x 64 up).
+# operator's fixed overhead there; above it the transposed product wins (timed in docs/BENCHMARKS.md, "Operators").
 ONE_OPERATOR_MAX_CPU_GRAD_VALUES = 4096
 
 
