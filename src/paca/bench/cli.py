@@ -151,7 +151,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace):
-    from .suite import Settings
+    from .settings import Settings
 
     if args.preset is not None and args.preset not in PRESETS:
         raise BenchError(f"unknown preset '{args.preset}'; choose from {', '.join(PRESETS)}, or give --model DIR.")
@@ -191,6 +191,7 @@ def settings_from(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every method ran, 1 when one failed (its error is in the table)."""
     from . import report
+    from .plots import write_plots
     from .suite import run
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -215,6 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         report.write_text(report.markdown(doc), args.markdown)
     if args.plots:
-        for path in report.write_plots(doc, args.plots):
+        for path in write_plots(doc, args.plots):
             print(f"wrote {path}", file=sys.stderr)
     return 1 if report.errors(doc) else 0

@@ -1,24 +1,20 @@
-"""Where a step's time goes, per operator and method (torch.profiler), to explain a missed target; and on CUDA
-how many kernels a step launches.
-
-The table puts methods side by side: for each operator among the most expensive, its self time per step
-in every method, so the time one method spends beyond another shows up as the rows that differ.
+"""Where a step's time goes, per operator and method (torch.profiler), to explain a ratio; and on CUDA how many
+kernels a step launches. ``report.profile_table`` puts the methods side by side.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 
 from .measure import train_step
 from .methods import Trainee
+from .results import Results
+from .trainees import ResidentTrainees, run_tokens
 
 PROFILED_STEPS = 3
-TOP_BY_TIME = 10  # the most expensive operators of any method
-TOP_BY_SPREAD = 8  # and those whose time differs most between methods (what one pays and another not)
 
 
 def profile_steps(trainee: Trainee, input_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, dict]:
@@ -63,25 +59,18 @@ def count_device_events(events: Iterable) -> int:
     return sum(1 for event in events if event.device_type == DeviceType.CUDA)
 
 
-def comparison_rows(profiles: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): the most expensive operators, and those that differ most between methods, with
-    their self ms per step in each method."""
-    times = defaultdict(lambda: [0.0] * len(profiles))
-    for i, table in enumerate(profiles.values()):
-        for op, entry in table.items():
-            times[op][i] = entry["self_s"]
-    by_time = sorted(times, key=lambda op: max(times[op]), reverse=True)[:TOP_BY_TIME]
-    by_spread = sorted(times, key=lambda op: max(times[op]) - min(times[op]), reverse=True)[:TOP_BY_SPREAD]
-    ops = sorted(set(by_time) | set(by_spread), key=lambda op: max(times[op]), reverse=True)
-    methods = list(profiles)
-    header = ["operator"] + [f"{m} ms (calls)" for m in methods]
-    rows = []
-    for op in ops:
-        cells = []
-        for m in methods:
-            entry = profiles[m].get(op)
-            cells.append("-" if entry is None else f"{entry['self_s'] * 1e3:.1f} ({entry['calls']:g})")
-        rows.append([op] + cells)
-    totals = [f"{sum(e['self_s'] for e in profiles[m].values()) * 1e3:.1f}" for m in methods]
-    rows.append(["total (all operators)"] + totals)
-    return header, rows
+def measure_profiles(results: Results) -> None:
+    """The profile part into ``results.profiles``: every method resident, one warm-up step, then its profiled steps;
+    each method's 40 most expensive operators kept."""
+    s = results.settings
+    trainees = ResidentTrainees(results)
+    input_ids = run_tokens(results, s.batch, s.seq)
+    for m in list(trainees.by_method):
+        results.progress.update(f"profile {m}: 1 warm-up step, {PROFILED_STEPS} profiled")
+        if trainees.step(m, train_step, input_ids, s.dtype) is None:
+            continue
+        table = trainees.step(m, profile_steps, input_ids, s.dtype)
+        if table is not None:
+            results.profiles[m] = dict(sorted(table.items(), key=lambda kv: -kv[1]["self_s"])[:40])
+    results.progress.done()
+    trainees.release()

@@ -1,0 +1,64 @@
+"""fig3: sentences/s at a fixed length as the batch doubles until out of memory, then bisected to the largest
+batch that fits, one method on the device at a time."""
+
+from __future__ import annotations
+
+import statistics
+
+from .fitting import fits
+from .measure import train_step
+from .ratios import add_ratio_to_lora
+from .results import Results
+from .search import MaxFit, Probe, free_memory, largest_fitting
+from .trainees import build_alone, run_tokens
+
+THROUGHPUT_STEPS = 3  # timed steps per batch size, after the untimed probe step
+
+
+def measure_throughput(results: Results) -> None:
+    """fig3 into ``results``: each available method's curve, its largest batch and best rate, the ratio to LoRA's."""
+    for m in results.settings.methods:
+        if m in results.unavailable:
+            continue
+        search = batch_search(results, m)
+        if search is None:
+            continue
+        curve = sorted(search.probes, key=lambda p: p.size)
+        fitting = [p for p in curve if p.fits]
+        best = max(fitting, key=lambda p: p.sentences_per_s) if fitting else None
+        results.by_method[m].update(
+            throughput=[p.as_dict() for p in curve],
+            max_batch=search.largest,
+            max_batch_reached_limit=search.reached_limit,
+            best_sentences_per_s=best.sentences_per_s if best else None,
+            best_batch=best.size if best else None,
+        )
+        free_memory()
+    results.progress.done()
+    add_ratio_to_lora(results.by_method, "best_sentences_per_s")
+
+
+def batch_search(results: Results, method: str) -> MaxFit | None:
+    """The batch search of ``method``, built alone on a fresh base, each batch that fits timed; None (recorded)
+    when it could not run."""
+    s = results.settings
+    results.progress.update(f"fig3 {method}: building")
+    trainee = build_alone(results, method, "fig3")
+    if trainee is None:
+        return None
+
+    def measure(batch: int) -> Probe:
+        probe = fits(results, trainee, batch, s.fig3_seq, size=batch)
+        if probe.fits:
+            ids = run_tokens(results, batch, s.fig3_seq)
+            step = statistics.median(train_step(trainee, ids, s.dtype).step_s for _ in range(THROUGHPUT_STEPS))
+            probe.sentences_per_s = batch / step
+        return probe
+
+    def show(p: Probe) -> None:
+        rate = f"{p.sentences_per_s:.2f} sentences/s" if p.sentences_per_s else p.note
+        results.progress.update(f"fig3 {method} | batch {p.size} x {s.fig3_seq}: {rate}")
+
+    return results.attempt(
+        method, "during fig3", largest_fitting, measure, start=1, limit=s.max_batch, granularity=1, on_probe=show
+    )
