@@ -8,7 +8,7 @@ owns a block of rows ``X_e``; with ``idx_e`` its ``r`` columns and ``s = paca_al
     dL/dX_e = G_e W_e                             dL/dD_e = s G_e^T X_e[:, idx_e]   (one grouped GEMM each)
 
 so backward keeps ``X[:, idx]`` (``S x r`` for ``S`` pairs), never ``X``, and the columns of all experts are written
-into the fused weight by one scatter that stays there between calls (:mod:`paca.ops.columns`).
+into the fused weight by one scatter, for a forward and its backward (:mod:`paca.ops.columns`).
 
 The three products are grouped GEMMs (``torch.nn.functional.grouped_mm``, one kernel for all experts, no host
 synchronisation) where torch accepts the operands (float32/16-bit, 16-byte aligned strides); otherwise the expert
