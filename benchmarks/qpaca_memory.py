@@ -3,7 +3,7 @@ plus the activation bytes one training step keeps for backward (PaCA: x[..., idx
 
     python benchmarks/qpaca_memory.py            # Llama-shaped blocks (hidden 2048, GQA 32/4, FFN 5632), r=8
 
-Prints a Markdown table. CPU only; about a minute on 2 cores.
+Prints a Markdown table. CPU only (docs/QPACA.md has the table of the defaults and its run time).
 """
 
 import argparse

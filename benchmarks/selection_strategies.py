@@ -1,6 +1,6 @@
 """Column selection strategies compared (paper Table 5): held-out score after the same training budget.
 
-    python benchmarks/selection_strategies.py      # about 5 minutes on 2 CPU cores
+    python benchmarks/selection_strategies.py      # the comparison of docs/SELECTION.md
 
 Task (offline, seeded): a small Llama (hidden 64, 2 blocks, 4 query / 2 KV heads, FFN 128) is first
 trained to copy 8 digits after a separator, then fine-tuned with PaCA (r=16 of 64/128 columns, all linear

@@ -40,8 +40,8 @@ SUITES = {
     ),
     # One thread: on a shared 2-core machine two threads wait on each other at every operator, which
     # penalises methods with many small operators (LoRA, DoRA) by whatever else runs; see BENCHMARKS.md.
-    # The cap keeps the searches to minutes (full FT's weights, gradients and AdamW state alone take
-    # 0.6 GiB, so full FT fits no length at all under it).
+    # The cap keeps the searches to minutes on such a machine; full FT, whose weights, gradients and AdamW state
+    # alone exceed it, fits no length at all under it (docs/BENCHMARKS.md).
     "cpu": dict(
         preset="cpu",
         methods="floor,paca,lora,dora,full",
