@@ -2,42 +2,31 @@
 
 from __future__ import annotations
 
-from .fitting import fits
+from .fitting import fits, search_each_alone
+from .methods import Trainee
 from .ratios import add_ratio_to_lora
 from .results import Results
-from .search import MaxFit, Probe, free_memory, largest_fitting
-from .trainees import build_alone
+from .search import MaxFit, Probe, largest_fitting
 
 
 def measure_max_seq_len(results: Results) -> None:
     """table4 into ``results``: each available method's longest length, its probes, and the ratio to LoRA's."""
-    for m in results.settings.methods:
-        if m in results.unavailable:
-            continue
-        fit = longest_sequence(results, m)
-        if fit is None:
-            continue
+    for m, fit in search_each_alone(results, "table4", longest_sequence):
         results.by_method[m].update(
             max_seq_len=fit.largest,
             max_seq_len_reached_limit=fit.reached_limit,
             max_seq_probes=[p.as_dict() for p in fit.probes],
         )
-        free_memory()
-    results.progress.done()
     add_ratio_to_lora(results.by_method, "max_seq_len")
 
 
-def longest_sequence(results: Results, method: str) -> MaxFit | None:
-    """The length search of ``method``, built alone on a fresh base; None (recorded) when it could not run.
+def longest_sequence(results: Results, method: str, trainee: Trainee) -> MaxFit | None:
+    """The length search of ``method``'s trainee; None (recorded) when it could not run.
 
     The length doubles from 4 x ``--seq-granularity`` until a step does not fit, then is bisected to the
     granularity.
     """
     s = results.settings
-    results.progress.update(f"table4 {method}: building")
-    trainee = build_alone(results, method, "table4")
-    if trainee is None:
-        return None
 
     def measure(seq: int) -> Probe:
         return fits(results, trainee, 1, seq, size=seq)

@@ -5,24 +5,20 @@ from __future__ import annotations
 
 import statistics
 
-from .fitting import fits
+from .fitting import fits, search_each_alone
 from .measure import train_step
+from .methods import Trainee
 from .ratios import add_ratio_to_lora
 from .results import Results
-from .search import MaxFit, Probe, free_memory, largest_fitting
-from .trainees import build_alone, run_tokens
+from .search import MaxFit, Probe, largest_fitting
+from .trainees import run_tokens
 
 THROUGHPUT_STEPS = 3  # timed steps per batch size, after the untimed probe step
 
 
 def measure_throughput(results: Results) -> None:
     """fig3 into ``results``: each available method's curve, its largest batch and best rate, the ratio to LoRA's."""
-    for m in results.settings.methods:
-        if m in results.unavailable:
-            continue
-        search = batch_search(results, m)
-        if search is None:
-            continue
+    for m, search in search_each_alone(results, "fig3", batch_search):
         curve = sorted(search.probes, key=lambda p: p.size)
         fitting = [p for p in curve if p.fits]
         best = max(fitting, key=lambda p: p.sentences_per_s) if fitting else None
@@ -33,19 +29,13 @@ def measure_throughput(results: Results) -> None:
             best_sentences_per_s=best.sentences_per_s if best else None,
             best_batch=best.size if best else None,
         )
-        free_memory()
-    results.progress.done()
     add_ratio_to_lora(results.by_method, "best_sentences_per_s")
 
 
-def batch_search(results: Results, method: str) -> MaxFit | None:
-    """The batch search of ``method``, built alone on a fresh base, each batch that fits timed; None (recorded)
-    when it could not run."""
+def batch_search(results: Results, method: str, trainee: Trainee) -> MaxFit | None:
+    """The batch search of ``method``'s trainee, each batch that fits timed; None (recorded) when it could not
+    run."""
     s = results.settings
-    results.progress.update(f"fig3 {method}: building")
-    trainee = build_alone(results, method, "fig3")
-    if trainee is None:
-        return None
 
     def measure(batch: int) -> Probe:
         probe = fits(results, trainee, batch, s.fig3_seq, size=batch)

@@ -1,5 +1,5 @@
-"""What the parts train: the token batch, every method resident on one shared base (fig2, profile), or one
-method alone on a fresh base (table4, fig3)."""
+"""What fig2 and profile train: every method resident on one shared base; and the token batch of every part
+(table4 and fig3 build one method alone: ``fitting``)."""
 
 from __future__ import annotations
 
@@ -85,14 +85,3 @@ class ResidentTrainees:
         """Drop every trainee and return their memory (the next part builds its own)."""
         self.by_method = {}
         free_memory()
-
-
-def build_alone(results: Results, method: str, part: str) -> Trainee | None:
-    """``method`` built on a fresh base, with nothing else resident; None (recorded) if it cannot be."""
-    s = results.settings
-
-    def build() -> Trainee:
-        base = build_model(s.model, s.dtype, s.device, s.seed)
-        return make_trainee(method, base, s.r, s.alpha, s.seed)
-
-    return results.attempt(method, f"building the model alone for {part}", build)
