@@ -6,13 +6,13 @@ Runs one forward + backward of each variant per round, interleaved in a rotating
 and prints the median over rounds of each variant's time over the frozen floor's (the bench's ``f+b xfloor``), and
 of its whole step (forward, backward, AdamW step on the trainable parameters) over PEFT LoRA's (the bench's
 ``step xLoRA``). The PaCA variants swap the operator every PaCA linear layer calls
-(``paca.tuner.layer.partial_linear``), in the same model, and each runs the product's optimizer step (their
+(``paca.tuner.linear.partial_linear``), in the same model, and each runs the product's optimizer step (their
 gradients have the same shapes):
 
     paca              the product
     paca, no PEFT     the same layers, the model called without PEFT's PeftModel wrapper
     required          a bare autograd Function doing only the algorithm's work, as the product does it: the
-                      column write (ResidentColumns.write: an add and an index_copy_), x[..., idx], the matmul;
+                      column write (ColumnWriter.write: an add and an index_copy_), x[..., idx], the matmul;
                       backward the input-gradient matmul, the delta-gradient addmm (alpha = scale) and the
                       restore of W0 (one index_copy_, PEFT's invariant between steps). No checks:
                       no autocast, compile or functorch dispatch, no rewrite after something restored the weight,
@@ -79,7 +79,7 @@ def bare_functions():
 def build_variants():
     """(variants, trainee by name, the product's operator, the PaCA model): every variant's model and operator
     (None: the model's own layers), on the tiny preset; the PaCA variants share one model."""
-    import paca.tuner.layer as layer
+    import paca.tuner.linear as layer
     from paca.bench.methods import make_trainee
     from paca.bench.presets import ModelSpec
     from paca.bench.suite import build_model
@@ -108,7 +108,7 @@ def build_variants():
 
 def stepper(variants: dict, trainees: dict, product, paca_model, ids):
     """``step(name)``: (forward + backward, optimizer step) seconds of one step of variant ``name``."""
-    import paca.tuner.layer as layer
+    import paca.tuner.linear as layer
     from paca import restore_base_weights
 
     def step(name: str) -> tuple[float, float]:
