@@ -169,7 +169,7 @@ def test_several_datasets_are_one_comma_separated_key_from_a_yaml_list_or_the_co
         load_config([write(tmp_path, "data: [a, 3]\n")])
 
 
-def test_review_fixes_in_the_config(tmp_path):
+def test_data_names_lose_their_spaces_and_a_resume_takes_data_from_the_run(tmp_path):
     """Spaces around comma-separated data names; a resume restating stage=dpo without data; fp16 off on resume."""
     from paca.train.config import resumed_config
 

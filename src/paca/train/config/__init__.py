@@ -1,0 +1,60 @@
+"""The configuration of `paca train`: the key schema (``schema``), reading YAML and overrides (``parse``) and the
+checks a config passes (``checks``)."""
+
+from .checks import check
+from .parse import (
+    NO_COUNTERPART,
+    OTHER_NAMES,
+    dash_options_as_overrides,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    resumed_config,
+)
+from .schema import (
+    DEFAULT_LR,
+    DEMO,
+    DEMO_DATA,
+    DEMO_LR,
+    DEMO_PRETRAIN,
+    DEMO_RANDOM,
+    DEMO_SETTINGS,
+    GROUPS,
+    KEYS,
+    METHODS,
+    OPTIONAL_NUMBERS,
+    PATH_KEYS,
+    RESUME_CHANGEABLE,
+    SELECTIONS,
+    TrainConfig,
+    key,
+    usage,
+)
+
+__all__ = [
+    "DEFAULT_LR",
+    "DEMO",
+    "DEMO_DATA",
+    "DEMO_LR",
+    "DEMO_PRETRAIN",
+    "DEMO_RANDOM",
+    "DEMO_SETTINGS",
+    "GROUPS",
+    "KEYS",
+    "METHODS",
+    "NO_COUNTERPART",
+    "OPTIONAL_NUMBERS",
+    "OTHER_NAMES",
+    "PATH_KEYS",
+    "RESUME_CHANGEABLE",
+    "SELECTIONS",
+    "TrainConfig",
+    "check",
+    "dash_options_as_overrides",
+    "key",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+    "resumed_config",
+    "usage",
+]
