@@ -144,12 +144,12 @@ def test_empty_dataset_and_missing_file_are_reported(tmp_path):
 
 def test_a_local_file_named_without_its_extension_is_refused_at_once_with_its_name(tmp_path, monkeypatch):
     """data=train while train.jsonl is there: refused naming train.jsonl, without asking the hub (which retries for
-    30-50 s offline)."""
+    a long while offline)."""
     write_jsonl(tmp_path, ['{"prompt": "a", "response": "b"}'], name="train.jsonl")
     monkeypatch.chdir(tmp_path)
-    import paca.train.data as data
+    import paca.train.data.sources as sources
 
-    monkeypatch.setattr(data, "_load_from_hub", lambda *a: pytest.fail("the hub was asked"))
+    monkeypatch.setattr(sources, "load_from_hub", lambda *a: pytest.fail("the hub was asked"))
     with pytest.raises(FileNotFoundError, match=r"data file 'train' not found; did you mean 'train\.jsonl'\?"):
         load_examples("train")
     with pytest.raises(FileNotFoundError, match=r"data file 'trian\.jsonl' not found; did you mean 'train\.jsonl'"):
@@ -407,7 +407,7 @@ def test_bad_preference_records_name_file_and_line(tmp_path, record, message):
         load_preferences(path, "train", 0, 0)
 
 
-def test_review_fixes_in_reading(tmp_path, tokenizer):
+def test_reading_refuses_null_fields_and_failing_templates_and_finds_eval_splits(tmp_path, tokenizer):
     """Null Alpaca fields, a template that fails on a record, bare LLaMA-Factory tool schemas, a split named beside
     several sources, and the preference reader's eval split (a saved DatasetDict's validation, a named split)."""
     import datasets

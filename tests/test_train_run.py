@@ -17,7 +17,7 @@ from paca.train import TrainingStopped, demo, run
 from paca.train.checkpoints import newest_checkpoint
 from paca.train.cli import main
 from paca.train.config import load_config
-from paca.train.trainer import sft_trainer_class
+from paca.train.trainers import sft_trainer_class
 
 PROGRESS_LINE = re.compile(
     r"^step (\d+)/(\d+) \(\d+%\) \| loss [\d.]+ \| lr [\d.]+e[-+]\d+ \| [\d.]+[kMG]? tok/s \| "
@@ -71,7 +71,7 @@ DEMO_BASE_FLOOR, DEMO_PACA_FLOOR = 0.99, 0.95
 
 
 def test_the_demo_from_an_empty_cache_reaches_its_documented_floors(tmp_path, monkeypatch, capsys):
-    """`paca train` with no arguments, whole (about 20 s): stage 1 builds the base from an empty cache, which
+    """`paca train` with no arguments, whole: stage 1 builds the base from an empty cache, which
     knows its four operations; PaCA then takes the new task from 0% to at least the documented floor."""
     monkeypatch.setenv("PACA_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -183,8 +183,8 @@ def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_i
 ):
     import paca
     from paca.train.data import load_data
-    from paca.train.methods import apply_method, load_base
-    from paca.train.trainer import _collator
+    from paca.train.model import apply_method, load_base
+    from paca.train.trainers import sft_collator
 
     settings = ("selection=gradient", "selection_steps=3", "max_steps=4", "save_steps=2")
     whole = tmp_path / "whole"
@@ -193,10 +193,10 @@ def test_gradient_selection_scores_the_first_training_batches_and_resume_keeps_i
 
     # Reference: select_by_gradient itself on the first 3 training batches, in file order.
     cfg = config(task_file, tmp_path / "unused", *settings)
-    model, tokenizer, _ = load_base(cfg)
+    model, tokenizer, _ = load_base(cfg, demo.BUILTINS.models)
     data = load_data(cfg.data, cfg.data_split, tokenizer, cfg.max_length, cfg.eval_split, cfg.seed)
     model = apply_method(model, cfg)
-    batches = [_collator(tokenizer)(data.train[i : i + 8]) for i in (0, 8, 16)]
+    batches = [sft_collator(tokenizer)(data.train[i : i + 8]) for i in (0, 8, 16)]
     chosen = paca.select_by_gradient(model, iter(batches), steps=3)
     saved = adapter(whole)
     for layer, idx in chosen.items():
@@ -424,7 +424,7 @@ def test_gradient_accumulation_gives_the_update_of_the_large_batch(task_file, tm
 class RecordCheckpointing(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         base = model.get_base_model()
-        # transformers 5.23 renamed is_gradient_checkpointing (kept as a deprecated alias) to is_activation_checkpointing
+        # transformers 5.23 renamed is_gradient_checkpointing to is_activation_checkpointing (the old name an alias)
         self.enabled = getattr(base, "is_activation_checkpointing", None)
         if self.enabled is None:
             self.enabled = base.is_gradient_checkpointing
@@ -557,7 +557,7 @@ def test_eval_steps_dividing_the_run_evaluate_the_final_weights_once(task_file, 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved_its_adapter(task_file, tmp_path, monkeypatch):
     """overwrite=true moves the old run aside (output_dir/.previous-run) and deletes it only after the new run has
     saved: a new run that fails first leaves the old adapter and checkpoints intact there."""
-    import paca.train.trainer as trainer
+    import paca.train.pipeline as pipeline
 
     out = tmp_path / "run"
     args = [f"data={task_file}", "model=paca-demo-random", f"output_dir={out}", "batch_size=8", "eval_split=8"]
@@ -568,7 +568,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved_its_adapter(tas
         raise RuntimeError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_save_final", fails)
+        patch.setattr(pipeline, "_save_final", fails)
         with pytest.raises(RuntimeError, match="disk full"):
             main(args + ["max_steps=1", "overwrite=true", "seed=1"])
     aside = out / ".previous-run"

@@ -17,7 +17,7 @@ from paca.train import demo, run
 from paca.train.cli import main
 from paca.train.config import load_config
 from paca.train.data import IGNORE, load_data
-from paca.train.trainer import exact_match_verdicts, sft_trainer_class
+from paca.train.trainers import exact_match_verdicts, sft_trainer_class
 
 
 def config(task_file, output_dir, *overrides):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from .config import dash_options_as_overrides, load_config, usage
-from .trainer import TrainingStopped, run
+from .launch import run
+from .pipeline import TrainingStopped
 
 
 def main(argv: list[str] | None = None) -> int:

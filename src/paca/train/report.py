@@ -1,16 +1,14 @@
-"""What a run tells its user: one dense progress line per logging step, metrics.jsonl, the final summary."""
+"""What a run tells its user besides the progress line: the header, metrics.jsonl read back, the summary
+(summary.json) and the end-of-run block; the units they are written in."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
-import sys
-import time
 import warnings
 
 import torch
-from transformers import TrainerCallback
 
 
 def peak_memory_bytes() -> int:
@@ -48,90 +46,53 @@ def human_duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-class ProgressReport(TrainerCallback):
-    """Prints the progress line and appends one JSON object per logging step (and per evaluation).
+def header_lines(
+    cfg,
+    *,
+    model_path: str,
+    data,
+    parameters: tuple[int, int],
+    args,
+    resume_from: str | None,
+    scored: int,
+    intro: str | None = None,
+) -> list[str]:
+    """The lines a run prints before training: the model and method, the data, the batch and schedule.
 
-    ``step 120/1000 (12%) | loss 1.234 | lr 2.0e-04 | 41.2k tok/s | peak 3.1 GiB | eta 4m12s``
+    Args:
+        cfg: the run's config.
+        model_path: where the base came from, shown beside ``cfg.model`` when it differs.
+        data: the run's data (its ``report`` line).
+        parameters: ``(trainable, total)`` parameter counts.
+        args: the Trainer's arguments (processes, device).
+        resume_from: the checkpoint the run resumes from, if any.
+        scored: global batches selection=gradient scored (0: none).
+        intro: a line printed first (a built-in model's account of itself).
     """
-
-    def __init__(self, metrics_path: str, is_main: bool, stream=None):
-        self.metrics_path = metrics_path
-        self.is_main = is_main
-        self.stream = stream or sys.stdout
-        self.rows: list[dict] = []
-        self.evaluations: list[dict] = []  # metrics of each evaluation, in order
-        self.evaluation_steps: list[int] = []  # the optimizer step each was made at
-        self._start_time = self._last_time = 0.0
-        self._start_step = 0
-        self._last_tokens = self.start_tokens = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._start_time = self._last_time = time.perf_counter()
-        self._start_step = state.global_step  # > 0 when resuming
-        self._last_tokens = self.start_tokens = state.num_input_tokens_seen
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == state.max_steps:
-            control.should_log = True  # the last step always gets a line, whatever logging_steps says
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.evaluations.append(dict(metrics or {}))
-        self.evaluation_steps.append(state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.is_main or not logs:
-            return
-        now = time.perf_counter()
-        if "eval_loss" in logs:
-            row = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
-            for name in ("eval_exact_match", "eval_rewards/accuracies", "eval_rewards/margins"):  # SFT; DPO
-                if name in logs:
-                    row[name] = logs[name]
-            self._write(row)
-            match = (
-                f" | exact match {100 * row['eval_exact_match']:.1f}%"
-                if "eval_exact_match" in row
-                else f" | reward accuracy {100 * row['eval_rewards/accuracies']:.1f}%"
-                if "eval_rewards/accuracies" in row
-                else ""
-            )
-            self._print(f"eval step {state.global_step} | loss {row['eval_loss']:.4f}{match}")
-            return
-        if "loss" not in logs:
-            return  # the end-of-training record; the summary covers it
-        elapsed = now - self._start_time
-        tokens = state.num_input_tokens_seen
-        tokens_per_s = (tokens - self._last_tokens) / max(now - self._last_time, 1e-9)
-        done = state.global_step - self._start_step
-        eta = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
-        row = {
-            "step": state.global_step,
-            "loss": logs["loss"],
-            "lr": logs.get("learning_rate", 0.0),
-            "grad_norm": logs.get("grad_norm"),
-            "epoch": logs.get("epoch"),
-            "tokens_per_s": tokens_per_s,
-            "tokens_seen": tokens,
-            "peak_memory_bytes": peak_memory_bytes(),
-            "elapsed_s": elapsed,
-        }
-        self._write(row)
-        self._last_time, self._last_tokens = now, tokens
-        total = state.max_steps
-        self._print(
-            f"step {state.global_step}/{total} ({100 * state.global_step / total:.0f}%) | "
-            f"loss {row['loss']:.4f} | lr {row['lr']:.1e} | "
-            + (f"{human_count(tokens_per_s)} tok/s | " if tokens else "")  # DPO: TRL counts no tokens
-            + f"peak {human_bytes(row['peak_memory_bytes'])} | eta {human_duration(eta)}"
-        )
-
-    def _write(self, row: dict) -> None:
-        self.rows.append(row)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def _print(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
+    trainable, total = parameters
+    processes = args.world_size
+    global_batch = cfg.batch_size * cfg.grad_accum * processes
+    chosen = ""
+    if cfg.method in ("paca", "qpaca"):
+        chosen = f" {cfg.selection} columns" + (f" (scored on {scored} global batches)" if scored else "")
+    method = f"method {cfg.method}"
+    if cfg.method != "full":
+        method += f" r={cfg.r}{chosen} alpha={cfg.paca_alpha:g} on {cfg.target_modules}"
+    lines = [
+        f"model: {cfg.model}" + (f" ({model_path})" if model_path != cfg.model else "") + f" | {method} | trainable "
+        f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
+        data.report(cfg.max_length),
+        f"training: global batch {global_batch} ({cfg.batch_size} x {cfg.grad_accum} accumulation x "
+        f"{processes} process{'es' if processes > 1 else ''}{', FSDP2' if cfg.fsdp else ''}) | lr "
+        f"{cfg.learning_rate:g} {cfg.lr_scheduler} | {args.device.type}"
+        + (" | bf16" if cfg.bf16 else "")
+        + f" | output {cfg.output_dir}",
+    ]
+    if intro:
+        lines.insert(0, intro)
+    if resume_from:
+        lines.append(f"resuming from {resume_from}")
+    return lines
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -148,7 +109,7 @@ def read_metrics(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 row = None
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                warnings.warn(f"{path}:{number}: not a metrics row (cut short by a kill?); skipped.")
+                warnings.warn(f"{path}:{number}: not a metrics row (cut short by a kill?); skipped.", stacklevel=2)
                 continue
             rows.append(row)
     return rows
@@ -161,6 +122,81 @@ def truncate_metrics(path: str, step: int) -> None:
     with open(staged, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(staged, path)
+
+
+def run_summary(
+    cfg,
+    trainer,
+    progress,
+    data,
+    *,
+    train_seconds: float,
+    evaluations: tuple[dict | None, dict | None],
+    saved: list[str],
+    parameters: tuple[int, int],
+) -> dict:
+    """What summary.json holds: the run's length, speed, memory, parameters, losses and held-out evaluations.
+
+    Args:
+        cfg: the run's config.
+        trainer: the Trainer, after training.
+        progress: the run's :class:`paca.train.progress.ProgressReport` (metrics.jsonl, the tokens at the start).
+        data: the run's data.
+        train_seconds: training time, evaluations left out.
+        evaluations: the held-out metrics ``(before, after)`` training, each None when not measured.
+        saved: the names of the files saved into output_dir.
+        parameters: ``(trainable, total)`` parameter counts.
+    """
+    losses = [row["loss"] for row in read_metrics(progress.metrics_path) if "loss" in row]
+    state = trainer.state
+    trainable, total = parameters
+    before, after = evaluations
+    return {
+        "model": cfg.model,
+        "method": cfg.method,
+        "data": cfg.data,
+        "output_dir": cfg.output_dir,
+        "steps": state.global_step,
+        "train_seconds": train_seconds,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_s": (state.num_input_tokens_seen - progress.start_tokens) / max(train_seconds, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "peak_memory_kind": memory_kind(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "optimizer_state_bytes": _optimizer_state_bytes(trainer.optimizer),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "truncated": data.truncated,
+        "dropped": len(data.dropped),
+        "eval_before": _eval_fields(before),
+        "eval_after": _eval_fields(after),
+        "saved": ", ".join(name for name in saved if name.startswith(("adapter_", "model"))) or "nothing",
+        "processes": trainer.args.world_size,
+    }
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    """Bytes of this process's optimizer state (AdamW: two moments per trained value), as allocated."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
+
+
+def _eval_fields(metrics: dict | None) -> dict | None:
+    if not metrics:
+        return None
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if k in ("eval_loss", "eval_exact_match", "eval_rewards/accuracies", "eval_rewards/margins")
+    }
 
 
 def format_summary(summary: dict) -> str:
@@ -177,19 +213,20 @@ def format_summary(summary: dict) -> str:
         lines.append(f"train loss {summary['first_loss']:.4f} (first logged) -> {summary['last_loss']:.4f} (last)")
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if after:
-
-        def fmt(ev):
-            if not ev:
-                return "not measured"
-            text = f"loss {ev['eval_loss']:.4f}"
-            if "eval_exact_match" in ev:
-                text += f", exact match {100 * ev['eval_exact_match']:.1f}%"
-            if "eval_rewards/accuracies" in ev:
-                text += f", reward accuracy {100 * ev['eval_rewards/accuracies']:.1f}%"
-            return text
-
         lines.append(
-            f"held-out eval ({summary['eval_examples']} examples): before {fmt(before)} -> after {fmt(after)}"
+            f"held-out eval ({summary['eval_examples']} examples): before {_describe_evaluation(before)} -> after "
+            f"{_describe_evaluation(after)}"
         )
     lines.append(f"saved: {summary['saved']} in {summary['output_dir']}")
     return "\n".join(lines)
+
+
+def _describe_evaluation(metrics: dict | None) -> str:
+    if not metrics:
+        return "not measured"
+    text = f"loss {metrics['eval_loss']:.4f}"
+    if "eval_exact_match" in metrics:
+        text += f", exact match {100 * metrics['eval_exact_match']:.1f}%"
+    if "eval_rewards/accuracies" in metrics:
+        text += f", reward accuracy {100 * metrics['eval_rewards/accuracies']:.1f}%"
+    return text

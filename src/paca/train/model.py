@@ -1,15 +1,17 @@
-"""The model to train: load the base (hub, local directory, demo) and apply the method (PaCA, QPaCA, LoRA, DoRA, full)."""
+"""The model to train: load the base (hub, local directory, built-in) and apply the method (PaCA, QPaCA, LoRA, DoRA,
+full), choosing PaCA's columns by gradient where asked."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from . import demo
-from .config import DEMO, DEMO_RANDOM, TrainConfig
+from .builtin import BuiltinModel
+from .config import TrainConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -61,9 +63,11 @@ def use_chat_template(tokenizer, source: str):
     return tokenizer
 
 
-def run_tokenizer(cfg: TrainConfig, path: str):
-    """The tokenizer a run of ``cfg`` uses (``path``: where the model is), with its chat_template choice."""
-    tokenizer = demo.build_tokenizer() if path in (DEMO, DEMO_RANDOM) else load_tokenizer(path)
+def run_tokenizer(cfg: TrainConfig, builtin_models: Mapping[str, BuiltinModel]):
+    """The tokenizer a run of ``cfg`` uses, with its chat_template choice; a built-in model's made without the
+    model."""
+    builtin = builtin_models.get(cfg.model)
+    tokenizer = builtin.tokenizer() if builtin else load_tokenizer(cfg.model)
     return use_chat_template(tokenizer, cfg.chat_template)
 
 
@@ -74,37 +78,48 @@ def _check_model_exists(name: str) -> None:
         raise FileNotFoundError(f"model '{name}' not found: no such directory (and not a hub id).")
 
 
-def load_base(cfg: TrainConfig):
-    """``(model, tokenizer, model_path)`` for ``cfg.model``; 4-bit NF4 weights for method=qpaca."""
-    if cfg.model == DEMO_RANDOM:
-        model = demo.random_model(cfg.seed)
-        return model, run_tokenizer(cfg, DEMO_RANDOM), DEMO_RANDOM
-    path = demo.ensure_base() if cfg.model == DEMO else cfg.model
+def load_base(cfg: TrainConfig, builtin_models: Mapping[str, BuiltinModel]):
+    """``(model, tokenizer, model_path)`` for ``cfg.model``; 4-bit NF4 weights for method=qpaca.
+
+    ``model_path`` is where the weights came from: an absolute directory, a hub id, or the name of a built-in
+    model made in memory.
+    """
+    builtin = builtin_models.get(cfg.model)
+    if builtin is not None and builtin.build is not None:
+        model = builtin.build(cfg.seed)
+        return model, use_chat_template(builtin.tokenizer(), cfg.chat_template), cfg.model
+    path = builtin.directory() if builtin is not None else cfg.model
     _check_model_exists(path)
     if os.path.isdir(path):
         # The adapter records where its base came from: an absolute path still finds it from another directory
         # (`paca export`, PeftModel.from_pretrained); a relative one only from where the run started.
         path = os.path.abspath(path)
-    tokenizer = run_tokenizer(cfg, path)
+    tokenizer = use_chat_template(load_tokenizer(path), cfg.chat_template)
     from ..modeling import load_model
 
-    kwargs = {}
-    if cfg.method == "qpaca":
-        from transformers import BitsAndBytesConfig
-
-        from ..quantized import import_bitsandbytes
-
-        import_bitsandbytes(f"method=qpaca (model '{cfg.model}')")
-        compute = torch.bfloat16 if cfg.bf16 else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
-        )
-        if not torch.cuda.is_available():
-            kwargs["device_map"] = "cpu"
     # Frozen weights may live in bf16; trained ones (full fine-tuning) stay fp32 under mixed precision.
     dtype = torch.bfloat16 if cfg.bf16 and cfg.method != "full" else torch.float32
-    model = load_model(path, "CAUSAL_LM", dtype=dtype, **kwargs)
-    return model, tokenizer, path
+    return load_model(path, "CAUSAL_LM", dtype=dtype, **_quantization_arguments(cfg)), tokenizer, path
+
+
+def _quantization_arguments(cfg: TrainConfig) -> dict:
+    """What ``load_model`` takes for 4-bit NF4 weights (method=qpaca): nothing for the other methods."""
+    if cfg.method != "qpaca":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    from ..quantized import import_bitsandbytes
+
+    import_bitsandbytes(f"method=qpaca (model '{cfg.model}')")
+    compute = torch.bfloat16 if cfg.bf16 else torch.float32
+    kwargs = {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+    }
+    if not torch.cuda.is_available():
+        kwargs["device_map"] = "cpu"
+    return kwargs
 
 
 def apply_method(model: nn.Module, cfg: TrainConfig) -> nn.Module:
