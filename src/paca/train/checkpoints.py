@@ -18,6 +18,20 @@ COMPLETE_MARKER = "trainer_state.json"  # written last by Trainer._save_checkpoi
 CONFIG_FILE = "train_config.yaml"  # written by every paca train run: marks a directory as one of ours
 RUN_FILES = ("metrics.jsonl", "loss.png", "summary.json", CONFIG_FILE)
 PREVIOUS_RUN = ".previous-run"  # overwrite=true: the replaced run, until the new one has saved its model
+# What a run saves into output_dir besides its logs: what overwrite=true sets aside from the run it replaces.
+MODEL_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "training_args.bin",
+    "README.md",
+)
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:

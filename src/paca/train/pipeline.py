@@ -30,21 +30,6 @@ from .plot import plot_loss
 from .progress import ProgressReport
 from .trainers import NotFinite, exact_match, preference_trainer_class, sft_collator, sft_trainer_class
 
-# What a run saves into output_dir besides its logs: what overwrite=true sets aside from the run it replaces.
-MODEL_FILES = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "model.safetensors",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "training_args.bin",
-    "README.md",
-)
-
 
 class TrainingStopped(RuntimeError):
     """Training stopped before the end (the loss turned NaN/Inf); nothing saved earlier was touched."""
@@ -261,7 +246,7 @@ def _start_output_dir(cfg: TrainConfig, progress: ProgressReport, resume_from: s
     os.makedirs(cfg.output_dir, exist_ok=True)
     checkpoints.remove_staging(cfg.output_dir)
     if cfg.overwrite:
-        checkpoints.set_aside_previous_run(cfg.output_dir, MODEL_FILES)
+        checkpoints.set_aside_previous_run(cfg.output_dir, checkpoints.MODEL_FILES)
     if resume_from:
         report.truncate_metrics(progress.metrics_path, _checkpoint_step(resume_from))
     with open(os.path.join(cfg.output_dir, checkpoints.CONFIG_FILE), "w") as f:
