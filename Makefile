@@ -3,7 +3,7 @@
 # here; any other version pulls several GB of CUDA packages). docs/DEPENDENCIES.md says how the lock moves.
 PY := .venv/bin/python
 STAMP := .venv/.installed
-EXTRAS := .[train,quant,tensorboard,test,upstream-tests,quality]
+EXTRAS := .[train,quant,tensorboard,test,lint,upstream-tests,quality]
 TORCH := torch==2.13.0
 # Held back when `make lock` takes the newest releases, each for a known break:
 #   (nothing held on 2026-12-07)

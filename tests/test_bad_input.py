@@ -43,7 +43,7 @@ def adapter_dir(tmp_path):
     """A saved PaCA adapter (all-linear, r=4, random nonzero deltas) for tiny_llama()."""
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_()
     model.save_pretrained(tmp_path / "adapter")

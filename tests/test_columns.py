@@ -206,7 +206,10 @@ def test_a_weight_another_module_holds_is_restored_after_every_call(token_ids):
     embedding = base.model.embed_tokens.weight.detach().clone()
     model = get_peft_model(base, PacaConfig(r=4, target_modules=["lm_head", "q_proj"]))
     layers = paca_layers(model)
-    assert layers["lm_head"]._column_writer.transient and not layers["model.layers.0.self_attn.q_proj"]._column_writer.transient
+    assert (
+        layers["lm_head"]._column_writer.transient
+        and not layers["model.layers.0.self_attn.q_proj"]._column_writer.transient
+    )
     with torch.no_grad():
         layers["lm_head"].paca_delta["default"].normal_()
     model.train()

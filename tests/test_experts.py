@@ -494,9 +494,9 @@ def test_gradient_checkpointing_gives_the_same_expert_and_router_gradients(use_r
 
 @needs_peft_0_21
 def test_damaged_expert_entries_are_refused_naming_the_file_or_module(tmp_path):
-    from paca import add_weighted_adapter
     from safetensors.torch import load_file, save_file
 
+    from paca import add_weighted_adapter
     from paca.adapter_file import AdapterFileError, load_adapter_tensors
 
     model = get_peft_model(tiny_moe("mixtral"), PacaConfig(r=4, target_modules=["experts"]))

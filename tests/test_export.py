@@ -25,14 +25,14 @@ MAKE = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
 def make_adapter(tmp_path, arch, **config):
-    """Save a base model and a PaCA adapter (random nonzero deltas) for it; return (base_dir, adapter_dir, logits fn)."""
+    """Save a base model and a PaCA adapter (random nonzero deltas) for it; (base_dir, adapter_dir, logits fn)."""
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     MAKE[arch]().save_pretrained(base_dir)
     config = {"r": 4, "target_modules": "all-linear", "task_type": "CAUSAL_LM", **config}
     model = get_peft_model(MAKE[arch](), PacaConfig(**config)).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     model.save_pretrained(adapter_dir)
@@ -256,7 +256,7 @@ def test_export_of_a_vision_language_adapter_trained_as_causal_lm(tmp_path, toke
     tiny_llava().save_pretrained(base_dir)
     model = get_peft_model(tiny_llava(), PacaConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(std=0.1)
     model.eval().save_pretrained(adapter_dir)

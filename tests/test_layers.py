@@ -136,7 +136,9 @@ def test_layer_gradients_match_dense_reference_and_base_gets_none(kind):
     idx, s = layer.paca_indices["default"], layer.scaling["default"]
     delta = layer.paca_delta["default"].detach()
     w_eff = w.index_copy(
-        layer.column_axis, idx, w.index_select(layer.column_axis, idx) + s * (delta.t() if layer.column_axis == 0 else delta)
+        layer.column_axis,
+        idx,
+        w.index_select(layer.column_axis, idx) + s * (delta.t() if layer.column_axis == 0 else delta),
     ).requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
     reference_forward(layer, xr, w_eff, base.bias.detach()).square().sum().backward()
@@ -322,7 +324,8 @@ def test_a_new_adapter_selects_its_columns_from_the_pretrained_weight(kind):
     layer(x.requires_grad_(True))  # its backward never runs: the columns stay written
     tuned = layer.get_base_layer().weight.detach().clone()
     assert not torch.equal(
-        selection.weight_norm_columns(tuned, 4, layer.column_axis), selection.weight_norm_columns(w0, 4, layer.column_axis)
+        selection.weight_norm_columns(tuned, 4, layer.column_axis),
+        selection.weight_norm_columns(w0, 4, layer.column_axis),
     )  # the test can tell them apart
     layer.update_layer("other", r=4, paca_alpha=8.0, selection_strategy="weight_norm")
     assert torch.equal(layer.paca_indices["other"], selection.weight_norm_columns(w0, 4, layer.column_axis))
@@ -410,7 +413,7 @@ def test_bf16_model_through_get_peft_model_keeps_fp32_delta_and_matches_fp32_mod
     assert deltas and all(p.dtype == torch.float32 and p.requires_grad for p in deltas)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for (n16, p16), (n32, p32) in zip(model16.named_parameters(), model32.named_parameters()):
+        for (n16, p16), (_, p32) in zip(model16.named_parameters(), model32.named_parameters()):
             if "paca_delta" in n16:
                 p16.copy_(torch.randn(p16.shape, generator=g) * 0.05)
                 p32.copy_(p16)

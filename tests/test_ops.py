@@ -27,7 +27,7 @@ def _randn(*shape, seed, dtype=torch.float64, requires_grad=False):
 
 
 def effective_weight(w0, delta, idx, scale, column_axis):
-    """Dense reference weight: ``w0`` with input channels ``idx`` (along ``column_axis``) shifted by ``scale * delta``."""
+    """Dense reference weight: ``w0`` with channels ``idx`` (along ``column_axis``) shifted by ``scale * delta``."""
     return w0.index_copy(column_axis, idx, w0.index_select(column_axis, idx) + scale * delta)
 
 

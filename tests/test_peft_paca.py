@@ -207,8 +207,8 @@ PLAIN_PEFT = textwrap.dedent("""
     with torch.no_grad():
         torch.save(model(x).logits, out + "/plain_peft_logits.pt")
     torch.manual_seed(4)
-    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(out + "/base"),
-                            peft.PacaConfig(r=3, target_modules="all-linear", random_seed=9, init_weights=False)).eval()
+    config = peft.PacaConfig(r=3, target_modules="all-linear", random_seed=9, init_weights=False)
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(out + "/base"), config).eval()
     theirs.save_pretrained(out + "/from_peft")
     with torch.no_grad():
         torch.save(theirs(x).logits, out + "/peft_logits.pt")

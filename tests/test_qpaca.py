@@ -286,7 +286,8 @@ def cpu_repacking_bitsandbytes():
 
 def test_base_forward_in_eval_never_repacks_a_tuned_weight(base_dir, token_ids):
     """bitsandbytes repacks a 4-bit weight for its CPU kernel on an eval no-grad forward, rounding its scales to
-    bf16 for good; a QPaCA layer's base must keep the exact layout, whatever the CPU, and get its flag back on unload."""
+    bf16 for good; a QPaCA layer's base must keep the exact layout, whatever the CPU, and get its flag back on
+    unload."""
     cpu_repacking_bitsandbytes()
     quantized = load_4bit(base_dir)
     for module in quantized.modules():  # as on a CPU with AVX512-BF16, where bitsandbytes repacks

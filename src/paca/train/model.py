@@ -108,7 +108,7 @@ def _quantization_arguments(cfg: TrainConfig) -> dict:
         return {}
     from transformers import BitsAndBytesConfig
 
-    from ..quantized import import_bitsandbytes
+    from ..tuner.quantized import import_bitsandbytes
 
     import_bitsandbytes(f"method=qpaca (model '{cfg.model}')")
     compute = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -191,11 +191,11 @@ def select_columns_by_gradient(model: nn.Module, examples: list[dict], collate, 
             model, (collate(batch) for batch in micro), steps=cfg.selection_steps, accumulate=per_step
         )
     if distributed:
-        from paca.tuner.layer import PacaLayer
+        from paca.tuner.layer import SingleWeightLayer  # experts keep their seeded columns: nothing to share
 
         # NCCL moves only CUDA tensors; gloo CPU ones.
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        for layer in (m for m in model.modules() if isinstance(m, PacaLayer)):
+        for layer in (m for m in model.modules() if isinstance(m, SingleWeightLayer)):
             for adapter, idx in list(layer.paca_indices.items()):
                 shared = idx.to(device)
                 dist.broadcast(shared, src=0)
