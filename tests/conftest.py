@@ -80,3 +80,11 @@ def task_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "task.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in demo.new_task_records()[:72]))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The demo's tokenizer (chat template with user / assistant turns), one per test module."""
+    from paca.train import demo
+
+    return demo.build_tokenizer()
