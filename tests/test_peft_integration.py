@@ -1,18 +1,21 @@
-"""PaCA behaves as a PEFT method: every PeftModel / transformers / Trainer entry point a user reaches for.
+"""PaCA behaves as a PEFT method: targeting, trainable parameters, initialisation and several adapters.
 
-Reference for outputs: the plain base model (bit-exact where PEFT promises it: disabled adapter, unmerge,
-unload) or a dense float64 re-computation of the tuned columns.
+Pinned: the trainable parameters are sum(d_out * r) and PEFT counts them so; target_modules (a list, all-linear,
+the architecture's LoRA defaults), exclude_modules and layers_to_transform pick the layers PEFT's LoRA would; a
+fresh adapter leaves the outputs unchanged and init_weights=False starts with a small nonzero delta; layers report
+their base's in/out features; named adapters each give their own outputs, a mixed-adapter batch gives each row its
+own adapter, and delete_adapter keeps the other. Merge/unload: tests/test_peft_integration_merge.py; transformers
+and Trainer: tests/test_peft_integration_transformers.py.
+
+Reference for outputs: the plain base model or a model carrying only the adapter in question.
 """
 
 import contextlib
-import copy
 import io
 
-import peft
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from packaging import version
 from peft import get_peft_model
 
 from paca import PacaConfig, PacaLayer, paca_layers
@@ -28,24 +31,12 @@ def randomize_deltas(model, seed=0, std=0.1, adapter=None):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def base_state(model):
-    """Every tensor of a plain (or unloaded) model, cloned."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_state_equal(state, model):
-    now = model.state_dict()
-    assert state.keys() == now.keys()
-    for k, v in state.items():
-        assert torch.equal(v, now[k]), f"{k} changed"
-
-
 def linear_out_features(module):
     return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
 
 
 # ----------------------------------------------------------------------------------------------------
-# targeting and trainable parameters
+# targeting, trainable parameters and the initial delta
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -121,6 +112,32 @@ def test_fresh_adapter_leaves_outputs_unchanged(token_ids):
     expected = tiny_llama()(token_ids).logits
     model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear"))
     assert torch.equal(model(token_ids).logits, expected)
+
+
+def test_init_weights_false_starts_with_a_small_nonzero_delta(token_ids):
+    """PEFT's convention for tests: init_weights=False gives an adapter that changes the outputs from the start,
+    normal(0, 0.1) from the global RNG as PEFT's PaCA draws it: the same one for the same torch seed."""
+    base_logits = tiny_llama()(token_ids).logits
+    models = []
+    for _ in range(2):
+        base = tiny_llama()
+        torch.manual_seed(3)
+        models.append(get_peft_model(base, PacaConfig(r=4, init_weights=False)))
+    deltas = [[p.detach() for n, p in m.named_parameters() if "paca_delta" in n] for m in models]
+    assert all(0.05 < d.std() < 0.2 for d in deltas[0])
+    assert all(torch.equal(a, b) for a, b in zip(*deltas))
+    assert not torch.allclose(models[0](token_ids).logits, base_logits)
+    assert torch.equal(get_peft_model(tiny_llama(), PacaConfig(r=4))(token_ids).logits, base_logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layers_report_in_and_out_features_of_their_base(arch):
+    make = tiny_llama if arch == "llama" else tiny_gpt2
+    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear"))
+    for layer in paca_layers(model).values():
+        weight = layer.get_base_layer().weight
+        d_out, d_in = (weight.shape[1], weight.shape[0]) if layer.is_transposed else weight.shape
+        assert (layer.in_features, layer.out_features) == (d_in, d_out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,242 +233,3 @@ def test_delete_adapter_removes_its_state_and_keeps_the_other(token_ids):
     assert not any(k.endswith(".b") for k in model.state_dict())
     model.set_adapter("default")
     torch.testing.assert_close(model(token_ids).logits, expected, rtol=0, atol=0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# disable / merge / unmerge / unload
-# ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_disable_adapter_gives_base_outputs_exactly(arch, merged, token_ids):
-    """Inside disable_adapter() logits equal the base model's bit for bit (merged or not); outside they don't."""
-    make = tiny_llama if arch == "llama" else tiny_gpt2
-    expected = make()(token_ids).logits
-    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear")).eval()
-    randomize_deltas(model)
-    tuned = model(token_ids).logits
-    if merged:
-        model.merge_adapter()
-    with model.disable_adapter():
-        assert torch.equal(model(token_ids).logits, expected)
-    torch.testing.assert_close(model(token_ids).logits, tuned, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(tuned, expected)
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_merge_then_unmerge_restores_every_base_tensor_bit_for_bit(arch, token_ids):
-    """merge_adapter changes the weights (outputs close to unmerged); unmerge_adapter restores them exactly."""
-    make = tiny_llama if arch == "llama" else tiny_gpt2
-    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear")).eval()
-    randomize_deltas(model)
-    before = base_state(model)
-    unmerged = model(token_ids).logits
-    model.merge_adapter()
-    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    torch.testing.assert_close(model(token_ids).logits, unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge_adapter()
-    assert_state_equal(before, model)
-    assert torch.equal(model(token_ids).logits, unmerged)
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_merge_and_unload_gives_plain_model_with_same_outputs(arch, token_ids):
-    """merge_and_unload returns the plain architecture (no PaCA layers) with outputs close to the PaCA model."""
-    make = tiny_llama if arch == "llama" else tiny_gpt2
-    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear")).eval()
-    randomize_deltas(model)
-    expected = model(token_ids).logits
-    merged = model.merge_and_unload()
-    assert type(merged) is type(make())
-    assert not any(isinstance(m, PacaLayer) for m in merged.modules())
-    assert set(merged.state_dict()) == set(make().state_dict())
-    torch.testing.assert_close(merged(token_ids).logits, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("merge_first", [False, True], ids=["unmerged", "merged"])
-def test_unload_restores_base_model_bit_for_bit(merge_first, token_ids):
-    """unload() gives the base model back with every tensor exactly as before, after a training step's forward and
-    backward (the tuned columns are written in the weights then) and even after merge_adapter."""
-    reference = tiny_llama()
-    before = base_state(reference)
-    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear"))
-    randomize_deltas(model)
-    model(token_ids, labels=token_ids).loss.backward()
-    if merge_first:
-        model.merge_adapter()
-    plain = model.unload()
-    assert not any(isinstance(m, PacaLayer) for m in plain.modules())
-    assert_state_equal(before, plain)
-    assert torch.equal(plain(token_ids).logits, reference(token_ids).logits)
-
-
-def tiny_roberta_classifier():
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    config = RobertaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    return RobertaForSequenceClassification(config).eval()
-
-
-@pytest.mark.parametrize("case", ["roberta_seq_cls_head", "llama_mlp_block"])
-def test_unload_and_merge_keep_a_trained_modules_to_save_module_that_has_no_weight(case, token_ids):
-    """modules_to_save holding a module without a ``weight`` of its own (RoBERTa's classification head, a Llama MLP
-    block): merge_and_unload keeps the trained copy with the PaCA model's outputs; unload keeps it too."""
-    if case == "roberta_seq_cls_head":
-        make, cfg = tiny_roberta_classifier, PacaConfig(r=4, task_type="SEQ_CLS", target_modules=["query", "value"])
-        ids = token_ids[:, 1:]  # RoBERTa's position ids start after the padding index
-    else:
-        make, cfg = tiny_llama, PacaConfig(r=4, target_modules=["q_proj"], modules_to_save=["layers.0.mlp"])
-        ids = token_ids
-    model = get_peft_model(make(), cfg).eval()
-    randomize_deltas(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(0.05)
-    expected = model(ids).logits
-    unloaded = copy.deepcopy(model).unload()
-    assert not any(isinstance(m, PacaLayer) for m in unloaded.modules())
-    merged = model.merge_and_unload()
-    assert not any(isinstance(m, PacaLayer) for m in merged.modules())
-    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
-    base_without_trained_copy = make()(ids).logits
-    # unload keeps the trained copy on peft < 0.22; peft 0.22 gives back the original module, for every method
-    keeps_trained_copy = version.parse(peft.__version__) < version.parse("0.22")
-    assert torch.allclose(unloaded(ids).logits, base_without_trained_copy) != keeps_trained_copy
-
-
-def test_init_weights_false_starts_with_a_small_nonzero_delta(token_ids):
-    """PEFT's convention for tests: init_weights=False gives an adapter that changes the outputs from the start,
-    normal(0, 0.1) from the global RNG as PEFT's PaCA draws it: the same one for the same torch seed."""
-    base_logits = tiny_llama()(token_ids).logits
-    models = []
-    for _ in range(2):
-        base = tiny_llama()
-        torch.manual_seed(3)
-        models.append(get_peft_model(base, PacaConfig(r=4, init_weights=False)))
-    deltas = [[p.detach() for n, p in m.named_parameters() if "paca_delta" in n] for m in models]
-    assert all(0.05 < d.std() < 0.2 for d in deltas[0])
-    assert all(torch.equal(a, b) for a, b in zip(*deltas))
-    assert not torch.allclose(models[0](token_ids).logits, base_logits)
-    assert torch.equal(get_peft_model(tiny_llama(), PacaConfig(r=4))(token_ids).logits, base_logits)
-
-
-def test_safe_merge_of_a_broken_adapter_says_what_peft_methods_say_and_leaves_that_layer_unmerged():
-    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    layer = paca_layers(model)["model.layers.1.self_attn.v_proj"]
-    weight = layer.get_base_layer().weight.detach().clone()
-    with torch.no_grad():
-        layer.paca_delta["default"][0, 0] = float("nan")
-    with pytest.raises(
-        ValueError,
-        match=r"NaNs detected in the merged weights\. The adapter default seems to be "
-        r"broken \(module 'model\.layers\.1\.self_attn\.v_proj'",
-    ):
-        model.merge_adapter(safe_merge=True)
-    assert not layer.merged and torch.equal(layer.get_base_layer().weight, weight)
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_layers_report_in_and_out_features_of_their_base(arch):
-    make = tiny_llama if arch == "llama" else tiny_gpt2
-    model = get_peft_model(make(), PacaConfig(r=4, target_modules="all-linear"))
-    for layer in paca_layers(model).values():
-        weight = layer.get_base_layer().weight
-        d_out, d_in = (weight.shape[1], weight.shape[0]) if layer.is_transposed else weight.shape
-        assert (layer.in_features, layer.out_features) == (d_in, d_out)
-
-
-# ----------------------------------------------------------------------------------------------------
-# transformers integration
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_transformers_load_adapter_on_plain_model_matches_peft_model(tmp_path, token_ids):
-    """transformers' model.load_adapter(dir) on a plain model gives the PeftModel's outputs."""
-    model = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    randomize_deltas(model)
-    model.eval()
-    expected = model(token_ids).logits
-    model.save_pretrained(tmp_path / "adapter")
-
-    plain = tiny_llama()
-    plain.load_adapter(str(tmp_path / "adapter"))
-    assert len(paca_layers(plain)) == 14
-    plain.eval()
-    torch.testing.assert_close(plain(token_ids).logits, expected, rtol=0, atol=0)
-
-
-def _trainer(model, out_dir, max_steps):
-    from transformers import Trainer, TrainingArguments
-
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 8), generator=g)]
-    args = TrainingArguments(
-        output_dir=str(out_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=2,
-        learning_rate=5e-2,
-        save_strategy="steps",
-        save_steps=2,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        lr_scheduler_type="linear",
-        weight_decay=0.01,
-    )
-    return Trainer(model=model, args=args, train_dataset=data)
-
-
-def test_trainer_resume_from_checkpoint_gives_same_delta_as_uninterrupted_run(tmp_path):
-    """HF Trainer: save at step 2, resume_from_checkpoint to step 4 == an uninterrupted 4-step run."""
-    cfg = PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
-    full = get_peft_model(tiny_llama(), cfg)
-    _trainer(full, tmp_path / "full", max_steps=4).train()
-    expected = {n: p.detach().clone() for n, p in full.named_parameters() if "paca_delta" in n}
-    assert any(p.abs().sum() > 0 for p in expected.values())
-
-    checkpoint = tmp_path / "full" / "checkpoint-2"
-    assert (checkpoint / "adapter_model.safetensors").is_file()
-    resumed = get_peft_model(tiny_llama(), PacaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    _trainer(resumed, tmp_path / "resumed", max_steps=4).train(resume_from_checkpoint=str(checkpoint))
-    got = {n: p.detach() for n, p in resumed.named_parameters() if "paca_delta" in n}
-    assert got.keys() == expected.keys()
-    for n, d in expected.items():
-        torch.testing.assert_close(got[n], d, rtol=1e-5, atol=1e-7, msg=n)
-
-
-def test_mamba_layers_its_fused_kernel_reads_directly_are_named_and_train_on_the_slow_path():
-    """Mamba's fused CUDA path reads x_proj / dt_proj / out_proj weights directly (their deltas would be ignored
-    there): one warning names them; on the CPU path they are called and train."""
-    from transformers import MambaConfig, MambaForCausalLM
-
-    torch.manual_seed(0)
-    base = MambaForCausalLM(
-        MambaConfig(
-            hidden_size=32, state_size=4, num_hidden_layers=2, vocab_size=64, intermediate_size=64, time_step_rank=4
-        )
-    )
-    with pytest.warns(
-        UserWarning,
-        match=r"Mamba's fused CUDA path .* 4 tuned layer\(s\) \(e\.g\. "
-        r"'backbone\.layers\.0\.mixer\.x_proj'\)",
-    ):
-        model = get_peft_model(base, PacaConfig(r=2, target_modules=["in_proj", "x_proj", "out_proj"]))
-    ids = torch.randint(0, 64, (1, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
