@@ -6,11 +6,13 @@ outputs; ``paca export --to lora`` loads in plain PEFT with the same outputs (or
 load it wrong, as stated).
 """
 
+import functools
 import warnings
 
 import peft
 import pytest
 import torch
+import transformers
 from packaging import version
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
@@ -33,162 +35,186 @@ DECODER = dict(
 )
 
 
-def _build(name: str):
-    """(model, inputs, task_type) of architecture ``name``."""
-    import transformers as t
+def _text() -> dict:
+    return {"input_ids": IDS}
 
-    text = {"input_ids": IDS}
-    if name in ("llama", "qwen2", "mistral", "phi3", "gemma2", "olmo2"):
-        cls, cfg = {
-            "llama": (t.LlamaForCausalLM, t.LlamaConfig),
-            "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config),
-            "mistral": (t.MistralForCausalLM, t.MistralConfig),
-            "phi3": (t.Phi3ForCausalLM, t.Phi3Config),
-            "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config),
-            "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config),
-        }[name]
-        extra = dict(head_dim=8) if name == "gemma2" else dict(pad_token_id=0) if name == "phi3" else {}
-        return cls(cfg(**DECODER, **extra)), text, "CAUSAL_LM"
-    if name == "gpt2":
-        return (
-            t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
-            text,
-            "CAUSAL_LM",
-        )
-    if name == "opt":
-        return (
-            t.OPTForCausalLM(
-                t.OPTConfig(
-                    vocab_size=64,
-                    hidden_size=32,
-                    ffn_dim=48,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    word_embed_proj_dim=32,
-                    max_position_embeddings=64,
-                )
-            ),
-            text,
-            "CAUSAL_LM",
-        )
-    if name == "gpt_neox":
-        return (
-            t.GPTNeoXForCausalLM(
-                t.GPTNeoXConfig(
-                    vocab_size=64,
-                    hidden_size=32,
-                    intermediate_size=48,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    max_position_embeddings=64,
-                )
-            ),
-            text,
-            "CAUSAL_LM",
-        )
-    if name in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"):
-        from test_experts import tiny_moe
 
-        return tiny_moe(name), text, "CAUSAL_LM"
-    if name == "mamba":
-        return (
-            t.MambaForCausalLM(
-                t.MambaConfig(
-                    vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4
-                )
-            ),
-            text,
-            "CAUSAL_LM",
-        )
-    if name == "bert":
-        return (
-            t.BertModel(
-                t.BertConfig(
-                    vocab_size=64,
-                    hidden_size=32,
-                    intermediate_size=48,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    max_position_embeddings=64,
-                )
-            ),
-            text,
-            None,
-        )
-    if name == "roberta_cls":
-        config = t.RobertaConfig(
+def _llama_like(name: str):
+    """A Llama-shaped decoder at DECODER's sizes."""
+    cls, config_cls = {
+        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+        "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
+        "phi3": (transformers.Phi3ForCausalLM, transformers.Phi3Config),
+        "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config),
+        "olmo2": (transformers.Olmo2ForCausalLM, transformers.Olmo2Config),
+    }[name]
+    extra = dict(head_dim=8) if name == "gemma2" else dict(pad_token_id=0) if name == "phi3" else {}
+    return cls(config_cls(**DECODER, **extra)), _text(), "CAUSAL_LM"
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config), _text(), "CAUSAL_LM"
+
+
+def _opt():
+    config = transformers.OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
+    return transformers.OPTForCausalLM(config), _text(), "CAUSAL_LM"
+
+
+def _gpt_neox():
+    config = transformers.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return transformers.GPTNeoXForCausalLM(config), _text(), "CAUSAL_LM"
+
+
+def _moe(name: str):
+    from test_experts import tiny_moe
+
+    return tiny_moe(name), _text(), "CAUSAL_LM"
+
+
+def _mamba():
+    config = transformers.MambaConfig(
+        vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4
+    )
+    return transformers.MambaForCausalLM(config), _text(), "CAUSAL_LM"
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(config), _text(), None
+
+
+def _roberta_cls():
+    config = transformers.RobertaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return transformers.RobertaForSequenceClassification(config), _text(), "SEQ_CLS"
+
+
+def _seq2seq_inputs() -> dict:
+    return {"input_ids": IDS, "decoder_input_ids": IDS[:, :6]}
+
+
+def _t5():
+    config = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    return transformers.T5ForConditionalGeneration(config), _seq2seq_inputs(), "SEQ_2_SEQ_LM"
+
+
+def _bart():
+    config = transformers.BartConfig(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_position_embeddings=64,
+    )
+    return transformers.BartForConditionalGeneration(config), _seq2seq_inputs(), "SEQ_2_SEQ_LM"
+
+
+def _vit():
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+    )
+    return transformers.ViTModel(config), {"pixel_values": PIXELS}, None
+
+
+def _clip():
+    config = transformers.CLIPConfig(
+        text_config=dict(
             vocab_size=64,
             hidden_size=32,
             intermediate_size=48,
-            num_hidden_layers=2,
+            num_hidden_layers=1,
             num_attention_heads=4,
             max_position_embeddings=64,
-            num_labels=3,
-        )
-        return t.RobertaForSequenceClassification(config), text, "SEQ_CLS"
-    if name in ("t5", "bart"):
-        if name == "t5":
-            model = t.T5ForConditionalGeneration(
-                t.T5Config(
-                    vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0
-                )
-            )
-        else:
-            model = t.BartForConditionalGeneration(
-                t.BartConfig(
-                    vocab_size=64,
-                    d_model=32,
-                    encoder_layers=1,
-                    decoder_layers=1,
-                    encoder_attention_heads=4,
-                    decoder_attention_heads=4,
-                    encoder_ffn_dim=48,
-                    decoder_ffn_dim=48,
-                    max_position_embeddings=64,
-                )
-            )
-        return model, {"input_ids": IDS, "decoder_input_ids": IDS[:, :6]}, "SEQ_2_SEQ_LM"
-    if name == "vit":
-        return (
-            t.ViTModel(
-                t.ViTConfig(
-                    hidden_size=32,
-                    intermediate_size=48,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    image_size=28,
-                    patch_size=14,
-                )
-            ),
-            {"pixel_values": PIXELS},
-            None,
-        )
-    if name == "clip":
-        config = t.CLIPConfig(
-            text_config=dict(
-                vocab_size=64,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                max_position_embeddings=64,
-            ),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                image_size=28,
-                patch_size=14,
-            ),
-            projection_dim=16,
-        )
-        return t.CLIPModel(config), {"input_ids": IDS, "pixel_values": PIXELS}, None
-    if name == "llava":
-        from test_export import tiny_llava
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+        ),
+        projection_dim=16,
+    )
+    return transformers.CLIPModel(config), {"input_ids": IDS, "pixel_values": PIXELS}, None
 
-        return tiny_llava(), text, "CAUSAL_LM"
-    raise KeyError(name)
+
+def _llava():
+    from test_export import tiny_llava
+
+    return tiny_llava(), _text(), "CAUSAL_LM"
+
+
+# name -> a builder of (model, inputs, task_type); each builds the model right after build() seeds the RNG.
+_BUILDERS = {
+    **{
+        name: functools.partial(_llama_like, name) for name in ("llama", "qwen2", "mistral", "phi3", "gemma2", "olmo2")
+    },
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "gpt_neox": _gpt_neox,
+    **{name: functools.partial(_moe, name) for name in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")},
+    "mamba": _mamba,
+    "bert": _bert,
+    "roberta_cls": _roberta_cls,
+    "t5": _t5,
+    "bart": _bart,
+    "vit": _vit,
+    "clip": _clip,
+    "llava": _llava,
+}
+
+
+def _build(name: str):
+    """(model, inputs, task_type) of architecture ``name``.
+
+    Raises:
+        KeyError: ``name`` is no architecture of the matrix.
+    """
+    return _BUILDERS[name]()
 
 
 def build(name: str):
@@ -245,7 +271,7 @@ if PEFT_MOVES_DENSE_MLPS:
         "model.layers.1.mlp.shared_experts.down_proj",
     }
 # PEFT refuses LoRA on Mamba's out_proj (its fused CUDA kernel reads the weight), so LoRA runs without it; PaCA tunes
-# it and warns that the fused path would bypass it (tests/test_peft_integration.py).
+# it and warns that the fused path would bypass it (tests/test_peft_integration_transformers.py).
 LORA_TARGETS = {"mamba": ["in_proj", "x_proj", "dt_proj"]}  # all-linear but out_proj
 PACA_ONLY["mamba"] = {"backbone.layers.0.mixer.out_proj", "backbone.layers.1.mixer.out_proj"}
 # Where plain PEFT would load the exported LoRA wrong (the conversion above) or refuse it (Mamba's out_proj),
