@@ -84,7 +84,7 @@ def _gpt_neox():
 
 
 def _moe(name: str):
-    from test_experts import tiny_moe
+    from test_experts_models import tiny_moe
 
     return tiny_moe(name), _text(), "CAUSAL_LM"
 
