@@ -52,9 +52,12 @@ test-upstream: $(STAMP)
 
 # paca's core beside axolotl 0.19 at exactly the versions it pins (constraints-axolotl.txt, in .venv-axolotl): pip
 # must accept paca's lower bounds there, the plugin trains through `axolotl train`, the tuner's tests pass.
-AXOLOTL_TESTS := tests/test_axolotl.py tests/test_layers.py tests/test_bad_input.py tests/test_ops.py tests/test_columns.py \
-	tests/test_peft_integration.py tests/test_save_load.py tests/test_switching.py tests/test_export.py \
-	tests/test_experts.py tests/test_architectures.py tests/test_selection.py tests/test_qpaca.py tests/test_compile.py
+AXOLOTL_TESTS := tests/test_axolotl.py tests/test_bad_input.py tests/test_ops.py tests/test_columns.py \
+	tests/test_layers.py tests/test_layers_adapters.py tests/test_layers_precision.py tests/test_layers_training.py \
+	tests/test_peft_integration.py tests/test_peft_integration_merge.py tests/test_peft_integration_transformers.py \
+	tests/test_save_load.py tests/test_switching.py tests/test_export.py tests/test_architectures.py \
+	tests/test_experts.py tests/test_experts_models.py tests/test_experts_routers.py \
+	tests/test_selection.py tests/test_qpaca.py tests/test_compile.py
 test-axolotl:
 	rm -rf .venv-axolotl && python3 -m venv .venv-axolotl
 	.venv-axolotl/bin/pip install -q -c constraints-axolotl.txt pip setuptools

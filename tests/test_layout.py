@@ -104,8 +104,18 @@ def test_column_selection_is_a_leaf():
     assert paca_imports(PACKAGE / "selection.py") == set()
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+ROOT = SRC.parent
+PYTHON_FILES = sorted(
+    [
+        *PACKAGE.rglob("*.py"),
+        *(p for folder in ("tests", "benchmarks", "tools", "examples") for p in (ROOT / folder).glob("*.py")),
+    ]
+)
+
+
+@pytest.mark.parametrize("path", PYTHON_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_files_and_functions_stay_small(path):
+    """Every Python file of the repository: source, tests, measurement scripts, tools and examples."""
     text = path.read_text()
     assert text.count("\n") <= MAX_FILE_LINES, f"{path}: {text.count(chr(10))} lines; split it by what it does"
     for node in ast.walk(ast.parse(text)):
