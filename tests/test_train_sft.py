@@ -6,11 +6,11 @@ Runs use the demo architecture (2 layers, hidden 64) on a small JSONL of the dem
 """
 
 import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from train_run_helpers import adapter
+from train_run_helpers import config as run_config
 from transformers import TrainerCallback
 
 from paca.train import demo, run
@@ -21,24 +21,7 @@ from paca.train.trainers import exact_match_verdicts, sft_trainer_class
 
 
 def config(task_file, output_dir, *overrides):
-    return load_config(
-        [
-            f"data={task_file}",
-            "model=paca-demo-random",
-            f"output_dir={output_dir}",
-            "batch_size=8",
-            "eval_split=8",
-            "logging_steps=1",
-            "save_steps=0",
-            "lr=0.02",
-            "max_steps=3",
-            *overrides,
-        ]
-    )
-
-
-def adapter(output_dir):
-    return load_file(os.path.join(output_dir, "adapter_model.safetensors"))
+    return run_config(task_file, output_dir, "max_steps=3", *overrides)
 
 
 def test_padding_free_batches_reach_the_padded_run_s_adapter_and_metrics(task_file, tmp_path):

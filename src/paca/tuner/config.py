@@ -145,7 +145,7 @@ class PacaConfig(_Base):
             "help": "Per-layer paca_alpha, as LoRA's: {name or regex: alpha}; the layer's scale is its alpha / its r."
         },
     )
-    seed: InitVar[int | None] = None  # paca < 0.2's name of random_seed: old configs and adapter files still load
+    seed: InitVar[int | None] = None  # paca's earlier name of random_seed: old configs and adapter files still load
 
     def __post_init__(self, seed: int | None = None):
         if seed is not None:
@@ -205,7 +205,7 @@ class PacaConfig(_Base):
     @classmethod
     def check_kwargs(cls, **kwargs):
         kwargs = super().check_kwargs(**kwargs)
-        if kwargs.get("seed") is not None and kwargs.get("random_seed") is None:  # an adapter saved by paca < 0.2
+        if kwargs.get("seed") is not None and kwargs.get("random_seed") is None:  # saved before the rename
             kwargs["random_seed"] = kwargs["seed"]
         kwargs.pop("seed", None)
         return kwargs
