@@ -141,8 +141,8 @@ class ColumnWriter:
     ) -> Tensor:
         """``weight``'s storage with the tuned columns written, in ``dtype`` (cast after the write if it differs).
 
-        ``reuse``: skip the write when :meth:`still_written` says the storage still holds it (backward). A transient record
-        must be given :meth:`restore` once the returned tensor has been used.
+        ``reuse``: skip the write when :meth:`still_written` says the storage still holds it (backward). A
+        transient writer must be given :meth:`restore` once the returned tensor has been used.
         """
         storage = (
             weight.data
